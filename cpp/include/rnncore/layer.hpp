@@ -1,0 +1,118 @@
+// rnncore: the recurrent layer stack (RNN, LSTM, GRU) as seen from C++.
+//
+// Notation used in every shape comment of this project:
+//   T time, B batch, I input, H hidden, P output of a direction (proj_size or H),
+//   G gates (1 RNN, 4 LSTM, 3 GRU), D directions, L layers.
+// Memory layout is row-major, time-major: x [T, B, I], y [T, B, D*P].
+// Parameters follow PyTorch: W_ih [G*H, I_k], W_hh [G*H, P], b_ih [G*H], b_hh [G*H],
+// W_hr [P, H] (LSTM projection), W_peep [3, H] (peepholes, order i, f, o).
+// Gate order: LSTM i, f, g, o; GRU r, z, n.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace rnncore {
+
+enum class CellType : int { RNN_TANH = 0, RNN_RELU = 1, LSTM = 2, GRU = 3 };
+
+struct LayerSpec {
+    CellType cell = CellType::LSTM;
+    int64_t input_size = 0;
+    int64_t hidden_size = 0;
+    int64_t num_layers = 1;
+    int64_t proj_size = 0;          // LSTM only; 0 = none
+    bool bias = true;
+    bool bidirectional = false;
+    bool peephole = false;          // LSTM only
+    bool coupled_gates = false;     // LSTM only (CIFG: i = 1 - f)
+    bool linear_before_reset = true;  // GRU only
+
+    int gates() const { return cell == CellType::LSTM ? 4 : cell == CellType::GRU ? 3 : 1; }
+    int dirs() const { return bidirectional ? 2 : 1; }
+    int64_t out_size() const { return proj_size > 0 ? proj_size : hidden_size; }   // P
+    int64_t layer_input_size(int64_t layer) const {
+        return layer == 0 ? input_size : out_size() * dirs();
+    }
+    bool is_lstm() const { return cell == CellType::LSTM; }
+    // Throws std::invalid_argument naming the offending field.
+    void validate() const;
+};
+
+struct ParamInfo {
+    std::string name;             // PyTorch name, e.g. "weight_ih_l0_reverse"
+    std::vector<int64_t> shape;
+    int64_t layer;
+    int dir;
+    int kind;                     // ParamKind
+};
+enum ParamKind : int { W_IH = 0, W_HH = 1, B_IH = 2, B_HH = 3, W_HR = 4, W_PEEP = 5 };
+
+// All parameters of a stack, in PyTorch's state_dict order (then peepholes per direction).
+std::vector<ParamInfo> param_info(const LayerSpec& spec);
+
+// Pointers to one direction of one layer. Absent tensors are nullptr.
+template <class T> struct DirParams {
+    const T* w_ih = nullptr; const T* w_hh = nullptr;
+    const T* b_ih = nullptr; const T* b_hh = nullptr;
+    const T* w_hr = nullptr; const T* w_peep = nullptr;
+};
+template <class T> struct DirGrads {
+    T* w_ih = nullptr; T* w_hh = nullptr; T* b_ih = nullptr; T* b_hh = nullptr;
+    T* w_hr = nullptr; T* w_peep = nullptr;
+};
+
+// What forward keeps for backward (opaque to callers).
+template <class T> struct StackCache;
+
+// Inputs of a stack call. Shapes (batched form; callers add B = 1 for unbatched input):
+//   x [T, B, I]; h0 [L*D, B, P] or null (zeros); c0 [L*D, B, H] or null (LSTM);
+//   lengths [B] or null (all T), each in 1..T;
+//   dropout_masks: L-1 masks [T, B, D*P] applied to the input of layers 1..L-1, or null.
+template <class T> struct ForwardArgs {
+    int64_t steps = 0, batch = 0;
+    const T* x = nullptr;
+    const T* h0 = nullptr;
+    const T* c0 = nullptr;
+    const int64_t* lengths = nullptr;
+    const T* const* dropout_masks = nullptr;
+};
+// Outputs: y [T, B, D*P]; h_n [L*D, B, P]; c_n [L*D, B, H] (LSTM, else unused).
+template <class T> struct ForwardOut {
+    T* y = nullptr; T* h_n = nullptr; T* c_n = nullptr;
+};
+
+// Runs the stack. params: L*D entries, index layer*D + dir. When cache is non-null the
+// activations needed by backward are kept in it (training); otherwise nothing is kept.
+// Thread-safe: it only reads params and writes its outputs and cache.
+template <class T>
+void stack_forward(const LayerSpec& spec, const std::vector<DirParams<T>>& params,
+                   const ForwardArgs<T>& args, const ForwardOut<T>& out,
+                   std::shared_ptr<StackCache<T>>* cache);
+
+// Backpropagation through time. dy [T, B, D*P] (may be null: zeros), dh_n [L*D, B, P] and
+// dc_n [L*D, B, H] (may be null). Writes dx [T, B, I], dh0, dc0; accumulates (+=) into grads.
+template <class T> struct BackwardArgs {
+    const T* dy = nullptr; const T* dh_n = nullptr; const T* dc_n = nullptr;
+};
+template <class T> struct BackwardOut {
+    T* dx = nullptr; T* dh0 = nullptr; T* dc0 = nullptr;
+};
+template <class T>
+void stack_backward(const LayerSpec& spec, const std::vector<DirParams<T>>& params,
+                    const StackCache<T>& cache, const BackwardArgs<T>& args,
+                    const BackwardOut<T>& out, const std::vector<DirGrads<T>>& grads);
+
+template <class T> int64_t cache_steps(const StackCache<T>& c);
+template <class T> int64_t cache_batch(const StackCache<T>& c);
+
+// C = alpha * op(A) @ op(B) + beta * C, row-major; op(X) = X^T when trans is true.
+// A is [M, K] after op, B is [K, N] after op. Exposed for tests and benchmarks.
+template <class T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+          const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+}  // namespace rnncore

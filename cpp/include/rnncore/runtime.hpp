@@ -1,0 +1,28 @@
+// rnncore runtime: version, threads, the instruction set in use, CUDA availability.
+#pragma once
+
+#include <string>
+
+namespace rnncore {
+
+const char* version();
+
+// Threads used by the kernels. Default: OMP_NUM_THREADS if set, else the number of cores.
+void set_num_threads(int n);   // n >= 1; throws std::invalid_argument otherwise
+int get_num_threads();
+bool openmp_enabled();
+
+// The kernel ISA: "avx512", "avx2", "neon" or "generic". Chosen once from the CPU; the
+// environment variable RNNCORE_ISA (generic|avx2|avx512) overrides it, and set_isa()
+// switches at run time (tests use it to check every path). Asking for an ISA the CPU
+// lacks throws std::invalid_argument.
+std::string isa_name();
+void set_isa(const std::string& name);
+std::string available_isas();   // comma-separated, best first
+std::string detected_isa();     // best ISA this CPU supports
+
+bool cuda_built();
+bool cuda_available();
+std::string cuda_status();      // why CUDA can or cannot be used
+
+}  // namespace rnncore

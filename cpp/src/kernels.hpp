@@ -1,0 +1,80 @@
+// Internal interface between the stack driver (layer.cpp, compiled for the baseline ISA)
+// and the kernels (cpu/impl.hpp, compiled once per ISA into its own namespace).
+//
+// Rule that keeps per-ISA compilation safe: the ISA translation units use no standard
+// library templates that other translation units also instantiate (no std::vector,
+// std::unique_ptr, ...). An inline function compiled with -mavx512f in one unit and
+// merged by the linker with the baseline copy would crash older CPUs. They see only the
+// plain structs below and raw pointers; every buffer is allocated by the driver.
+#pragma once
+
+#include <cstdint>
+
+#include "rnncore/layer.hpp"
+
+namespace rnncore {
+
+// One direction of one layer over a whole sequence.
+// Slot convention for hbuf [T+1, B, P] and cbuf [T+1, B, H]:
+//   forward:  slot t = state entering time step t, slot T = final state;
+//   reverse:  slot t+1 = state entering time step t, slot 0 = final state.
+// So the state entering step t is slot t + rev, the state leaving it is slot t + 1 - rev,
+// and the states entering steps 0..T-1 in time order are contiguous from slot rev.
+template <class T> struct DirJob {
+    int cell;                       // CellType
+    int64_t steps, batch, in, hid, out;   // T, B, I, H, P
+    bool peephole, coupled, lbr, reverse;
+    const int64_t* lengths;         // [B] or null
+    DirParams<T> w;
+    const T* x;                     // [T*B, I]
+    T* gates;                       // [T, B, G*H]: x-projection, then post-activation gates
+    T* hbuf;                        // [T+1, B, P] (see slots); entering state preset by driver
+    T* cbuf;                        // [T+1, B, H] LSTM, entering state preset by driver
+    T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
+    T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
+    T* work;                        // scratch, dir_forward_work(job) elements
+    T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
+};
+
+template <class T> struct DirBackJob {
+    DirJob<T> f;                    // the forward job whose buffers hold the activations
+    const T* dy; int64_t ldy;       // [T*B] rows, offset to this direction; may be null
+    T* dh;                          // [B, P] in: dL/dh_final, out: dL/dh_initial
+    T* dc;                          // [B, H] same for the cell state (LSTM)
+    T* dgx;                         // [T, B, G*H] gradient of the x-side pre-activations
+    T* dgh;                         // [T, B, G*H] hidden side (GRU lbr only; else null)
+    T* dhs;                         // [T, B, P] LSTM projection: dh of each step
+    T* work;                        // scratch, dir_backward_work(job) elements
+    DirGrads<T> g;                  // accumulated (+=)
+    T* dx; bool dx_accumulate;      // [T*B, I]
+};
+
+template <class T> struct KernelFns {
+    void (*gemm)(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t,
+                 T, T*, int64_t);
+    int64_t (*dir_forward_work)(const DirJob<T>&);
+    void (*dir_forward)(const DirJob<T>&);
+    int64_t (*dir_backward_work)(const DirBackJob<T>&);
+    void (*dir_backward)(const DirBackJob<T>&);
+};
+
+struct KernelTable {
+    const char* name;
+    KernelFns<float> f32;
+    KernelFns<double> f64;
+};
+
+const KernelTable& active_kernels();
+template <class T> const KernelFns<T>& kernels();
+template <> inline const KernelFns<float>& kernels<float>() { return active_kernels().f32; }
+template <> inline const KernelFns<double>& kernels<double>() { return active_kernels().f64; }
+
+int threads_for_kernels();   // current thread setting (runtime.cpp)
+
+namespace isa_generic { extern const KernelTable table; }
+#if defined(RNNCORE_HAVE_X86_KERNELS)
+namespace isa_avx2 { extern const KernelTable table; }
+namespace isa_avx512 { extern const KernelTable table; }
+#endif
+
+}  // namespace rnncore

@@ -1,0 +1,285 @@
+// The layer-stack driver: argument checks, buffers, layers and directions, dropout between
+// layers. The per-direction recurrences run in the ISA kernels (cpu/impl.hpp).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+#include "rnncore/layer.hpp"
+
+namespace rnncore {
+
+namespace {
+std::string str(int64_t v) { return std::to_string(v); }
+}  // namespace
+
+void LayerSpec::validate() const {
+    auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
+    if ((int)cell < 0 || (int)cell > 3) bad("cell: expected RNN_TANH, RNN_RELU, LSTM or GRU");
+    if (input_size < 1) bad("input_size: expected a positive integer, got " + str(input_size));
+    if (hidden_size < 1) bad("hidden_size: expected a positive integer, got " + str(hidden_size));
+    if (num_layers < 1) bad("num_layers: expected a positive integer, got " + str(num_layers));
+    if (proj_size < 0) bad("proj_size: expected 0 or a positive integer, got " + str(proj_size));
+    if (proj_size > 0 && cell != CellType::LSTM) bad("proj_size: only LSTM supports projections");
+    if (proj_size >= hidden_size && proj_size > 0)
+        bad("proj_size: expected less than hidden_size (" + str(hidden_size) + "), got " + str(proj_size));
+    if ((peephole || coupled_gates) && cell != CellType::LSTM)
+        bad("peephole/coupled_gates: only LSTM has these variants");
+    const int64_t lim = int64_t(1) << 24;
+    if (input_size > lim || hidden_size > lim || num_layers > 4096)
+        bad("sizes: input_size, hidden_size up to 2^24 and num_layers up to 4096 are supported");
+}
+
+std::vector<ParamInfo> param_info(const LayerSpec& spec) {
+    spec.validate();
+    std::vector<ParamInfo> v;
+    const int64_t GH = spec.gates() * spec.hidden_size, H = spec.hidden_size, P = spec.out_size();
+    for (int64_t l = 0; l < spec.num_layers; ++l) {
+        for (int d = 0; d < spec.dirs(); ++d) {
+            const std::string sfx = "_l" + std::to_string(l) + (d ? "_reverse" : "");
+            v.push_back({"weight_ih" + sfx, {GH, spec.layer_input_size(l)}, l, d, W_IH});
+            v.push_back({"weight_hh" + sfx, {GH, P}, l, d, W_HH});
+            if (spec.bias) {
+                v.push_back({"bias_ih" + sfx, {GH}, l, d, B_IH});
+                v.push_back({"bias_hh" + sfx, {GH}, l, d, B_HH});
+            }
+            if (spec.proj_size > 0) v.push_back({"weight_hr" + sfx, {P, H}, l, d, W_HR});
+        }
+    }
+    if (spec.peephole) {
+        for (int64_t l = 0; l < spec.num_layers; ++l)
+            for (int d = 0; d < spec.dirs(); ++d)
+                v.push_back({"weight_peep_l" + std::to_string(l) + (d ? "_reverse" : ""), {3, H}, l, d,
+                             W_PEEP});
+    }
+    return v;
+}
+
+template <class T> struct StackCache {
+    LayerSpec spec;
+    int64_t steps = 0, batch = 0;
+    std::vector<int64_t> lengths;             // empty: every sequence has T steps
+    std::vector<std::vector<T>> inputs;       // per layer [T, B, I_k] (after dropout)
+    std::vector<std::vector<T>> masks;        // L-1 dropout masks [T, B, D*P]
+    struct Dir { std::vector<T> gates, hbuf, cbuf, mbuf, extra; };
+    std::vector<Dir> dirs;                    // L*D
+};
+
+template <class T> int64_t cache_steps(const StackCache<T>& c) { return c.steps; }
+template <class T> int64_t cache_batch(const StackCache<T>& c) { return c.batch; }
+
+namespace {
+
+template <class T>
+DirJob<T> make_job(const LayerSpec& s, int64_t layer, int d, int64_t TT, int64_t B,
+                   const int64_t* lengths, const DirParams<T>& w, const T* x,
+                   typename StackCache<T>::Dir& buf, T* y) {
+    const int64_t H = s.hidden_size, P = s.out_size(), GH = s.gates() * H;
+    DirJob<T> j{};
+    j.cell = (int)s.cell;
+    j.steps = TT; j.batch = B; j.in = s.layer_input_size(layer); j.hid = H; j.out = P;
+    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
+    j.reverse = d == 1;
+    j.lengths = lengths;
+    j.w = w;
+    j.x = x;
+    buf.gates.resize(TT * B * GH);
+    buf.hbuf.resize((TT + 1) * B * P);
+    if (s.is_lstm()) buf.cbuf.resize((TT + 1) * B * H);
+    if (s.is_lstm() && P != H) buf.mbuf.resize(TT * B * H);
+    if (s.cell == CellType::GRU) buf.extra.resize(TT * B * H);
+    j.gates = buf.gates.data();
+    j.hbuf = buf.hbuf.data();
+    j.cbuf = buf.cbuf.empty() ? nullptr : buf.cbuf.data();
+    j.mbuf = buf.mbuf.empty() ? nullptr : buf.mbuf.data();
+    j.extra = buf.extra.empty() ? nullptr : buf.extra.data();
+    j.work = nullptr;
+    j.y = y ? y + d * P : nullptr;
+    j.ldy = s.dirs() * P;
+    return j;
+}
+
+template <class T> void check_params(const LayerSpec& s, const std::vector<DirParams<T>>& p) {
+    if ((int64_t)p.size() != s.num_layers * s.dirs())
+        throw std::invalid_argument("params: expected " + str(s.num_layers * s.dirs()) +
+                                    " layer-direction entries, got " + str((int64_t)p.size()));
+    for (const auto& w : p) {
+        if (!w.w_ih || !w.w_hh) throw std::invalid_argument("params: missing weight_ih/weight_hh");
+        if (s.bias && (!w.b_ih || !w.b_hh)) throw std::invalid_argument("params: missing bias_ih/bias_hh");
+        if (s.proj_size > 0 && !w.w_hr) throw std::invalid_argument("params: missing weight_hr");
+        if (s.peephole && !w.w_peep) throw std::invalid_argument("params: missing weight_peep");
+    }
+}
+
+}  // namespace
+
+template <class T>
+void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
+                   const ForwardArgs<T>& a, const ForwardOut<T>& out,
+                   std::shared_ptr<StackCache<T>>* cache) {
+    s.validate();
+    check_params(s, params);
+    const int64_t TT = a.steps, B = a.batch, D = s.dirs(), L = s.num_layers;
+    const int64_t H = s.hidden_size, P = s.out_size();
+    if (TT < 1) throw std::invalid_argument("x: expected at least one time step, got " + str(TT));
+    if (B < 1) throw std::invalid_argument("x: expected a batch of at least 1, got " + str(B));
+    if (!a.x || !out.y || !out.h_n || (s.is_lstm() && !out.c_n))
+        throw std::invalid_argument("stack_forward: null input or output buffer");
+    if (a.lengths) {
+        for (int64_t b = 0; b < B; ++b)
+            if (a.lengths[b] < 1 || a.lengths[b] > TT)
+                throw std::invalid_argument("lengths: expected values in [1, " + str(TT) + "], got " +
+                                            str(a.lengths[b]) + " at index " + str(b));
+    }
+    auto c = std::make_shared<StackCache<T>>();
+    c->spec = s; c->steps = TT; c->batch = B;
+    if (a.lengths) c->lengths.assign(a.lengths, a.lengths + B);
+    const int64_t* lens = a.lengths ? c->lengths.data() : nullptr;
+    const bool keep = cache != nullptr;
+    c->inputs.resize(L);
+    c->dirs.resize(L * D);
+
+    std::vector<T> ybuf[2];
+    std::vector<T> dirwork;
+    const T* layer_in = a.x;
+    if (keep) {
+        c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
+        layer_in = c->inputs[0].data();
+    }
+    for (int64_t l = 0; l < L; ++l) {
+        if (l > 0) {
+            const std::vector<T>& prev = ybuf[(l - 1) & 1];
+            std::vector<T>& in = c->inputs[l];
+            if (a.dropout_masks) {
+                const T* m = a.dropout_masks[l - 1];
+                in.resize(prev.size());
+                for (size_t i = 0; i < prev.size(); ++i) in[i] = prev[i] * m[i];
+                if (keep) c->masks.emplace_back(m, m + prev.size());
+                layer_in = in.data();
+            } else if (keep) {
+                in = prev;
+                layer_in = in.data();
+            } else {
+                layer_in = prev.data();
+            }
+        }
+        T* y = out.y;
+        if (l < L - 1) {
+            ybuf[l & 1].resize(TT * B * D * P);
+            y = ybuf[l & 1].data();
+        }
+        for (int d = 0; d < D; ++d) {
+            const int64_t idx = l * D + d;
+            auto& buf = c->dirs[idx];
+            DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
+            const int rev = d == 1;
+            T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
+            if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);
+            else std::fill(h_in, h_in + B * P, T(0));
+            if (s.is_lstm()) {
+                T* c_in = j.cbuf + (rev ? TT : 0) * B * H;
+                if (a.c0) std::memcpy(c_in, a.c0 + idx * B * H, sizeof(T) * B * H);
+                else std::fill(c_in, c_in + B * H, T(0));
+            }
+            dirwork.resize(std::max<int64_t>(1, kernels<T>().dir_forward_work(j)));
+            j.work = dirwork.data();
+            kernels<T>().dir_forward(j);
+            std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
+            if (s.is_lstm())
+                std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
+            if (!keep) buf = typename StackCache<T>::Dir();
+        }
+        if (!keep && l > 0) std::vector<T>().swap(c->inputs[l]);
+    }
+    if (keep) *cache = c;
+}
+
+template <class T>
+void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
+                    const StackCache<T>& c, const BackwardArgs<T>& a, const BackwardOut<T>& out,
+                    const std::vector<DirGrads<T>>& grads) {
+    s.validate();
+    check_params(s, params);
+    const int64_t TT = c.steps, B = c.batch, D = s.dirs(), L = s.num_layers;
+    const int64_t H = s.hidden_size, P = s.out_size(), GH = s.gates() * H;
+    if ((int64_t)grads.size() != L * D)
+        throw std::invalid_argument("grads: expected " + str(L * D) + " entries");
+    if ((int64_t)c.dirs.size() != L * D || (int64_t)c.inputs.size() != L)
+        throw std::invalid_argument("backward: the cached forward pass does not match this layer");
+    if (!out.dx || !out.dh0 || (s.is_lstm() && !out.dc0))
+        throw std::invalid_argument("stack_backward: null output buffer");
+    const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
+
+    std::vector<T> dgx(TT * B * GH), dgh, dhs, work, dh(B * P), dc(s.is_lstm() ? B * H : 1);
+    if (s.cell == CellType::GRU && s.linear_before_reset) dgh.resize(TT * B * GH);
+    if (s.is_lstm() && P != H) dhs.resize(TT * B * P);
+    std::vector<T> dlayer[2];
+    const T* dy = a.dy;
+    for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t In = s.layer_input_size(l);
+        T* dx = out.dx;
+        if (l > 0) {
+            dlayer[l & 1].resize(TT * B * In);
+            dx = dlayer[l & 1].data();
+        }
+        for (int d = 0; d < D; ++d) {
+            const int64_t idx = l * D + d;
+            auto& buf = const_cast<typename StackCache<T>::Dir&>(c.dirs[idx]);
+            DirBackJob<T> bj{};
+            bj.f = make_job(s, l, d, TT, B, lens, params[idx], c.inputs[l].data(), buf, (T*)nullptr);
+            bj.dy = dy ? dy + d * P : nullptr;
+            bj.ldy = D * P;
+            if (a.dh_n) std::memcpy(dh.data(), a.dh_n + idx * B * P, sizeof(T) * B * P);
+            else std::fill(dh.begin(), dh.end(), T(0));
+            if (s.is_lstm()) {
+                if (a.dc_n) std::memcpy(dc.data(), a.dc_n + idx * B * H, sizeof(T) * B * H);
+                else std::fill(dc.begin(), dc.end(), T(0));
+            }
+            bj.dh = dh.data();
+            bj.dc = dc.data();
+            bj.dgx = dgx.data();
+            bj.dgh = dgh.empty() ? nullptr : dgh.data();
+            bj.dhs = dhs.empty() ? nullptr : dhs.data();
+            bj.g = grads[idx];
+            bj.dx = dx;
+            bj.dx_accumulate = d > 0;
+            work.resize(std::max<int64_t>(1, kernels<T>().dir_backward_work(bj)));
+            bj.work = work.data();
+            kernels<T>().dir_backward(bj);
+            std::memcpy(out.dh0 + idx * B * P, dh.data(), sizeof(T) * B * P);
+            if (s.is_lstm()) std::memcpy(out.dc0 + idx * B * H, dc.data(), sizeof(T) * B * H);
+        }
+        if (l > 0) {
+            std::vector<T>& dprev = dlayer[l & 1];
+            if (!c.masks.empty()) {
+                const std::vector<T>& m = c.masks[l - 1];
+                for (size_t i = 0; i < dprev.size(); ++i) dprev[i] *= m[i];
+            }
+            dy = dprev.data();
+        }
+    }
+}
+
+template <class T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+    kernels<T>().gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+#define RNNCORE_INSTANTIATE(T)                                                                   \
+    template void stack_forward<T>(const LayerSpec&, const std::vector<DirParams<T>>&,           \
+                                   const ForwardArgs<T>&, const ForwardOut<T>&,                  \
+                                   std::shared_ptr<StackCache<T>>*);                            \
+    template void stack_backward<T>(const LayerSpec&, const std::vector<DirParams<T>>&,          \
+                                    const StackCache<T>&, const BackwardArgs<T>&,                \
+                                    const BackwardOut<T>&, const std::vector<DirGrads<T>>&);     \
+    template int64_t cache_steps<T>(const StackCache<T>&);                                        \
+    template int64_t cache_batch<T>(const StackCache<T>&);                                        \
+    template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \
+                          int64_t, T, T*, int64_t);
+RNNCORE_INSTANTIATE(float)
+RNNCORE_INSTANTIATE(double)
+
+}  // namespace rnncore

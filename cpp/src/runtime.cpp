@@ -1,0 +1,68 @@
+// Threads, version and CUDA status.
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "kernels.hpp"
+#include "rnncore/runtime.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef RNNCORE_VERSION
+#define RNNCORE_VERSION "0.0.0"
+#endif
+
+namespace rnncore {
+namespace {
+int default_threads() {
+    const char* env = std::getenv("OMP_NUM_THREADS");
+    if (env && *env) {
+        char* end = nullptr;
+        long v = std::strtol(env, &end, 10);
+        if (end != env && v >= 1 && v <= 4096) return (int)v;
+    }
+    unsigned hc = std::thread::hardware_concurrency();
+    return hc >= 1 ? (int)hc : 1;
+}
+std::atomic<int>& threads() {
+    static std::atomic<int> n{default_threads()};
+    return n;
+}
+}  // namespace
+
+const char* version() { return RNNCORE_VERSION; }
+
+void set_num_threads(int n) {
+    if (n < 1) throw std::invalid_argument("n: expected a thread count >= 1, got " + std::to_string(n));
+    threads().store(n);
+}
+int get_num_threads() {
+#ifdef _OPENMP
+    return threads().load();
+#else
+    return 1;
+#endif
+}
+int threads_for_kernels() { return get_num_threads(); }
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+}
+
+#ifndef RNNCORE_WITH_CUDA
+bool cuda_built() { return false; }
+bool cuda_available() { return false; }
+std::string cuda_status() {
+    return "not built: rnncore was compiled without CUDA (rebuild with RNNCORE_ENABLE_CUDA=ON and nvcc)";
+}
+#endif
+
+}  // namespace rnncore

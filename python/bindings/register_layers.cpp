@@ -1,0 +1,297 @@
+// Bindings of the layer stack: forward (inference and training) and backward.
+//
+// The Python layer passes C-contiguous arrays of the layer's dtype; every array is checked
+// again here (dtype, contiguity, shape) so that no call into _core can read or write out of
+// bounds, whatever it is given. Outputs are allocated while the GIL is held; the kernels
+// then run with the GIL released: they touch only these buffers and the parameter arrays,
+// which the caller's argument list keeps alive for the whole call.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "rnncore/layer.hpp"
+
+namespace py = pybind11;
+using namespace rnncore;
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::ostringstream o;
+    o << "(";
+    for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+    if (s.size() == 1) o << ",";
+    o << ")";
+    return o.str();
+}
+
+std::vector<int64_t> shape_of(const py::array& a) {
+    std::vector<int64_t> s(a.ndim());
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s[i] = a.shape(i);
+    return s;
+}
+
+template <class T> py::array_t<T> checked(py::handle obj, const std::string& name,
+                                          const std::vector<int64_t>& shape) {
+    if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj))
+        throw py::type_error(name + ": expected a C-contiguous " +
+                             std::string(py::str(py::dtype::of<T>())) + " numpy array, got " +
+                             std::string(py::str(py::type::of(obj))) +
+                             (py::isinstance<py::array>(obj)
+                                  ? " of dtype " + std::string(py::str(obj.attr("dtype")))
+                                  : std::string()));
+    auto a = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
+    if (shape_of(a) != shape)
+        throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
+                              shape_str(shape_of(a)));
+    return a;
+}
+
+struct Cache {
+    LayerSpec spec;
+    bool is_double = false;
+    std::shared_ptr<StackCache<float>> f;
+    std::shared_ptr<StackCache<double>> d;
+    int64_t steps() const { return is_double ? cache_steps(*d) : cache_steps(*f); }
+    int64_t batch() const { return is_double ? cache_batch(*d) : cache_batch(*f); }
+};
+
+template <class T>
+std::vector<py::array_t<T>> take_params(const LayerSpec& s, const py::list& params,
+                                        std::vector<DirParams<T>>* dp) {
+    const auto info = param_info(s);
+    if (py::len(params) != info.size())
+        throw py::value_error("params: expected " + std::to_string(info.size()) + " arrays, got " +
+                              std::to_string(py::len(params)));
+    dp->assign(s.num_layers * s.dirs(), DirParams<T>{});
+    std::vector<py::array_t<T>> keep;
+    for (size_t i = 0; i < info.size(); ++i) {
+        auto a = checked<T>(params[i], info[i].name, info[i].shape);
+        keep.push_back(a);
+        DirParams<T>& p = (*dp)[info[i].layer * s.dirs() + info[i].dir];
+        const T* ptr = a.data();
+        switch (info[i].kind) {
+            case W_IH: p.w_ih = ptr; break;
+            case W_HH: p.w_hh = ptr; break;
+            case B_IH: p.b_ih = ptr; break;
+            case B_HH: p.b_hh = ptr; break;
+            case W_HR: p.w_hr = ptr; break;
+            case W_PEEP: p.w_peep = ptr; break;
+        }
+    }
+    return keep;
+}
+
+template <class T>
+py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array& x_any,
+                    const py::object& h0, const py::object& c0, const py::object& lengths,
+                    const py::object& masks, bool keep) {
+    std::vector<DirParams<T>> dp;
+    auto keep_params = take_params<T>(s, params, &dp);
+    if (x_any.ndim() != 3)
+        throw py::value_error("x: expected 3 dimensions (T, B, I), got " + std::to_string(x_any.ndim()));
+    const int64_t TT = x_any.shape(0), B = x_any.shape(1);
+    const int64_t L = s.num_layers, D = s.dirs(), H = s.hidden_size, P = s.out_size();
+    auto x = checked<T>(x_any, "x", {TT, B, s.input_size});
+    if (TT < 1) throw py::value_error("x: expected at least one time step, got shape " + shape_str(shape_of(x)));
+    if (B < 1) throw py::value_error("x: expected a batch of at least one, got shape " + shape_str(shape_of(x)));
+    ForwardArgs<T> a;
+    a.steps = TT; a.batch = B; a.x = x.data();
+    py::array_t<T> h0a, c0a;
+    py::array_t<int64_t> lena;
+    if (!h0.is_none()) { h0a = checked<T>(h0, "h0", {L * D, B, P}); a.h0 = h0a.data(); }
+    if (!c0.is_none()) {
+        if (!s.is_lstm()) throw py::value_error("c0: only LSTM has a cell state");
+        c0a = checked<T>(c0, "c0", {L * D, B, H});
+        a.c0 = c0a.data();
+    }
+    if (!lengths.is_none()) {
+        lena = checked<int64_t>(lengths, "lengths", {B});
+        a.lengths = lena.data();
+    }
+    std::vector<py::array_t<T>> mask_keep;
+    std::vector<const T*> mask_ptrs;
+    if (!masks.is_none()) {
+        py::list ml = masks;
+        if ((int64_t)py::len(ml) != L - 1)
+            throw py::value_error("dropout_masks: expected " + std::to_string(L - 1) + " masks, got " +
+                                  std::to_string(py::len(ml)));
+        for (auto m : ml) {
+            mask_keep.push_back(checked<T>(m, "dropout_masks", {TT, B, D * P}));
+            mask_ptrs.push_back(mask_keep.back().data());
+        }
+        if (L > 1) a.dropout_masks = mask_ptrs.data();
+    }
+    py::array_t<T> y({TT, B, D * P});
+    py::array_t<T> hn({L * D, B, P});
+    py::array_t<T> cn = s.is_lstm() ? py::array_t<T>({L * D, B, H}) : py::array_t<T>({(int64_t)0});
+    ForwardOut<T> o;
+    o.y = y.mutable_data(); o.h_n = hn.mutable_data();
+    o.c_n = s.is_lstm() ? cn.mutable_data() : nullptr;
+    std::shared_ptr<StackCache<T>> cache;
+    {
+        py::gil_scoped_release release;
+        stack_forward<T>(s, dp, a, o, keep ? &cache : nullptr);
+    }
+    py::object cobj = py::none();
+    if (keep) {
+        auto c = std::make_shared<Cache>();
+        c->spec = s;
+        if constexpr (std::is_same<T, double>::value) { c->is_double = true; c->d = cache; }
+        else { c->f = cache; }
+        cobj = py::cast(c);
+    }
+    return py::make_tuple(y, hn, s.is_lstm() ? py::object(cn) : py::object(py::none()), cobj);
+}
+
+template <class T>
+py::tuple backward_t(const LayerSpec& s, const py::list& params, const Cache& c,
+                     const py::object& dy, const py::object& dhn, const py::object& dcn,
+                     const py::list& grads) {
+    std::vector<DirParams<T>> dp;
+    auto keep_params = take_params<T>(s, params, &dp);
+    const int64_t TT = c.steps(), B = c.batch();
+    const int64_t L = s.num_layers, D = s.dirs(), H = s.hidden_size, P = s.out_size();
+    // The gradient arrays, checked like the parameters and required to be writeable.
+    const auto info = param_info(s);
+    if (py::len(grads) != info.size())
+        throw py::value_error("grads: expected " + std::to_string(info.size()) + " arrays");
+    std::vector<DirGrads<T>> dg(L * D);
+    std::vector<py::array_t<T>> keep_grads;
+    for (size_t i = 0; i < info.size(); ++i) {
+        auto a = checked<T>(grads[i], "grads[" + info[i].name + "]", info[i].shape);
+        if (!a.writeable()) throw py::value_error("grads[" + info[i].name + "]: array is read-only");
+        keep_grads.push_back(a);
+        DirGrads<T>& g = dg[info[i].layer * D + info[i].dir];
+        T* ptr = a.mutable_data();
+        switch (info[i].kind) {
+            case W_IH: g.w_ih = ptr; break;
+            case W_HH: g.w_hh = ptr; break;
+            case B_IH: g.b_ih = ptr; break;
+            case B_HH: g.b_hh = ptr; break;
+            case W_HR: g.w_hr = ptr; break;
+            case W_PEEP: g.w_peep = ptr; break;
+        }
+    }
+    BackwardArgs<T> a;
+    py::array_t<T> dya, dhna, dcna;
+    if (!dy.is_none()) { dya = checked<T>(dy, "dy", {TT, B, D * P}); a.dy = dya.data(); }
+    if (!dhn.is_none()) { dhna = checked<T>(dhn, "dh_n", {L * D, B, P}); a.dh_n = dhna.data(); }
+    if (!dcn.is_none() && s.is_lstm()) { dcna = checked<T>(dcn, "dc_n", {L * D, B, H}); a.dc_n = dcna.data(); }
+    py::array_t<T> dx({TT, B, s.input_size});
+    py::array_t<T> dh0({L * D, B, P});
+    py::array_t<T> dc0 = s.is_lstm() ? py::array_t<T>({L * D, B, H}) : py::array_t<T>({(int64_t)0});
+    BackwardOut<T> o;
+    o.dx = dx.mutable_data(); o.dh0 = dh0.mutable_data();
+    o.dc0 = s.is_lstm() ? dc0.mutable_data() : nullptr;
+    {
+        py::gil_scoped_release release;
+        if constexpr (std::is_same<T, double>::value) stack_backward<T>(s, dp, *c.d, a, o, dg);
+        else stack_backward<T>(s, dp, *c.f, a, o, dg);
+    }
+    return py::make_tuple(dx, dh0, s.is_lstm() ? py::object(dc0) : py::object(py::none()));
+}
+
+bool spec_equal(const LayerSpec& a, const LayerSpec& b) {
+    return a.cell == b.cell && a.input_size == b.input_size && a.hidden_size == b.hidden_size &&
+           a.num_layers == b.num_layers && a.proj_size == b.proj_size && a.bias == b.bias &&
+           a.bidirectional == b.bidirectional && a.peephole == b.peephole &&
+           a.coupled_gates == b.coupled_gates && a.linear_before_reset == b.linear_before_reset;
+}
+
+}  // namespace
+
+void register_layers(py::module_& m) {
+    py::enum_<CellType>(m, "CellType")
+        .value("RNN_TANH", CellType::RNN_TANH)
+        .value("RNN_RELU", CellType::RNN_RELU)
+        .value("LSTM", CellType::LSTM)
+        .value("GRU", CellType::GRU);
+
+    py::class_<LayerSpec>(m, "LayerSpec")
+        .def(py::init([](CellType cell, int64_t input_size, int64_t hidden_size, int64_t num_layers,
+                         int64_t proj_size, bool bias, bool bidirectional, bool peephole,
+                         bool coupled_gates, bool linear_before_reset) {
+                 LayerSpec s;
+                 s.cell = cell; s.input_size = input_size; s.hidden_size = hidden_size;
+                 s.num_layers = num_layers; s.proj_size = proj_size; s.bias = bias;
+                 s.bidirectional = bidirectional; s.peephole = peephole;
+                 s.coupled_gates = coupled_gates; s.linear_before_reset = linear_before_reset;
+                 s.validate();
+                 return s;
+             }),
+             py::arg("cell"), py::arg("input_size"), py::arg("hidden_size"), py::arg("num_layers") = 1,
+             py::arg("proj_size") = 0, py::arg("bias") = true, py::arg("bidirectional") = false,
+             py::arg("peephole") = false, py::arg("coupled_gates") = false,
+             py::arg("linear_before_reset") = true)
+        .def_readonly("cell", &LayerSpec::cell)
+        .def_readonly("input_size", &LayerSpec::input_size)
+        .def_readonly("hidden_size", &LayerSpec::hidden_size)
+        .def_readonly("num_layers", &LayerSpec::num_layers)
+        .def_readonly("proj_size", &LayerSpec::proj_size)
+        .def_readonly("bias", &LayerSpec::bias)
+        .def_readonly("bidirectional", &LayerSpec::bidirectional)
+        .def_readonly("peephole", &LayerSpec::peephole)
+        .def_readonly("coupled_gates", &LayerSpec::coupled_gates)
+        .def_readonly("linear_before_reset", &LayerSpec::linear_before_reset)
+        .def_property_readonly("gates", &LayerSpec::gates)
+        .def_property_readonly("out_size", &LayerSpec::out_size)
+        .def("param_info", [](const LayerSpec& s) {
+            py::list out;
+            for (const auto& p : param_info(s))
+                out.append(py::make_tuple(p.name, py::tuple(py::cast(p.shape)), p.layer, p.dir, p.kind));
+            return out;
+        });
+
+    py::class_<Cache, std::shared_ptr<Cache>>(m, "ForwardCache")
+        .def_property_readonly("steps", &Cache::steps)
+        .def_property_readonly("batch", &Cache::batch);
+
+    m.def("forward",
+          [](const LayerSpec& s, const py::list& params, const py::array& x, const py::object& h0,
+             const py::object& c0, const py::object& lengths, const py::object& masks, bool keep) {
+              if (std::string(py::str(x.dtype())) == "float64")
+                  return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep);
+              return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep);
+          },
+          py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("h0") = py::none(),
+          py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
+          py::arg("dropout_masks") = py::none(), py::arg("keep") = false,
+          "Run the stack. x: (T, B, I). Returns (y, h_n, c_n or None, cache or None).");
+
+    m.def("backward",
+          [](const LayerSpec& s, const py::list& params, const Cache& c, const py::object& dy,
+             const py::object& dhn, const py::object& dcn, const py::list& grads) {
+              if (!spec_equal(s, c.spec))
+                  throw py::value_error("cache: it was made by a layer of another configuration");
+              if (c.is_double) return backward_t<double>(s, params, c, dy, dhn, dcn, grads);
+              return backward_t<float>(s, params, c, dy, dhn, dcn, grads);
+          },
+          py::arg("spec"), py::arg("params"), py::arg("cache"), py::arg("dy") = py::none(),
+          py::arg("dh_n") = py::none(), py::arg("dc_n") = py::none(), py::arg("grads") = py::list(),
+          "Backpropagation through time. Returns (dx, dh0, dc0 or None); grads accumulate.");
+
+    m.def("gemm",
+          [](py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> b,
+             bool ta, bool tb) {
+              if (a.ndim() != 2 || b.ndim() != 2) throw py::value_error("gemm: expected 2-D arrays");
+              const int64_t M = ta ? a.shape(1) : a.shape(0), K = ta ? a.shape(0) : a.shape(1);
+              const int64_t Kb = tb ? b.shape(1) : b.shape(0), N = tb ? b.shape(0) : b.shape(1);
+              if (K != Kb) throw py::value_error("gemm: inner dimensions differ");
+              py::array_t<float> c({M, N});
+              {
+                  py::gil_scoped_release r;
+                  gemm<float>(ta, tb, M, N, K, 1.f, a.data(), a.shape(1), b.data(), b.shape(1), 0.f,
+                              c.mutable_data(), N);
+              }
+              return c;
+          },
+          py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+          "C = op(a) @ op(b) with rnncore's GEMM (float32; for tests and benchmarks).");
+}

@@ -1,0 +1,42 @@
+"""rnncore: fast recurrent neural networks (RNN, LSTM, GRU) for the CPU.
+
+A C++17 core (runtime-dispatched SIMD kernels, OpenMP threads) behind a thin Python layer
+with PyTorch's parameter names, shapes and semantics.
+"""
+from __future__ import annotations
+
+import os as _os
+
+from . import _core
+from ._core import get_num_threads
+from .cells import GRUCell, LSTMCell, RNNCell
+from .layers import GRU, LSTM, RNN
+
+__version__ = _core.version()
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "set_num_threads",
+           "get_num_threads", "info", "__version__"]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by rnncore's kernels (default: OMP_NUM_THREADS, else the core count)."""
+    from ._arrays import check_int
+    _core.set_num_threads(check_int(n, "n"))
+
+
+def info() -> dict:
+    """Version, kernel ISA in use, threads, and CUDA status."""
+    import numpy as np
+    return {
+        "version": __version__,
+        "isa": _core.isa(),
+        "isa_detected": _core.detected_isa(),
+        "isa_available": _core.available_isas(),
+        "threads": _core.get_num_threads(),
+        "openmp": _core.openmp_enabled(),
+        "blas": "none: rnncore's own packed GEMM kernels",
+        "cuda_built": _core.cuda_built(),
+        "cuda": _core.cuda_status(),
+        "numpy": np.__version__,
+    }
+

@@ -1,0 +1,133 @@
+"""Argument checking and conversion shared by the Python layer.
+
+Every public entry point converts its inputs here before calling the C++ core, so that a
+bad argument raises a ValueError or TypeError that names the argument, what was expected
+and what came, and the core only ever sees C-contiguous arrays of the layer's dtype.
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def canonical_dtype(dtype) -> np.dtype:
+    """The layer dtype from "float32"/"float64"/np.float32/np.float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}") from e
+    if dt.name not in _DTYPES:
+        raise TypeError(f"dtype: expected 'float32' or 'float64', got {dt.name}")
+    return dt
+
+
+def shape_str(shape) -> str:
+    shape = tuple(shape)
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def as_float_array(x, name: str, dtype: np.dtype) -> np.ndarray:
+    """Converts array-likes (lists, numpy arrays, CPU tensors) to a C-contiguous array of
+    `dtype`. Real numbers (float, int, bool) are cast; complex, string and object data
+    raise TypeError naming the argument and the dtype received."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):   # a torch tensor that may need grad
+        x = x.detach().cpu().numpy()
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{name}: expected a numeric array, got {type(x).__name__} ({e})") from e
+    if a.dtype.kind not in "fiub":
+        raise TypeError(
+            f"{name}: expected a real-valued array (float, int or bool), got dtype {a.dtype}")
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=dtype)
+    return a
+
+
+def as_lengths(lengths, batch: int, steps: int, name: str = "lengths") -> np.ndarray:
+    if hasattr(lengths, "detach") and hasattr(lengths, "numpy"):
+        lengths = lengths.detach().cpu().numpy()
+    a = np.asarray(lengths)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and a.size and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            a = a.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected integers, got dtype {a.dtype}")
+    if a.shape != (batch,):
+        raise ValueError(f"{name}: expected shape {shape_str((batch,))}, got {shape_str(a.shape)}")
+    if a.size and (a.min() < 1 or a.max() > steps):
+        bad = int(a.min()) if a.min() < 1 else int(a.max())
+        raise ValueError(f"{name}: expected every length in [1, {steps}] (T = {steps}), got {bad}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+
+
+def check_prob(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
+    return value
+
+
+class ParamDict(dict):
+    """An ordered dict of fixed arrays (parameters or gradients).
+
+    Keys and shapes are fixed by the layer. Assigning to a key validates the value (shape,
+    real dtype) and copies it into the existing array, so references held elsewhere (an
+    optimizer, a cell view) stay valid and the core always sees contiguous arrays of the
+    layer's dtype. Keys cannot be added or removed.
+    """
+
+    __slots__ = ("_dtype", "version")
+
+    def __init__(self, arrays, dtype):
+        super().__init__(arrays)
+        self._dtype = np.dtype(dtype)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        if key not in self:
+            raise KeyError(f"{key!r}: not a parameter of this layer (expected one of {list(self)})")
+        target = dict.__getitem__(self, key)
+        arr = as_float_array(value, key, self._dtype)
+        if arr.shape != target.shape:
+            raise ValueError(f"{key}: expected shape {shape_str(target.shape)}, got {shape_str(arr.shape)}")
+        np.copyto(target, arr)
+        self.version += 1
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("the parameter set of a layer is fixed: keys cannot be added or removed")
+
+    __delitem__ = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
