@@ -63,6 +63,10 @@ class _Recurrent:
             check_bool(peephole, "peephole"), check_bool(coupled_gates, "coupled_gates"),
             check_bool(linear_before_reset, "linear_before_reset"))
         self._info = self._spec.param_info()
+        n_params = sum(int(np.prod(shape)) for _, shape, *_ in self._info)
+        if n_params > 2**31:
+            raise ValueError(f"sizes: input_size={input_size}, hidden_size={hidden_size}, "
+                             f"num_layers={num_layers} need {n_params} parameters; at most 2^31 are supported")
         ss = np.random.SeedSequence(seed)
         init_rng, drop_seed = np.random.default_rng(ss.spawn(1)[0]), ss.spawn(1)[0]
         self._drop_rng = np.random.default_rng(drop_seed)

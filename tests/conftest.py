@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import rnncore
+
+TOL = {np.float32: 2e-5, np.float64: 1e-9}
+
+
+def assert_close(got, want, dtype, what=""):
+    """Max abs error relative to the reference's scale (at least 1)."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = float(np.abs(got - want).max(initial=0.0)) / scale
+    tol = TOL[np.dtype(dtype).type]
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def run_child(code: str, timeout=120):
+    """Runs code in a fresh interpreter; returns CompletedProcess. A crash (segfault,
+    abort) shows as a negative return code."""
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(params=rnncore._core.available_isas().split(","))
+def each_isa(request):
+    """Runs a test once per kernel ISA this CPU supports."""
+    old = rnncore._core.isa()
+    rnncore._core.set_isa(request.param)
+    yield request.param
+    rnncore._core.set_isa(old)
+
+
+@pytest.fixture
+def threads():
+    old = rnncore.get_num_threads()
+    yield rnncore.set_num_threads
+    rnncore.set_num_threads(old)
