@@ -5,17 +5,19 @@ with PyTorch's parameter names, shapes and semantics.
 """
 from __future__ import annotations
 
-import os as _os
-
-from . import _core
+from . import _core, losses, optim
 from ._core import get_num_threads
+from .blocks import Dense, Dropout, Embedding, LastStep, OneHot
 from .cells import GRUCell, LSTMCell, RNNCell
+from .io import load
 from .layers import GRU, LSTM, RNN
+from .models import History, Seq2Seq, Sequential
 
 __version__ = _core.version()
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "set_num_threads",
-           "get_num_threads", "info", "__version__"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
+           "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
+           "load", "set_num_threads", "get_num_threads", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:
@@ -39,4 +41,3 @@ def info() -> dict:
         "cuda": _core.cuda_status(),
         "numpy": np.__version__,
     }
-

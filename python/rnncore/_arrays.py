@@ -120,6 +120,10 @@ class ParamDict(dict):
         np.copyto(target, arr)
         self.version += 1
 
+    def touch(self):
+        """Marks the arrays as changed in place (optimizers call this after an update)."""
+        self.version += 1
+
     def update(self, *args, **kwargs):
         for k, v in dict(*args, **kwargs).items():
             self[k] = v

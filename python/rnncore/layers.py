@@ -104,6 +104,22 @@ class _Recurrent:
         for g in self.grads.values():
             g.fill(0)
 
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this layer (used by save/load)."""
+        cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                   num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                   dropout=self.dropout, bidirectional=self.bidirectional, dtype=self.dtype.name)
+        cfg.update(self._extra_config())
+        return cfg
+
+    def _extra_config(self):
+        return {}
+
+    def save(self, path):
+        """Writes this layer (weights + configuration) to a safetensors file, atomically."""
+        from .io import save
+        save(self, path)
+
     def parameters(self):
         return list(self.params.values())
 
@@ -350,6 +366,9 @@ class RNN(_Recurrent):
     def __call__(self, x, h0=None, lengths=None):
         return super().__call__(x, h0, lengths)
 
+    def _extra_config(self):
+        return {"nonlinearity": self.nonlinearity}
+
 
 class LSTM(_Recurrent):
     """LSTM with PyTorch's gates (i, f, g, o), optional projection (proj_size), peepholes
@@ -369,6 +388,10 @@ class LSTM(_Recurrent):
     def __call__(self, x, hx=None, lengths=None):
         return super().__call__(x, hx, lengths)
 
+    def _extra_config(self):
+        return {"proj_size": self.proj_size, "peephole": self.peephole,
+                "coupled_gates": self.coupled_gates}
+
 
 class GRU(_Recurrent):
     """GRU (r, z, n). linear_before_reset=True is PyTorch's/cuDNN's form,
@@ -386,3 +409,6 @@ class GRU(_Recurrent):
 
     def __call__(self, x, h0=None, lengths=None):
         return super().__call__(x, h0, lengths)
+
+    def _extra_config(self):
+        return {"linear_before_reset": self.linear_before_reset}

@@ -1,0 +1,87 @@
+"""The command line (train, sample, info, --help, errors) and the examples, end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rnncore as rc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "rnncore", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_help_everywhere():
+    for args in ([], ["--help"], ["train", "--help"], ["sample", "--help"], ["info", "--help"],
+                 ["bench", "--help"]):
+        out = cli(*args)
+        assert "usage: rnncore" in out.stdout + out.stderr
+
+
+def test_train_on_a_file_then_sample(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("hello world, hello rnncore. " * 300)
+    model = tmp_path / "m.rnnc"
+    out = cli("train", "--data", str(data), "--epochs", "2", "--hidden", "32", "--embed", "8",
+              "--seq-len", "32", "--bptt", "16", "--batch-size", "8", "--no-progress",
+              "--out", str(model), "--sample-length", "40", "--prime", "hel")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("---- sample ----") == 2
+    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in out.stdout.splitlines()
+              if line.startswith("epoch ")]
+    assert losses[1] < losses[0]
+    assert model.exists() and rc.load(model).metadata["chars"]
+    out = cli("sample", "--model", str(model), "--prime", "hello", "--length", "30", "--seed", "1",
+              "--temperature", "0.5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("hello") and len(out.stdout.strip()) >= 30
+
+
+def test_train_default_corpus_small(tmp_path):
+    out = cli("train", "--max-chars", "20000", "--epochs", "1", "--hidden", "32", "--embed", "8",
+              "--seq-len", "64", "--bptt", "32", "--no-progress", "--sample-length", "20", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "standard library" in out.stdout
+    assert (tmp_path / "char-lstm.rnnc").exists()
+
+
+def test_train_errors(tmp_path):
+    out = cli("train", "--data", str(tmp_path / "missing.txt"))
+    assert out.returncode == 2 and "missing.txt: no such file" in out.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    out = cli("train", "--data", str(empty))
+    assert out.returncode == 2 and "empty" in out.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("abc")
+    out = cli("train", "--data", str(short))
+    assert out.returncode == 2 and "at least" in out.stderr
+    out = cli("train", "--epochs", "0")
+    assert out.returncode == 2 and "--epochs" in out.stderr
+
+
+def test_sample_errors(tmp_path):
+    out = cli("sample", "--model", str(tmp_path / "none.rnnc"))
+    assert out.returncode == 2 and "no such file" in out.stderr
+    bad = tmp_path / "bad.rnnc"
+    bad.write_bytes(b"\x00" * 5)
+    out = cli("sample", "--model", str(bad))
+    assert out.returncode == 2 and "not a loadable rnncore model" in out.stderr
+    layer = tmp_path / "layer.rnnc"
+    rc.GRU(2, 3).save(layer)
+    out = cli("sample", "--model", str(layer))
+    assert out.returncode == 2 and "not a character-level model" in out.stderr
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_examples_smoke(example):
+    env = {**os.environ, "RNNCORE_EXAMPLE_QUICK": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / example)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()
