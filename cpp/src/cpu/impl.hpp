@@ -73,6 +73,25 @@ void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
     }
 }
 
+// Packs op(B)[k, n] = B[row(n) * ldb + k] for a gathered list of rows (a thread's slice of
+// the gates of W_hh, say), in the same panel layout as pack_b.
+template <class T, class RowFn>
+void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, T* out) {
+    const int nr = NR<T>;
+    const int64_t panels = ceil_div(N, nr);
+    for (int64_t p = 0; p < panels; ++p) {
+        T* dst = out + p * K * nr;
+        const int64_t n0 = p * nr;
+        const int64_t nn = N - n0 < nr ? N - n0 : nr;
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t c = nn; c < nr; ++c) dst[k * nr + c] = T(0);
+        for (int64_t c = 0; c < nn; ++c) {
+            const T* src = B + row(n0 + c) * ldb;
+            for (int64_t k = 0; k < K; ++k) dst[k * nr + c] = src[k];
+        }
+    }
+}
+
 // op(A)[m, k] = ta ? A[k*lda + m] : A[m*lda + k]
 template <class T>
 void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
@@ -128,6 +147,39 @@ inline void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __
     }
 }
 
+// mr (1 or 2) rows against NP consecutive panels: 2*NP*mr independent accumulators.
+template <class T, int mr, int NP>
+inline void micro_wide(int64_t K, const T* __restrict a, const T* __restrict b, int64_t pstride,
+                       T* __restrict c, int64_t ldc, int64_t ncols, T alpha, T beta) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = VL<T>;
+    V acc[mr][2 * NP];
+    for (int r = 0; r < mr; ++r)
+        for (int q = 0; q < 2 * NP; ++q) acc[r][q] = V{};
+    for (int64_t k = 0; k < K; ++k) {
+        const T* ak = a + k * MR;
+        for (int p = 0; p < NP; ++p) {
+            V b0, b1;
+            std::memcpy(&b0, b + p * pstride + k * 2 * L, sizeof(V));
+            std::memcpy(&b1, b + p * pstride + k * 2 * L + L, sizeof(V));
+            for (int r = 0; r < mr; ++r) {
+                acc[r][2 * p] += ak[r] * b0;
+                acc[r][2 * p + 1] += ak[r] * b1;
+            }
+        }
+    }
+    for (int r = 0; r < mr; ++r) {
+        T tmp[2 * NP * L];
+        for (int q = 0; q < 2 * NP; ++q) std::memcpy(tmp + q * L, &acc[r][q], sizeof(V));
+        T* cr = c + r * ldc;
+        if (beta == T(0)) {
+            for (int64_t j = 0; j < ncols; ++j) cr[j] = alpha * tmp[j];
+        } else {
+            for (int64_t j = 0; j < ncols; ++j) cr[j] = alpha * tmp[j] + beta * cr[j];
+        }
+    }
+}
+
 template <class T>
 inline void micro_dispatch(int mr, int64_t K, const T* a, const T* b, T* c, int64_t ldc,
                            int64_t ncols, T alpha, T beta) {
@@ -144,32 +196,65 @@ inline void micro_dispatch(int mr, int64_t K, const T* a, const T* b, T* c, int6
     }
 }
 
-// All tiles of C from packed A and packed B. Tiles are ordered N-panel major so that with
-// a static schedule each thread keeps the same slice of B (e.g. of W_hh) across calls.
+// All tiles of C from packed A and packed B, in the calling thread.
+template <class T>
+void tiles_serial(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T alpha, T beta,
+                  T* C, int64_t ldc) {
+    const int nr = NR<T>;
+    const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
+    const int64_t ps = K * nr;   // panel stride
+    if (M <= 2) {
+        int64_t j = 0;
+        if (M == 1) {
+            for (; j + 4 <= nt && (j + 4) * nr <= N; j += 4)
+                micro_wide<T, 1, 4>(K, Ap, Bp + j * ps, ps, C + j * nr, ldc, 4 * nr, alpha, beta);
+        } else {
+            for (; j + 2 <= nt && (j + 2) * nr <= N; j += 2)
+                micro_wide<T, 2, 2>(K, Ap, Bp + j * ps, ps, C + j * nr, ldc, 2 * nr, alpha, beta);
+        }
+        for (; j < nt; ++j) {
+            const int64_t n0 = j * nr;
+            micro_dispatch<T>((int)M, K, Ap, Bp + j * ps, C + n0, ldc, N - n0 < nr ? N - n0 : nr,
+                              alpha, beta);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < nt; ++j) {
+        const int64_t n0 = j * nr;
+        const int64_t nc = N - n0 < nr ? N - n0 : nr;
+        for (int64_t i = 0; i < mt; ++i) {
+            const int64_t m0 = i * MR;
+            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
+            micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * ps, C + m0 * ldc + n0, ldc, nc, alpha, beta);
+        }
+    }
+}
+
+// The same, split over the kernel threads when the product is large enough. Tiles are
+// ordered N-panel major so each thread keeps to a contiguous slice of B.
 template <class T>
 void tiles(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T alpha, T beta, T* C,
            int64_t ldc) {
+#ifdef _OPENMP
     const int nr = NR<T>;
     const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
     const int64_t total = mt * nt;
-    auto body = [&](int64_t idx) {
-        const int64_t j = idx / mt, i = idx % mt;
-        const int64_t m0 = i * MR, n0 = j * nr;
-        const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-        const int64_t nc = N - n0 < nr ? N - n0 : nr;
-        micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc,
-                          alpha, beta);
-    };
-#ifdef _OPENMP
     const double flops = 2.0 * (double)M * (double)N * (double)K;
     const int nth = threads_for_kernels();
-    if (nth > 1 && total > 1 && flops > 6.0e4 && !omp_in_parallel()) {
+    if (nth > 1 && total > 1 && flops > 2.0e5 && !omp_in_parallel()) {
 #pragma omp parallel for schedule(static) num_threads(nth)
-        for (int64_t idx = 0; idx < total; ++idx) body(idx);
+        for (int64_t idx = 0; idx < total; ++idx) {
+            const int64_t j = idx / mt, i = idx % mt;
+            const int64_t m0 = i * MR, n0 = j * nr;
+            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
+            const int64_t nc = N - n0 < nr ? N - n0 : nr;
+            micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc,
+                              alpha, beta);
+        }
         return;
     }
 #endif
-    for (int64_t idx = 0; idx < total; ++idx) body(idx);
+    tiles_serial<T>(M, N, K, Ap, Bp, alpha, beta, C, ldc);
 }
 
 template <class T> T* alloc(int64_t n) {
@@ -201,53 +286,310 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     std::free(Bp);
 }
 
-// C = op(A) @ Bp (+ beta C), Bp packed from a [K, N] operand; ap: packed_a_size(M, K) scratch.
+// C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand;
+// ap: packed_a_size(M, K) scratch.
 template <class T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
                     T beta, T* C, int64_t ldc, T* ap) {
     pack_a(false, M, K, A, lda, ap);
-    tiles<T>(M, N, K, ap, Bp, T(1), beta, C, ldc);
+    tiles_serial<T>(M, N, K, ap, Bp, T(1), beta, C, ldc);
 }
 
 // ------------------------------------------------------------------ activations
-template <class T> inline T sigm(T x) { return T(1) / (T(1) + std::exp(-x)); }
-template <class T> inline T tanh_(T x) { return std::tanh(x); }
+// float: vectorised approximations (exp: Cephes' range reduction and degree-5 polynomial,
+// ~1 ulp; tanh: Eigen's 13/6 rational approximation, a few ulp; sigmoid = 1/(1+exp(-x))).
+// The maximum errors are measured by the test suite (tests/test_speed_paths.py).
+// double: the C library, lane by lane (double is the gradient-checking dtype).
+template <class T> using VT = typename Vec<T>::type;
+typedef int32_t VIf __attribute__((vector_size(VB)));
+
+template <class T> inline VT<T> splat(T s) { return VT<T>{} + s; }
+
+inline VT<float> vexp(VT<float> x) {
+    typedef VT<float> V;
+    const V hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
+    x = x > hi ? hi : x;
+    x = x < lo ? lo : x;
+    const V fx = x * 1.44269504088896341f + 0.5f;
+    V fl = __builtin_convertvector(__builtin_convertvector(fx, VIf), V);
+    fl = fl > fx ? fl - 1.0f : fl;
+    x = x - fl * 0.693359375f;
+    x = x + fl * 2.12194440e-4f;
+    const V z = x * x;
+    V y = splat(1.9875691500E-4f);
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * z + x + 1.0f;
+    const VIf e = (__builtin_convertvector(fl, VIf) + 127) << 23;
+    V p;
+    std::memcpy(&p, &e, sizeof p);
+    return y * p;
+}
+
+inline VT<float> vsigmoid(VT<float> x) { return 1.0f / (1.0f + vexp(-x)); }
+
+inline VT<float> vtanh(VT<float> x) {
+    typedef VT<float> V;
+    const V c = splat(7.90531110763549805f), mc = splat(-7.90531110763549805f);
+    V xc = x > c ? c : x;
+    xc = xc < mc ? mc : xc;
+    const V x2 = xc * xc;
+    V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * xc;
+    V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    const V r = p / q;
+    const V ax = x < 0.0f ? -x : x;
+    return ax < 0.0004f ? x : r;
+}
+
+inline VT<double> vsigmoid(VT<double> x) {
+    for (int i = 0; i < VL<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+    return x;
+}
+inline VT<double> vtanh(VT<double> x) {
+    for (int i = 0; i < VL<double>; ++i) x[i] = std::tanh(x[i]);
+    return x;
+}
+
+// Loads/stores of up to one register; a short tail is zero filled / partially stored.
+template <class T> inline VT<T> ld(const T* p, int64_t n) {
+    VT<T> v{};
+    if (n >= VL<T>) std::memcpy(&v, p, sizeof v);
+    else std::memcpy(&v, p, sizeof(T) * n);
+    return v;
+}
+template <class T> inline void st(T* p, VT<T> v, int64_t n) {
+    if (n >= VL<T>) std::memcpy(p, &v, sizeof v);
+    else std::memcpy(p, &v, sizeof(T) * n);
+}
 
 inline bool active(const int64_t* lengths, int64_t b, int64_t t) {
     return lengths == nullptr || t < lengths[b];
 }
 
-// ------------------------------------------------------------------ forward
-template <class T> struct FwdWork {
-    T *pk_hh, *pk_n, *pk_hr, *hh, *hn, *ap;
+// ------------------------------------------------------------------ fused gate passes
+// Each processes n consecutive hidden units of one batch row. Gate pointers point at the
+// first unit; x-side pre-activations are overwritten with the activations.
+template <class T>
+void lstm_fwd_row(int64_t n, T* gi, T* gf, T* gg, T* go, const T* hi, const T* hf, const T* hg,
+                  const T* ho, const T* cp, T* cn, T* m, const T* pi, const T* pf, const T* po,
+                  bool coupled) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t r = n - k;
+        V ai = ld(gi + k, r) + ld(hi + k, r), af = ld(gf + k, r) + ld(hf + k, r);
+        const V ag = ld(gg + k, r) + ld(hg + k, r);
+        V ao = ld(go + k, r) + ld(ho + k, r);
+        const V c0 = ld(cp + k, r);
+        if (pi) {
+            ai += ld(pi + k, r) * c0;
+            af += ld(pf + k, r) * c0;
+        }
+        const V f = vsigmoid(af);
+        const V i = coupled ? splat<T>(1) - f : vsigmoid(ai);
+        const V g = vtanh(ag);
+        const V c = f * c0 + i * g;
+        if (po) ao += ld(po + k, r) * c;
+        const V o = vsigmoid(ao);
+        st(gi + k, i, r); st(gf + k, f, r); st(gg + k, g, r); st(go + k, o, r);
+        st(cn + k, c, r);
+        st(m + k, o * vtanh(c), r);
+    }
+}
+
+template <class T>
+void gru_fwd_row(int64_t n, T* gr, T* gz, T* gn, const T* hr, const T* hz, const T* hn,
+                 const T* bhn, const T* hp, T* ex, T* hnext) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V r = vsigmoid(ld(gr + k, rem) + ld(hr + k, rem));
+        const V z = vsigmoid(ld(gz + k, rem) + ld(hz + k, rem));
+        V h = ld(hn + k, rem);
+        if (bhn) h += ld(bhn + k, rem);
+        const V nn = vtanh(ld(gn + k, rem) + r * h);
+        st(gr + k, r, rem); st(gz + k, z, rem); st(gn + k, nn, rem);
+        st(ex + k, h, rem);
+        st(hnext + k, (splat<T>(1) - z) * nn + z * ld(hp + k, rem), rem);
+    }
+}
+
+// Cho et al.'s GRU, first half: r, z and r * h.
+template <class T>
+void gru_orig_rz_row(int64_t n, T* gr, T* gz, const T* hr, const T* hz, const T* hp, T* rh) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V r = vsigmoid(ld(gr + k, rem) + ld(hr + k, rem));
+        st(gr + k, r, rem);
+        st(gz + k, vsigmoid(ld(gz + k, rem) + ld(hz + k, rem)), rem);
+        st(rh + k, r * ld(hp + k, rem), rem);
+    }
+}
+
+// ... second half: n = tanh(x_n + W_hn (r*h) + b_hn) (b_hn folded into x_n), new h.
+template <class T>
+void gru_orig_n_row(int64_t n, const T* gz, T* gn, const T* hnv, const T* hp, T* hnext) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V z = ld(gz + k, rem);
+        const V nn = vtanh(ld(gn + k, rem) + ld(hnv + k, rem));
+        st(gn + k, nn, rem);
+        st(hnext + k, (splat<T>(1) - z) * nn + z * ld(hp + k, rem), rem);
+    }
+}
+
+template <class T>
+void rnn_fwd_row(int64_t n, const T* g, const T* hh, T* hnext, bool relu) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V a = ld(g + k, rem) + ld(hh + k, rem);
+        st(hnext + k, relu ? (a > T(0) ? a : V{}) : vtanh(a), rem);
+    }
+}
+
+template <class T>
+void lstm_bwd_row(int64_t n, const T* gi, const T* gf, const T* gg, const T* go, const T* dm,
+                  const T* cp, const T* cn, T* dc, const T* pi, const T* pf, const T* po,
+                  bool coupled, T* dai, T* daf, T* dag, T* dao) {
+    typedef VT<T> V;
+    const V one = splat<T>(1);
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t r = n - k;
+        const V i = ld(gi + k, r), f = ld(gf + k, r), g = ld(gg + k, r), o = ld(go + k, r);
+        const V d = ld(dm + k, r), c0 = ld(cp + k, r);
+        const V th = vtanh(ld(cn + k, r));
+        const V ao = d * th * o * (one - o);
+        V dcv = ld(dc + k, r) + d * o * (one - th * th);
+        if (po) dcv += ao * ld(po + k, r);
+        const V ag = dcv * i * (one - g * g);
+        V ai, af;
+        if (coupled) {
+            ai = V{};
+            af = dcv * (c0 - g) * f * (one - f);
+        } else {
+            ai = dcv * g * i * (one - i);
+            af = dcv * c0 * f * (one - f);
+        }
+        V dcp = dcv * f;
+        if (pi) dcp += ai * ld(pi + k, r) + af * ld(pf + k, r);
+        st(dc + k, dcp, r);
+        st(dai + k, ai, r); st(daf + k, af, r); st(dag + k, ag, r); st(dao + k, ao, r);
+    }
+}
+
+// GRU (both forms): the z and n gates and the direct path dh * z; for the reset-after form
+// also the r gate and the hidden-side n gradient (dgh_n = da_n * r).
+template <class T>
+void gru_bwd_row(int64_t n, const T* gr, const T* gz, const T* gn, const T* ex, const T* hp,
+                 const T* dh, bool lbr, T* dxr, T* dxz, T* dxn, T* dhr, T* dhz, T* dhn, T* dhd) {
+    typedef VT<T> V;
+    const V one = splat<T>(1);
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V z = ld(gz + k, rem), nn = ld(gn + k, rem), d = ld(dh + k, rem);
+        const V dan = d * (one - z) * (one - nn * nn);
+        const V daz = d * (ld(hp + k, rem) - nn) * z * (one - z);
+        st(dxz + k, daz, rem);
+        st(dxn + k, dan, rem);
+        st(dhd + k, d * z, rem);
+        if (lbr) {
+            const V r = ld(gr + k, rem);
+            const V dar = dan * ld(ex + k, rem) * r * (one - r);
+            st(dxr + k, dar, rem);
+            st(dhr + k, dar, rem);
+            st(dhz + k, daz, rem);
+            st(dhn + k, dan * r, rem);
+        }
+    }
+}
+
+// Cho et al.'s GRU: the r gate from d(r*h), and its share of dh.
+template <class T>
+void gru_orig_r_row(int64_t n, const T* gr, const T* hp, const T* drh, T* dxr, T* dhd) {
+    typedef VT<T> V;
+    const V one = splat<T>(1);
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V r = ld(gr + k, rem), g = ld(drh + k, rem);
+        st(dxr + k, g * ld(hp + k, rem) * r * (one - r), rem);
+        st(dhd + k, ld(dhd + k, rem) + g * r, rem);
+    }
+}
+
+template <class T>
+void rnn_bwd_row(int64_t n, const T* h, const T* dh, T* da, bool relu) {
+    typedef VT<T> V;
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const int64_t rem = n - k;
+        const V hv = ld(h + k, rem), d = ld(dh + k, rem);
+        st(da + k, relu ? (hv > T(0) ? d : V{}) : d * (splat<T>(1) - hv * hv), rem);
+    }
+}
+
+// ------------------------------------------------------------------ threads over units
+// The recurrence runs in one parallel region per direction. Each thread owns a slice of
+// the hidden units (and of the output features): it packs its slice of the recurrent
+// weights once, keeps it in its own cache, computes its gates every step and meets the
+// others at one barrier per step (two for the variants that need a whole vector midway).
+struct Part { int64_t lo, hi; int64_t size() const { return hi - lo; } };
+
+inline Part part(int64_t n, int nth, int tid, int64_t align) {
+    const int64_t blocks = ceil_div(n, align);
+    const int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+    const int64_t lo = b0 * align < n ? b0 * align : n;
+    const int64_t hi = b1 * align < n ? b1 * align : n;
+    return {lo, hi};
+}
+
+inline int rec_threads(int64_t B, int G, int64_t H, int64_t P) {
+    const int avail = threads_for_kernels();
+    const double work = (double)B * G * H * P;     // multiply-adds per step
+    if (avail <= 1 || work < 6.0e4) return 1;
+    int64_t n = avail < 64 ? avail : 64;
+    const int64_t by_units = H / 16 > 1 ? H / 16 : 1;
+    if (n > by_units) n = by_units;
+    return (int)n;
+}
+
+inline void barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+template <class F> void run_team(int nth, F&& body) {
+#ifdef _OPENMP
+    if (nth > 1) {
+#pragma omp parallel num_threads(nth)
+        body(omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    body(0, 1);
+}
+
+// Per-thread scratch: allocated inside the region; if any thread fails, all skip the work
+// (same barriers), and the caller throws.
+template <class T> struct Scratch {
+    T* p = nullptr;
+    T* take(int64_t n) { T* r = p; p += (n + 15) / 16 * 16; return r; }
 };
 
-template <class T> int64_t fwd_layout(const DirJob<T>& j, FwdWork<T>* w) {
-    const int64_t B = j.batch, H = j.hid, P = j.out;
-    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
-    const bool proj = j.cell == (int)CellType::LSTM && P != H;
-    auto round = [](int64_t n) { return (n + 15) / 16 * 16; };
-    int64_t off = 0;
-    int64_t s_hh = gru_orig ? packed_b_size<T>(H, 2 * H) : packed_b_size<T>(P, G * H);
-    int64_t s_n = gru_orig ? packed_b_size<T>(H, H) : 0;
-    int64_t s_hr = proj ? packed_b_size<T>(H, P) : 0;
-    int64_t kmax = H > P ? H : P;
-    int64_t sizes[6] = {s_hh, s_n, s_hr, B * G * H, B * H, packed_a_size(B, kmax)};
-    T** ptrs[6] = {&w->pk_hh, &w->pk_n, &w->pk_hr, &w->hh, &w->hn, &w->ap};
-    for (int i = 0; i < 6; ++i) {
-        *ptrs[i] = j.work ? j.work + off : nullptr;
-        off += round(sizes[i]);
-    }
-    return off;
-}
-
-template <class T> int64_t dir_forward_work(const DirJob<T>& j) {
-    FwdWork<T> w;
-    DirJob<T> c = j;
-    c.work = nullptr;
-    return fwd_layout(c, &w);
-}
+// ------------------------------------------------------------------ forward
+template <class T> int64_t dir_forward_work(const DirJob<T>&) { return 0; }
 
 template <class T> void dir_forward(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
@@ -257,181 +599,135 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
     const bool proj = lstm && P != H;
     const bool gru_orig = gru && !j.lbr;
+    const bool relu = cell == (int)CellType::RNN_RELU;
     const int rev = j.reverse ? 1 : 0;
-    FwdWork<T> w;
-    fwd_layout(j, &w);
+    const int Gk = gru_orig ? 2 : G;          // gates computed by the first recurrent product
 
     // 1. Input projection of every step at once: gates = x @ W_ih^T + biases.
     gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
     if (j.w.b_ih) {
+        // b_hh folds in here except for the n gate of the reset-after GRU.
+        const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
+        T* bias = alloc<T>(GH);
+        for (int64_t k = 0; k < GH; ++k) bias[k] = j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
         for (int64_t r = 0; r < TT * B; ++r) {
             T* g = j.gates + r * GH;
-            const T* bi = j.w.b_ih;
-            const T* bh = j.w.b_hh;
-            // b_hh folds in here except for the n gate of the reset-after GRU.
-            const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
-            for (int64_t k = 0; k < fold; ++k) g[k] += bi[k] + bh[k];
-            for (int64_t k = fold; k < GH; ++k) g[k] += bi[k];
+            for (int64_t k = 0; k < GH; ++k) g[k] += bias[k];
         }
+        std::free(bias);
     }
-    // 2. Pack the recurrent weights once for the whole sequence.
-    if (gru_orig) {
-        pack_b<T>(true, H, 2 * H, j.w.w_hh, H, w.pk_hh);
-        pack_b<T>(true, H, H, j.w.w_hh + 2 * H * H, H, w.pk_n);
-    } else {
-        pack_b<T>(true, P, GH, j.w.w_hh, P, w.pk_hh);
-    }
-    if (proj) pack_b<T>(true, H, P, j.w.w_hr, H, w.pk_hr);
 
-    // 3. The recurrence.
-    for (int64_t q = 0; q < TT; ++q) {
-        const int64_t t = rev ? TT - 1 - q : q;
-        const T* hprev = j.hbuf + (t + rev) * B * P;
-        T* hnext = j.hbuf + (t + 1 - rev) * B * P;
-        T* gt = j.gates + t * B * GH;
-        T* yt = j.y + t * B * j.ldy;
-        if (gru_orig)
-            gemm_pb<T>(B, 2 * H, H, hprev, P, w.pk_hh, T(0), w.hh, 2 * H, w.ap);
-        else
-            gemm_pb<T>(B, GH, P, hprev, P, w.pk_hh, T(0), w.hh, GH, w.ap);
+    const int nth = rec_threads(B, G, H, P);
+    int failed = 0;
+    run_team(nth, [&](int tid, int team) {
+        const Part U = part(H, team, tid, VL<T>);
+        const Part Q = proj ? part(P, team, tid, VL<T>) : U;
+        const int64_t nh = U.size(), nq = Q.size();
+        const int64_t K1 = gru_orig ? H : P;
+        int64_t need = packed_b_size<T>(K1, Gk * nh) + B * Gk * nh + packed_a_size(B, H > P ? H : P) + 128;
+        if (gru_orig) need += packed_b_size<T>(H, nh) + B * nh;
+        if (proj) need += packed_b_size<T>(H, nq);
+        T* mem = static_cast<T*>(std::aligned_alloc(64, ((size_t)need * sizeof(T) + 63) / 64 * 64));
+        if (!mem) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+        barrier();
+        if (failed) { std::free(mem); return; }
+        Scratch<T> sc{mem};
+        T* pk = sc.take(packed_b_size<T>(K1, Gk * nh));
+        T* hh = sc.take(B * Gk * nh);
+        T* ap = sc.take(packed_a_size(B, H > P ? H : P));
+        T* pkn = gru_orig ? sc.take(packed_b_size<T>(H, nh)) : nullptr;
+        T* hnv = gru_orig ? sc.take(B * nh) : nullptr;
+        T* pkr = proj ? sc.take(packed_b_size<T>(H, nq)) : nullptr;
+        const int64_t u0 = U.lo;
+        if (nh > 0) {
+            pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
+                           [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
+            if (gru_orig)
+                pack_b_rows<T>(H, nh, j.w.w_hh, H, [&](int64_t n) { return 2 * H + u0 + n; }, pkn);
+        }
+        if (proj && nq > 0)
+            pack_b_rows<T>(H, nq, j.w.w_hr, H, [&](int64_t n) { return Q.lo + n; }, pkr);
+        const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+        const T* bhn = gru && j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H + u0 : nullptr;
 
-        if (lstm) {
-            const T* cprev = j.cbuf + (t + rev) * B * H;
-            T* cnext = j.cbuf + (t + 1 - rev) * B * H;
-            const T* pi = j.peephole ? j.w.w_peep : nullptr;
-            const T* pf = pi ? pi + H : nullptr;
-            const T* po = pi ? pi + 2 * H : nullptr;
-            for (int64_t b = 0; b < B; ++b) {
-                T* g = gt + b * GH;
-                const T* hh = w.hh + b * GH;
-                const T* cp = cprev + b * H;
-                T* cn = cnext + b * H;
-                T* m = proj ? j.mbuf + (t * B + b) * H : hnext + b * P;
-                if (!active(j.lengths, b, t)) {
-                    for (int64_t k = 0; k < H; ++k) cn[k] = cp[k];
-                    for (int64_t k = 0; k < GH; ++k) g[k] = T(0);
-                    if (proj) for (int64_t k = 0; k < H; ++k) m[k] = T(0);
-                    continue;
-                }
-                for (int64_t k = 0; k < H; ++k) {
-                    T ai = g[k] + hh[k], af = g[H + k] + hh[H + k];
-                    T ag = g[2 * H + k] + hh[2 * H + k], ao = g[3 * H + k] + hh[3 * H + k];
-                    const T c0 = cp[k];
-                    if (pi) { ai += pi[k] * c0; af += pf[k] * c0; }
-                    const T f = sigm(af);
-                    const T i = j.coupled ? T(1) - f : sigm(ai);
-                    const T gg = tanh_(ag);
-                    const T c = f * c0 + i * gg;
-                    if (po) ao += po[k] * c;
-                    const T o = sigm(ao);
-                    g[k] = i; g[H + k] = f; g[2 * H + k] = gg; g[3 * H + k] = o;
-                    cn[k] = c;
-                    m[k] = o * tanh_(c);
-                }
-            }
-            if (proj) {
-                gemm_pb<T>(B, P, H, j.mbuf + t * B * H, H, w.pk_hr, T(0), hnext, P, w.ap);
-            }
-        } else if (gru) {
-            for (int64_t b = 0; b < B; ++b) {
-                T* g = gt + b * GH;
-                const T* hh = w.hh + b * (gru_orig ? 2 * H : GH);
-                const T* hp = hprev + b * P;
-                T* ex = j.extra + (t * B + b) * H;
-                if (!active(j.lengths, b, t)) {
-                    for (int64_t k = 0; k < GH; ++k) g[k] = T(0);
-                    for (int64_t k = 0; k < H; ++k) ex[k] = T(0);
-                    continue;
-                }
-                for (int64_t k = 0; k < 2 * H; ++k) g[k] = sigm(g[k] + hh[k]);
-                if (gru_orig) {
-                    for (int64_t k = 0; k < H; ++k) ex[k] = g[k] * hp[k];   // r * h
-                } else {
-                    const T* bhn = j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
-                    for (int64_t k = 0; k < H; ++k) {
-                        const T hn = hh[2 * H + k] + (bhn ? bhn[k] : T(0));
-                        ex[k] = hn;
-                        g[2 * H + k] = tanh_(g[2 * H + k] + g[k] * hn);
+        for (int64_t q = 0; q < TT; ++q) {
+            const int64_t t = rev ? TT - 1 - q : q;
+            const T* hprev = j.hbuf + (t + rev) * B * P;
+            T* hnext = j.hbuf + (t + 1 - rev) * B * P;
+            T* gt = j.gates + t * B * GH;
+            T* yt = j.y + t * B * j.ldy;
+            if (nh > 0) gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap);
+            for (int64_t b = 0; b < B && nh > 0; ++b) {
+                T* g = gt + b * GH + u0;
+                const T* hb = hh + b * Gk * nh;
+                const bool act = active(j.lengths, b, t);
+                if (lstm) {
+                    const T* cp = j.cbuf + (t + rev) * B * H + b * H + u0;
+                    T* cn = j.cbuf + (t + 1 - rev) * B * H + b * H + u0;
+                    T* m = proj ? j.mbuf + (t * B + b) * H + u0 : hnext + b * P + u0;
+                    if (!act) {
+                        std::memcpy(cn, cp, sizeof(T) * nh);
+                        if (proj) std::memset(m, 0, sizeof(T) * nh);
+                        continue;
                     }
+                    lstm_fwd_row<T>(nh, g, g + H, g + 2 * H, g + 3 * H, hb, hb + nh, hb + 2 * nh,
+                                    hb + 3 * nh, cp, cn, m, pi ? pi + u0 : nullptr,
+                                    pi ? pi + H + u0 : nullptr, pi ? pi + 2 * H + u0 : nullptr,
+                                    j.coupled);
+                } else if (gru) {
+                    T* ex = j.extra + (t * B + b) * H + u0;
+                    if (!act) {
+                        if (gru_orig) std::memset(ex, 0, sizeof(T) * nh);
+                        continue;
+                    }
+                    if (gru_orig)
+                        gru_orig_rz_row<T>(nh, g, g + H, hb, hb + nh, hprev + b * P + u0, ex);
+                    else
+                        gru_fwd_row<T>(nh, g, g + H, g + 2 * H, hb, hb + nh, hb + 2 * nh, bhn,
+                                       hprev + b * P + u0, ex, hnext + b * P + u0);
+                } else if (act) {
+                    rnn_fwd_row<T>(nh, g, hb, hnext + b * P + u0, relu);
                 }
             }
             if (gru_orig) {
-                gemm_pb<T>(B, H, H, j.extra + t * B * H, H, w.pk_n, T(0), w.hn, H, w.ap);
-                for (int64_t b = 0; b < B; ++b) {
+                barrier();   // r * h complete
+                if (nh > 0) gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh, ap);
+                for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
-                    T* g = gt + b * GH;
-                    const T* hn = w.hn + b * H;
-                    for (int64_t k = 0; k < H; ++k) g[2 * H + k] = tanh_(g[2 * H + k] + hn[k]);
+                    T* g = gt + b * GH + u0;
+                    gru_orig_n_row<T>(nh, g + H, g + 2 * H, hnv + b * nh, hprev + b * P + u0,
+                                      hnext + b * P + u0);
                 }
             }
-            for (int64_t b = 0; b < B; ++b) {
-                if (!active(j.lengths, b, t)) continue;
-                const T* g = gt + b * GH;
-                const T* hp = hprev + b * P;
-                T* hn = hnext + b * P;
-                for (int64_t k = 0; k < H; ++k) {
-                    const T z = g[H + k];
-                    hn[k] = (T(1) - z) * g[2 * H + k] + z * hp[k];
+            if (proj) {
+                barrier();   // o * tanh(c) complete
+                if (nq > 0) gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P, ap);
+            }
+            // Inactive rows carry their state; every row writes its output slice.
+            for (int64_t b = 0; b < B && nq > 0; ++b) {
+                T* hn = hnext + b * P + Q.lo;
+                T* yb = yt + b * j.ldy + Q.lo;
+                if (!active(j.lengths, b, t)) {
+                    std::memcpy(hn, hprev + b * P + Q.lo, sizeof(T) * nq);
+                    std::memset(yb, 0, sizeof(T) * nq);
+                } else {
+                    std::memcpy(yb, hn, sizeof(T) * nq);
                 }
             }
-        } else {  // plain RNN
-            const bool relu = cell == (int)CellType::RNN_RELU;
-            for (int64_t b = 0; b < B; ++b) {
-                if (!active(j.lengths, b, t)) continue;
-                const T* g = gt + b * GH;
-                const T* hh = w.hh + b * GH;
-                T* hn = hnext + b * P;
-                for (int64_t k = 0; k < H; ++k) {
-                    const T a = g[k] + hh[k];
-                    hn[k] = relu ? (a > T(0) ? a : T(0)) : tanh_(a);
-                }
-            }
+            barrier();       // the new state is complete before the next step reads it
         }
-        // Inactive rows carry their state; every row writes its output.
-        for (int64_t b = 0; b < B; ++b) {
-            T* hn = hnext + b * P;
-            T* yb = yt + b * j.ldy;
-            if (!active(j.lengths, b, t)) {
-                std::memcpy(hn, hprev + b * P, sizeof(T) * P);
-                for (int64_t k = 0; k < P; ++k) yb[k] = T(0);
-            } else {
-                std::memcpy(yb, hn, sizeof(T) * P);
-            }
-        }
-    }
+        std::free(mem);
+    });
+    if (failed) throw std::bad_alloc();
 }
 
 // ------------------------------------------------------------------ backward
-template <class T> struct BwdWork {
-    T *pk_hh, *pk_n, *pk_hr, *dm, *tmp, *dhd, *ap;
-};
-
-template <class T> int64_t bwd_layout(const DirBackJob<T>& bj, T* base, BwdWork<T>* w) {
-    const DirJob<T>& j = bj.f;
-    const int64_t B = j.batch, H = j.hid, P = j.out;
-    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
-    const bool proj = j.cell == (int)CellType::LSTM && P != H;
-    auto round = [](int64_t n) { return (n + 15) / 16 * 16; };
-    int64_t s_hh = gru_orig ? packed_b_size<T>(2 * H, H) : packed_b_size<T>(G * H, P);
-    int64_t s_n = gru_orig ? packed_b_size<T>(H, H) : 0;
-    int64_t s_hr = proj ? packed_b_size<T>(P, H) : 0;
-    int64_t kmax = G * H > P ? G * H : P;
-    int64_t wmax = H > P ? H : P;
-    int64_t sizes[7] = {s_hh, s_n, s_hr, B * H, B * wmax, B * wmax, packed_a_size(B, kmax)};
-    T** ptrs[7] = {&w->pk_hh, &w->pk_n, &w->pk_hr, &w->dm, &w->tmp, &w->dhd, &w->ap};
-    int64_t off = 0;
-    for (int i = 0; i < 7; ++i) {
-        *ptrs[i] = base ? base + off : nullptr;
-        off += round(sizes[i]);
-    }
-    return off;
-}
-
-template <class T> int64_t dir_backward_work(const DirBackJob<T>& j) {
-    BwdWork<T> w;
-    return bwd_layout(j, (T*)nullptr, &w);
-}
+template <class T> int64_t dir_backward_work(const DirBackJob<T>&) { return 0; }
 
 template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
@@ -442,166 +738,126 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
     const bool proj = lstm && P != H;
     const bool gru_orig = gru && !j.lbr;
+    const bool relu = cell == (int)CellType::RNN_RELU;
     const int rev = j.reverse ? 1 : 0;
-    BwdWork<T> w;
-    bwd_layout(bj, bj.work, &w);
     T* dh = bj.dh;
     T* dc = bj.dc;
     T* dgh = (gru && j.lbr) ? bj.dgh : bj.dgx;
+    const int64_t Kc = gru_orig ? 2 * H : GH;   // rows of W_hh in the dh product
 
-    if (gru_orig) {
-        pack_b<T>(false, 2 * H, H, j.w.w_hh, H, w.pk_hh);
-        pack_b<T>(false, H, H, j.w.w_hh + 2 * H * H, H, w.pk_n);
-    } else {
-        pack_b<T>(false, GH, P, j.w.w_hh, P, w.pk_hh);
-    }
-    if (proj) pack_b<T>(false, P, H, j.w.w_hr, H, w.pk_hr);
-
-    for (int64_t q = TT - 1; q >= 0; --q) {
-        const int64_t t = rev ? TT - 1 - q : q;
-        const T* hprev = j.hbuf + (t + rev) * B * P;
-        const T* hnext = j.hbuf + (t + 1 - rev) * B * P;
-        const T* gt = j.gates + t * B * GH;
-        T* dgt = bj.dgx + t * B * GH;
-        T* dght = dgh + t * B * GH;
-        // dh += dy for the rows that produced an output at this step
-        if (bj.dy) {
-            for (int64_t b = 0; b < B; ++b) {
-                if (!active(j.lengths, b, t)) continue;
-                const T* dyb = bj.dy + (t * B + b) * bj.ldy;
-                T* dhb = dh + b * P;
-                for (int64_t k = 0; k < P; ++k) dhb[k] += dyb[k];
-            }
+    const int nth = rec_threads(B, G, H, P);
+    int failed = 0;
+    run_team(nth, [&](int tid, int team) {
+        const Part U = part(H, team, tid, VL<T>);
+        const Part Q = proj ? part(P, team, tid, VL<T>) : U;
+        const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
+        const int64_t kmax = GH > P ? GH : P;
+        int64_t need = packed_b_size<T>(Kc, nq) + B * (nh > nq ? nh : nq) + packed_a_size(B, kmax) + 128;
+        if (gru_orig) need += packed_b_size<T>(H, nh);
+        if (proj) need += packed_b_size<T>(P, nh) + B * nh;
+        if (gru) need += B * nh;
+        T* mem = static_cast<T*>(std::aligned_alloc(64, ((size_t)need * sizeof(T) + 63) / 64 * 64));
+        if (!mem) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
         }
-        if (lstm) {
-            const T* cprev = j.cbuf + (t + rev) * B * H;
-            const T* cnext = j.cbuf + (t + 1 - rev) * B * H;
-            const T* pi = j.peephole ? j.w.w_peep : nullptr;
-            const T* pf = pi ? pi + H : nullptr;
-            const T* po = pi ? pi + 2 * H : nullptr;
-            const T* dm = dh;
+        barrier();
+        if (failed) { std::free(mem); return; }
+        Scratch<T> sc{mem};
+        T* pk = sc.take(packed_b_size<T>(Kc, nq));
+        T* tmp = sc.take(B * (nh > nq ? nh : nq));
+        T* ap = sc.take(packed_a_size(B, kmax));
+        T* pkn = gru_orig ? sc.take(packed_b_size<T>(H, nh)) : nullptr;
+        T* pkr = proj ? sc.take(packed_b_size<T>(P, nh)) : nullptr;
+        T* dmb = proj ? sc.take(B * nh) : nullptr;
+        T* dhd = gru ? sc.take(B * nh) : nullptr;     // dh * z (+ d(r*h) * r), own units
+        if (nq > 0) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
+        if (gru_orig && nh > 0) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
+        if (proj && nh > 0) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
+        const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+
+        for (int64_t q = TT - 1; q >= 0; --q) {
+            const int64_t t = rev ? TT - 1 - q : q;
+            const T* hprev = j.hbuf + (t + rev) * B * P;
+            const T* hnext = j.hbuf + (t + 1 - rev) * B * P;
+            const T* gt = j.gates + t * B * GH;
+            T* dgt = bj.dgx + t * B * GH;
+            T* dght = dgh + t * B * GH;
+            // A. dh += dy on the rows that produced an output (own output slice)
+            for (int64_t b = 0; b < B && nq > 0; ++b) {
+                const bool act = active(j.lengths, b, t);
+                T* dhb = dh + b * P + q0;
+                if (act && bj.dy) {
+                    const T* dyb = bj.dy + (t * B + b) * bj.ldy + q0;
+                    for (int64_t k = 0; k < nq; ++k) dhb[k] += dyb[k];
+                }
+                if (proj) {
+                    T* s = bj.dhs + (t * B + b) * P + q0;
+                    if (act) std::memcpy(s, dhb, sizeof(T) * nq);
+                    else std::memset(s, 0, sizeof(T) * nq);
+                }
+            }
             if (proj) {
-                T* dhs = bj.dhs + t * B * P;
-                for (int64_t b = 0; b < B; ++b) {
-                    if (active(j.lengths, b, t))
-                        std::memcpy(dhs + b * P, dh + b * P, sizeof(T) * P);
-                    else
-                        for (int64_t k = 0; k < P; ++k) dhs[b * P + k] = T(0);
-                }
-                gemm_pb<T>(B, H, P, dhs, P, w.pk_hr, T(0), w.dm, H, w.ap);
-                dm = w.dm;
+                barrier();   // dh of the step complete: dm = dh @ W_hr (own units)
+                if (nh > 0) gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh, ap);
             }
-            for (int64_t b = 0; b < B; ++b) {
-                T* da = dgt + b * GH;
+            // B. gate gradients of the own units
+            for (int64_t b = 0; b < B && nh > 0; ++b) {
+                T* da = dgt + b * GH + u0;
+                T* dah = dght + b * GH + u0;
                 if (!active(j.lengths, b, t)) {
-                    for (int64_t k = 0; k < GH; ++k) da[k] = T(0);
+                    for (int g = 0; g < G; ++g) {
+                        std::memset(da + g * H, 0, sizeof(T) * nh);
+                        if (dah != da) std::memset(dah + g * H, 0, sizeof(T) * nh);
+                    }
                     continue;
                 }
-                const T* g = gt + b * GH;
-                const T* dmb = dm + b * (proj ? H : P);
-                const T* cp = cprev + b * H;
-                const T* cn = cnext + b * H;
-                T* dcb = dc + b * H;
-                for (int64_t k = 0; k < H; ++k) {
-                    const T i = g[k], f = g[H + k], gg = g[2 * H + k], o = g[3 * H + k];
-                    const T th = tanh_(cn[k]);
-                    const T dao = dmb[k] * th * o * (T(1) - o);
-                    T dcv = dcb[k] + dmb[k] * o * (T(1) - th * th);
-                    if (po) dcv += dao * po[k];
-                    const T dag = dcv * i * (T(1) - gg * gg);
-                    T dai, daf;
-                    if (j.coupled) {
-                        dai = T(0);
-                        daf = dcv * (cp[k] - gg) * f * (T(1) - f);
-                    } else {
-                        dai = dcv * gg * i * (T(1) - i);
-                        daf = dcv * cp[k] * f * (T(1) - f);
-                    }
-                    T dcp = dcv * f;
-                    if (pi) dcp += dai * pi[k] + daf * pf[k];
-                    dcb[k] = dcp;
-                    da[k] = dai; da[H + k] = daf; da[2 * H + k] = dag; da[3 * H + k] = dao;
+                const T* g = gt + b * GH + u0;
+                if (lstm) {
+                    const T* dm = proj ? dmb + b * nh : dh + b * P + u0;
+                    lstm_bwd_row<T>(nh, g, g + H, g + 2 * H, g + 3 * H, dm,
+                                    j.cbuf + (t + rev) * B * H + b * H + u0,
+                                    j.cbuf + (t + 1 - rev) * B * H + b * H + u0, dc + b * H + u0,
+                                    pi ? pi + u0 : nullptr, pi ? pi + H + u0 : nullptr,
+                                    pi ? pi + 2 * H + u0 : nullptr, j.coupled,
+                                    da, da + H, da + 2 * H, da + 3 * H);
+                } else if (gru) {
+                    gru_bwd_row<T>(nh, g, g + H, g + 2 * H, j.extra + (t * B + b) * H + u0,
+                                   hprev + b * P + u0, dh + b * P + u0, j.lbr, da, da + H,
+                                   da + 2 * H, dah, dah + H, dah + 2 * H, dhd + b * nh);
+                } else {
+                    rnn_bwd_row<T>(nh, hnext + b * P + u0, dh + b * P + u0, da, relu);
                 }
             }
-            gemm_pb<T>(B, P, GH, dgt, GH, w.pk_hh, T(0), w.tmp, P, w.ap);
-            for (int64_t b = 0; b < B; ++b)
-                if (active(j.lengths, b, t)) std::memcpy(dh + b * P, w.tmp + b * P, sizeof(T) * P);
-        } else if (gru) {
-            for (int64_t b = 0; b < B; ++b) {
-                T* da = dgt + b * GH;
-                T* dah = dght + b * GH;
-                if (!active(j.lengths, b, t)) {
-                    for (int64_t k = 0; k < GH; ++k) da[k] = T(0);
-                    if (dah != da) for (int64_t k = 0; k < GH; ++k) dah[k] = T(0);
-                    continue;
-                }
-                const T* g = gt + b * GH;
-                const T* hp = hprev + b * P;
-                const T* ex = j.extra + (t * B + b) * H;
-                const T* dhb = dh + b * P;
-                T* dhd = w.dhd + b * H;
-                for (int64_t k = 0; k < H; ++k) {
-                    const T r = g[k], z = g[H + k], n = g[2 * H + k];
-                    const T dn = dhb[k] * (T(1) - z);
-                    const T dz = dhb[k] * (hp[k] - n);
-                    const T dan = dn * (T(1) - n * n);
-                    da[H + k] = dz * z * (T(1) - z);
-                    da[2 * H + k] = dan;
-                    dhd[k] = dhb[k] * z;
-                    if (!gru_orig) {
-                        const T dr = dan * ex[k];
-                        da[k] = dr * r * (T(1) - r);
-                        dah[k] = da[k];
-                        dah[H + k] = da[H + k];
-                        dah[2 * H + k] = dan * r;
-                    }
-                }
-            }
+            barrier();       // the step's gate gradients complete
             if (gru_orig) {
-                // d(r*h) = da_n @ W_hn; then the r gate and the direct path.
-                gemm_pb<T>(B, H, H, dgt + 2 * H, GH, w.pk_n, T(0), w.tmp, H, w.ap);
-                for (int64_t b = 0; b < B; ++b) {
+                if (nh > 0) gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh, ap);
+                for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
-                    T* da = dgt + b * GH;
-                    const T* g = gt + b * GH;
-                    const T* hp = hprev + b * P;
-                    const T* drh = w.tmp + b * H;
-                    T* dhd = w.dhd + b * H;
-                    for (int64_t k = 0; k < H; ++k) {
-                        const T r = g[k];
-                        da[k] = drh[k] * hp[k] * r * (T(1) - r);
-                        dhd[k] += drh[k] * r;
-                    }
+                    gru_orig_r_row<T>(nh, gt + b * GH + u0, hprev + b * P + u0, tmp + b * nh,
+                                      dgt + b * GH + u0, dhd + b * nh);
                 }
-                gemm_pb<T>(B, H, 2 * H, dgt, GH, w.pk_hh, T(0), w.tmp, H, w.ap);
-            } else {
-                gemm_pb<T>(B, P, GH, dght, GH, w.pk_hh, T(0), w.tmp, P, w.ap);
+                barrier();   // the r gate gradients complete
             }
-            for (int64_t b = 0; b < B; ++b) {
+            // C. dh of the previous step, own output slice
+            if (nq > 0) gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap);
+            for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
-                T* dhb = dh + b * P;
-                const T* tb = w.tmp + b * P;
-                const T* dhd = w.dhd + b * H;
-                for (int64_t k = 0; k < H; ++k) dhb[k] = tb[k] + dhd[k];
-            }
-        } else {
-            const bool relu = cell == (int)CellType::RNN_RELU;
-            for (int64_t b = 0; b < B; ++b) {
-                T* da = dgt + b * GH;
-                if (!active(j.lengths, b, t)) {
-                    for (int64_t k = 0; k < H; ++k) da[k] = T(0);
-                    continue;
+                T* dhb = dh + b * P + q0;
+                const T* tb = tmp + b * nq;
+                if (gru) {
+                    const T* d2 = dhd + b * nh;
+                    for (int64_t k = 0; k < nq; ++k) dhb[k] = tb[k] + d2[k];
+                } else {
+                    std::memcpy(dhb, tb, sizeof(T) * nq);
                 }
-                const T* hn = hnext + b * P;
-                const T* dhb = dh + b * P;
-                for (int64_t k = 0; k < H; ++k)
-                    da[k] = relu ? (hn[k] > T(0) ? dhb[k] : T(0)) : dhb[k] * (T(1) - hn[k] * hn[k]);
             }
-            gemm_pb<T>(B, P, GH, dgt, GH, w.pk_hh, T(0), w.tmp, P, w.ap);
-            for (int64_t b = 0; b < B; ++b)
-                if (active(j.lengths, b, t)) std::memcpy(dh + b * P, w.tmp + b * P, sizeof(T) * P);
         }
-    }
+        std::free(mem);
+    });
+    if (failed) throw std::bad_alloc();
 
     // Weight gradients: one GEMM each over all steps.
     const int64_t R = TT * B;
