@@ -49,6 +49,19 @@ template <class T> struct DirBackJob {
     T* dx; bool dx_accumulate;      // [T*B, I]
 };
 
+// One time step of one layer (streaming inference): gates from the row-major weights
+// directly (no packing, so nothing can go stale), state updated in place.
+template <class T> struct StepJob {
+    int cell;
+    int64_t batch, in, hid, out;    // B, I, H, P
+    bool peephole, coupled, lbr;
+    DirParams<T> w;
+    const T* x;                     // [B, I]
+    T* h;                           // [B, P] in/out
+    T* c;                           // [B, H] in/out (LSTM)
+    T* work;                        // step_work(job) elements
+};
+
 template <class T> struct KernelFns {
     void (*gemm)(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t,
                  T, T*, int64_t);
@@ -56,6 +69,10 @@ template <class T> struct KernelFns {
     void (*dir_forward)(const DirJob<T>&);
     int64_t (*dir_backward_work)(const DirBackJob<T>&);
     void (*dir_backward)(const DirBackJob<T>&);
+    int64_t (*step_work)(const StepJob<T>&);
+    void (*step)(const StepJob<T>&);
+    void (*activations)(int which, int64_t n, const T* x, T* y);   // 0 sigmoid, 1 tanh (tests)
+    double (*read_bandwidth)(int64_t bytes, int reps);             // GB/s, calling thread
 };
 
 struct KernelTable {

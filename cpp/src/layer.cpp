@@ -263,6 +263,38 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
 }
 
 template <class T>
+void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
+                const T* x, T* h, T* c, T* y) {
+    if (s.bidirectional)
+        throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
+    if ((int64_t)params.size() != s.num_layers)
+        throw std::invalid_argument("params: expected one entry per layer");
+    if (B < 1) throw std::invalid_argument("x: expected a batch of at least 1, got " + str(B));
+    if (!x || !h || !y || (s.is_lstm() && !c)) throw std::invalid_argument("step: null buffer");
+    const int64_t H = s.hidden_size, P = s.out_size();
+    thread_local std::vector<T> work;
+    StepJob<T> j{};
+    j.cell = (int)s.cell;
+    j.batch = 1; j.hid = H; j.out = P;
+    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
+    j.in = s.input_size;
+    work.resize(kernels<T>().step_work(j) + 64);
+    const T* in = x;
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+        j.in = s.layer_input_size(l);
+        j.w = params[l];
+        j.batch = B;
+        j.x = in;
+        j.h = h + l * B * P;
+        j.c = s.is_lstm() ? c + l * B * H : nullptr;
+        j.work = work.data();
+        kernels<T>().step(j);
+        in = j.h;
+    }
+    std::memcpy(y, h + (s.num_layers - 1) * B * P, sizeof(T) * B * P);
+}
+
+template <class T>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
     kernels<T>().gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -276,6 +308,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                     const StackCache<T>&, const BackwardArgs<T>&,                \
                                     const BackwardOut<T>&, const std::vector<DirGrads<T>>&);     \
     template int64_t cache_steps<T>(const StackCache<T>&);                                        \
+    template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
+                                const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \
                           int64_t, T, T*, int64_t);

@@ -49,6 +49,16 @@ int get_num_threads() {
 }
 int threads_for_kernels() { return get_num_threads(); }
 
+void fast_activation(int which, int64_t n, const float* x, float* y) {
+    if (which != 0 && which != 1) throw std::invalid_argument("which: expected 0 (sigmoid) or 1 (tanh)");
+    kernels<float>().activations(which, n, x, y);
+}
+
+double read_bandwidth(int64_t bytes, int reps) {
+    if (bytes < 256 || reps < 1) throw std::invalid_argument("read_bandwidth: bytes >= 256 and reps >= 1");
+    return kernels<float>().read_bandwidth(bytes, reps);
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
     return true;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "rnncore/layer.hpp"
+#include "rnncore/runtime.hpp"
 
 namespace py = pybind11;
 using namespace rnncore;
@@ -198,6 +199,65 @@ py::tuple backward_t(const LayerSpec& s, const py::list& params, const Cache& c,
     return py::make_tuple(dx, dh0, s.is_lstm() ? py::object(dc0) : py::object(py::none()));
 }
 
+// The streaming fast path: holds the parameter arrays (updated in place by the Python
+// layer, so the pointers stay valid and nothing is cached from their contents) and runs
+// one step with almost no per-call work. step() returns None when its arguments are not
+// already in the exact form it needs; the Python layer then takes the general path.
+struct Stepper {
+    LayerSpec spec;
+    bool dbl = false;
+    py::list keep;
+    std::vector<DirParams<float>> pf;
+    std::vector<DirParams<double>> pd;
+
+    template <class T>
+    static bool exact(py::handle o, int ndim, const int64_t* shape, bool writeable) {
+        if (!py::isinstance<py::array_t<T, py::array::c_style>>(o)) return false;
+        auto a = py::reinterpret_borrow<py::array>(o);
+        if (a.ndim() != ndim || (writeable && !a.writeable())) return false;
+        for (int i = 0; i < ndim; ++i)
+            if (a.shape(i) != shape[i]) return false;
+        return true;
+    }
+
+    template <class T> py::object run(py::handle x, py::handle state) {
+        const int64_t L = spec.num_layers, I = spec.input_size, H = spec.hidden_size, P = spec.out_size();
+        if (!py::isinstance<py::array>(x)) return py::none();
+        const int xd = py::reinterpret_borrow<py::array>(x).ndim();
+        if (xd != 1 && xd != 2) return py::none();
+        const int64_t B = xd == 1 ? 1 : py::reinterpret_borrow<py::array>(x).shape(0);
+        const int64_t xs[2] = {xd == 1 ? I : B, I};
+        if (B < 1 || !exact<T>(x, xd, xs, false)) return py::none();
+        py::handle hs, cs;
+        if (spec.is_lstm()) {
+            if (!py::isinstance<py::tuple>(state) || py::len(state) != 2) return py::none();
+            hs = py::reinterpret_borrow<py::tuple>(state)[0];
+            cs = py::reinterpret_borrow<py::tuple>(state)[1];
+        } else {
+            hs = state;
+        }
+        if (!py::isinstance<py::array>(hs)) return py::none();
+        const int sd = py::reinterpret_borrow<py::array>(hs).ndim();
+        if (sd != 2 && sd != 3) return py::none();
+        if (xd == 2 && sd != 3) return py::none();
+        const int64_t hshape[3] = {L, sd == 3 ? B : P, P};
+        const int64_t cshape[3] = {L, sd == 3 ? B : H, H};
+        if (!exact<T>(hs, sd, hshape, true)) return py::none();
+        if (spec.is_lstm() && !exact<T>(cs, sd, cshape, true)) return py::none();
+        T* h = static_cast<T*>(py::reinterpret_borrow<py::array>(hs).mutable_data());
+        T* c = spec.is_lstm() ? static_cast<T*>(py::reinterpret_borrow<py::array>(cs).mutable_data()) : nullptr;
+        const T* xp = static_cast<const T*>(py::reinterpret_borrow<py::array>(x).data());
+        py::array_t<T> y = xd == 1 ? py::array_t<T>(P) : py::array_t<T>({B, P});
+        T* yp = y.mutable_data();
+        {
+            py::gil_scoped_release release;
+            if constexpr (std::is_same<T, double>::value) stack_step<T>(spec, pd, B, xp, h, c, yp);
+            else stack_step<T>(spec, pf, B, xp, h, c, yp);
+        }
+        return py::make_tuple(y, py::reinterpret_borrow<py::object>(state));
+    }
+};
+
 bool spec_equal(const LayerSpec& a, const LayerSpec& b) {
     return a.cell == b.cell && a.input_size == b.input_size && a.hidden_size == b.hidden_size &&
            a.num_layers == b.num_layers && a.proj_size == b.proj_size && a.bias == b.bias &&
@@ -276,6 +336,39 @@ void register_layers(py::module_& m) {
           py::arg("spec"), py::arg("params"), py::arg("cache"), py::arg("dy") = py::none(),
           py::arg("dh_n") = py::none(), py::arg("dc_n") = py::none(), py::arg("grads") = py::list(),
           "Backpropagation through time. Returns (dx, dh0, dc0 or None); grads accumulate.");
+
+    py::class_<Stepper>(m, "Stepper")
+        .def(py::init([](const LayerSpec& s, const py::list& params, bool dbl) {
+                 if (s.bidirectional) throw py::value_error("step: a bidirectional layer needs the whole sequence");
+                 auto st = std::make_unique<Stepper>();
+                 st->spec = s;
+                 st->dbl = dbl;
+                 st->keep = params;
+                 if (dbl) take_params<double>(s, params, &st->pd);
+                 else take_params<float>(s, params, &st->pf);
+                 return st;
+             }),
+             py::arg("spec"), py::arg("params"), py::arg("is_double"))
+        .def("step",
+             [](Stepper& st, py::handle x, py::handle state) {
+                 return st.dbl ? st.run<double>(x, state) : st.run<float>(x, state);
+             },
+             py::arg("x"), py::arg("state"),
+             "One step; updates the state arrays in place. None when the arguments need the general path.");
+
+    m.def("activations",
+          [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int which) {
+              py::array_t<float> y(x.size());
+              fast_activation(which, x.size(), x.data(), y.mutable_data());
+              return y;
+          },
+          py::arg("x"), py::arg("which"), "The float32 sigmoid (0) or tanh (1) of the active ISA (tests).");
+    m.def("read_bandwidth",
+          [](int64_t bytes, int reps) {
+              py::gil_scoped_release r;
+              return read_bandwidth(bytes, reps);
+          },
+          py::arg("bytes"), py::arg("reps"), "GB/s read by one thread from a buffer of that size.");
 
     m.def("gemm",
           [](py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> b,

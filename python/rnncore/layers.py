@@ -79,6 +79,8 @@ class _Recurrent:
                                self.dtype)
         self.training = True
         self._ctx = None
+        self._stepper = None if self.bidirectional else _core.Stepper(
+            self._spec, self._param_list(), self.dtype == np.float64)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -324,7 +326,18 @@ class _Recurrent:
         return h
 
     def step(self, x_t, state=None):
-        """One time step: x_t (B, I) or (I,) -> (y_t, new_state)."""
+        """One time step: x_t (B, I) or (I,) -> (y_t, new_state).
+
+        The fast path: when `state` is a state this layer returned (or arrays of the layer's
+        dtype, C-contiguous, writeable, of the right shapes) and x_t is an array of the
+        layer's dtype, the new state is written into those arrays in place and they are
+        returned: no allocation but y_t. Pass a copy to keep an old state."""
+        st = self._stepper
+        if st is not None and state is not None and (
+                not self.training or self.dropout == 0.0 or self.num_layers == 1):
+            r = st.step(x_t, state)
+            if r is not None:
+                return r
         if self.bidirectional:
             raise ValueError("step: a bidirectional layer needs the whole sequence; call the layer instead")
         x_t = as_float_array(x_t, "x_t", self.dtype)

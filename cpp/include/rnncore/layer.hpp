@@ -106,6 +106,13 @@ void stack_backward(const LayerSpec& spec, const std::vector<DirParams<T>>& para
                     const StackCache<T>& cache, const BackwardArgs<T>& args,
                     const BackwardOut<T>& out, const std::vector<DirGrads<T>>& grads);
 
+// One time step of a unidirectional stack (streaming). x [B, I]; h [L, B, P] and c [L, B, H]
+// (LSTM) are read and updated in place; y [B, P] receives the last layer's output.
+// No dropout. Thread-safe for distinct states.
+template <class T>
+void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, int64_t batch,
+                const T* x, T* h, T* c, T* y);
+
 template <class T> int64_t cache_steps(const StackCache<T>& c);
 template <class T> int64_t cache_batch(const StackCache<T>& c);
 

@@ -1,6 +1,7 @@
 // rnncore runtime: version, threads, the instruction set in use, CUDA availability.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace rnncore {
@@ -20,6 +21,11 @@ std::string isa_name();
 void set_isa(const std::string& name);
 std::string available_isas();   // comma-separated, best first
 std::string detected_isa();     // best ISA this CPU supports
+
+// The float32 sigmoid (which = 0) or tanh (1) of the active kernels, for tests.
+void fast_activation(int which, int64_t n, const float* x, float* y);
+// Read bandwidth (GB/s) of the calling thread over a buffer of `bytes`, for benchmarks.
+double read_bandwidth(int64_t bytes, int reps);
 
 bool cuda_built();
 bool cuda_available();

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <time.h>
 
 #include "kernels.hpp"
 
@@ -148,23 +149,27 @@ inline void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __
 }
 
 // mr (1 or 2) rows against NP consecutive panels: 2*NP*mr independent accumulators.
+// A is read in place: element (r, k) at a[r * ars + k * aks] (packed: ars = 1, aks = MR;
+// a plain row-major matrix: ars = lda, aks = 1), so small batches need no packing.
 template <class T, int mr, int NP>
-inline void micro_wide(int64_t K, const T* __restrict a, const T* __restrict b, int64_t pstride,
-                       T* __restrict c, int64_t ldc, int64_t ncols, T alpha, T beta) {
+inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t aks,
+                       const T* __restrict b, int64_t pstride, T* __restrict c, int64_t ldc,
+                       int64_t ncols, T alpha, T beta) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
     V acc[mr][2 * NP];
     for (int r = 0; r < mr; ++r)
         for (int q = 0; q < 2 * NP; ++q) acc[r][q] = V{};
     for (int64_t k = 0; k < K; ++k) {
-        const T* ak = a + k * MR;
+        T av[mr];
+        for (int r = 0; r < mr; ++r) av[r] = a[r * ars + k * aks];
         for (int p = 0; p < NP; ++p) {
             V b0, b1;
             std::memcpy(&b0, b + p * pstride + k * 2 * L, sizeof(V));
             std::memcpy(&b1, b + p * pstride + k * 2 * L + L, sizeof(V));
             for (int r = 0; r < mr; ++r) {
-                acc[r][2 * p] += ak[r] * b0;
-                acc[r][2 * p + 1] += ak[r] * b1;
+                acc[r][2 * p] += av[r] * b0;
+                acc[r][2 * p + 1] += av[r] * b1;
             }
         }
     }
@@ -176,6 +181,37 @@ inline void micro_wide(int64_t K, const T* __restrict a, const T* __restrict b, 
             for (int64_t j = 0; j < ncols; ++j) cr[j] = alpha * tmp[j];
         } else {
             for (int64_t j = 0; j < ncols; ++j) cr[j] = alpha * tmp[j] + beta * cr[j];
+        }
+    }
+}
+
+// One or two rows of A (read in place) times all panels of Bp. With reverse the panels
+// are visited last to first: alternating the direction step after step ("snake" order)
+// keeps the most recently used part of a weight slice that is a little larger than the
+// cache resident for the next step, instead of evicting everything in LRU order.
+template <class T>
+void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
+                const T* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse) {
+    const int nr = NR<T>;
+    const int64_t nt = ceil_div(N, nr), ps = K * nr;
+    const int np = M == 1 ? 4 : 2;
+    const int64_t groups = ceil_div(nt, np);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t g = reverse ? groups - 1 - gi : gi;
+        const int64_t j0 = g * np;
+        if (j0 + np <= nt && (j0 + np) * nr <= N) {
+            if (M == 1)
+                micro_wide<T, 1, 4>(K, A, ars, aks, Bp + j0 * ps, ps, C + j0 * nr, ldc, 4 * nr, alpha, beta);
+            else
+                micro_wide<T, 2, 2>(K, A, ars, aks, Bp + j0 * ps, ps, C + j0 * nr, ldc, 2 * nr, alpha, beta);
+            continue;
+        }
+        for (int64_t j = j0; j < nt && j < j0 + np; ++j) {
+            const int64_t n0 = j * nr, nc = N - n0 < nr ? N - n0 : nr;
+            if (M == 1)
+                micro_wide<T, 1, 1>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
+            else
+                micro_wide<T, 2, 1>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
         }
     }
 }
@@ -204,19 +240,7 @@ void tiles_serial(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T a
     const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
     const int64_t ps = K * nr;   // panel stride
     if (M <= 2) {
-        int64_t j = 0;
-        if (M == 1) {
-            for (; j + 4 <= nt && (j + 4) * nr <= N; j += 4)
-                micro_wide<T, 1, 4>(K, Ap, Bp + j * ps, ps, C + j * nr, ldc, 4 * nr, alpha, beta);
-        } else {
-            for (; j + 2 <= nt && (j + 2) * nr <= N; j += 2)
-                micro_wide<T, 2, 2>(K, Ap, Bp + j * ps, ps, C + j * nr, ldc, 2 * nr, alpha, beta);
-        }
-        for (; j < nt; ++j) {
-            const int64_t n0 = j * nr;
-            micro_dispatch<T>((int)M, K, Ap, Bp + j * ps, C + n0, ldc, N - n0 < nr ? N - n0 : nr,
-                              alpha, beta);
-        }
+        small_rows<T>(M, N, K, Ap, 1, MR, Bp, alpha, beta, C, ldc, false);
         return;
     }
     for (int64_t j = 0; j < nt; ++j) {
@@ -287,10 +311,14 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
 }
 
 // C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand;
-// ap: packed_a_size(M, K) scratch.
+// ap: packed_a_size(M, K) scratch (unused for one or two rows, read in place).
 template <class T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
-                    T beta, T* C, int64_t ldc, T* ap) {
+                    T beta, T* C, int64_t ldc, T* ap, bool reverse = false) {
+    if (M <= 2) {
+        small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse);
+        return;
+    }
     pack_a(false, M, K, A, lda, ap);
     tiles_serial<T>(M, N, K, ap, Bp, T(1), beta, C, ldc);
 }
@@ -661,7 +689,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* gt = j.gates + t * B * GH;
             T* yt = j.y + t * B * j.ldy;
-            if (nh > 0) gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap);
+            if (nh > 0) gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap, q & 1);
             for (int64_t b = 0; b < B && nh > 0; ++b) {
                 T* g = gt + b * GH + u0;
                 const T* hb = hh + b * Gk * nh;
@@ -842,7 +870,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 barrier();   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
-            if (nq > 0) gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap);
+            if (nq > 0) gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap, q & 1);
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 T* dhb = dh + b * P + q0;
@@ -897,15 +925,145 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
 }
 
+// ------------------------------------------------------------------ streaming step
+// y[n] = sum_k W[n, k] x[k] (+ beta y[n]) for a row-major W: four rows at a time, each a
+// vector accumulator over k; W streams once, x stays in L1.
+template <class T>
+void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta, T* y) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    const int64_t K8 = K / L * L;
+    int64_t n = 0;
+    auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
+    for (; n + 4 <= N; n += 4) {
+        const T* w0 = W + n * ldw;
+        const T* w1 = w0 + ldw;
+        const T* w2 = w1 + ldw;
+        const T* w3 = w2 + ldw;
+        V a0{}, a1{}, a2{}, a3{};
+        for (int64_t k = 0; k < K8; k += L) {
+            const V xv = ld(x + k, L);
+            a0 += ld(w0 + k, L) * xv;
+            a1 += ld(w1 + k, L) * xv;
+            a2 += ld(w2 + k, L) * xv;
+            a3 += ld(w3 + k, L) * xv;
+        }
+        T s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (int64_t k = K8; k < K; ++k) {
+            s0 += w0[k] * x[k]; s1 += w1[k] * x[k]; s2 += w2[k] * x[k]; s3 += w3[k] * x[k];
+        }
+        if (beta != T(0)) { s0 += beta * y[n]; s1 += beta * y[n + 1]; s2 += beta * y[n + 2]; s3 += beta * y[n + 3]; }
+        y[n] = s0; y[n + 1] = s1; y[n + 2] = s2; y[n + 3] = s3;
+    }
+    for (; n < N; ++n) {
+        const T* w0 = W + n * ldw;
+        V a0{};
+        for (int64_t k = 0; k < K8; k += L) a0 += ld(w0 + k, L) * ld(x + k, L);
+        T s0 = hsum(a0);
+        for (int64_t k = K8; k < K; ++k) s0 += w0[k] * x[k];
+        y[n] = s0 + (beta != T(0) ? beta * y[n] : T(0));
+    }
+}
+
+template <class T> int64_t step_work(const StepJob<T>& j) {
+    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
+    return 2 * G * j.hid + 2 * j.hid + j.out + 64;
+}
+
+template <class T> void step(const StepJob<T>& j) {
+    const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
+    const int cell = j.cell;
+    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
+    const int64_t GH = G * H;
+    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
+    const bool proj = lstm && P != H;
+    const bool gru_orig = gru && !j.lbr;
+    T* gx = j.work;            // [GH] x side (+ biases)
+    T* hh = gx + GH;           // [GH] hidden side
+    T* m = hh + GH;            // [H]
+    T* rh = m + H;             // [H]
+    T* hnew = rh + H;          // [P]
+    const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+        const T* x = j.x + b * I;
+        T* h = j.h + b * P;
+        gemv_rows<T>(GH, I, j.w.w_ih, I, x, T(0), gx);
+        if (j.w.b_ih) {
+            const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
+            for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
+        }
+        if (lstm) {
+            T* c = j.c + b * H;
+            gemv_rows<T>(GH, P, j.w.w_hh, P, h, T(0), hh);
+            lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
+                            c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
+                            pi ? pi + 2 * H : nullptr, j.coupled);
+            if (proj) gemv_rows<T>(P, H, j.w.w_hr, H, m, T(0), hnew);
+        } else if (gru) {
+            const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
+            if (gru_orig) {
+                gemv_rows<T>(2 * H, H, j.w.w_hh, H, h, T(0), hh);
+                gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
+                gemv_rows<T>(H, H, j.w.w_hh + 2 * H * H, H, rh, T(0), hh + 2 * H);
+                gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
+            } else {
+                gemv_rows<T>(GH, H, j.w.w_hh, H, h, T(0), hh);
+                gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
+            }
+        } else {
+            gemv_rows<T>(H, H, j.w.w_hh, H, h, T(0), hh);
+            rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
+        }
+        std::memcpy(h, hnew, sizeof(T) * P);
+    }
+}
+
+template <class T> void activations(int which, int64_t n, const T* x, T* y) {
+    for (int64_t k = 0; k < n; k += VL<T>) {
+        const VT<T> v = ld(x + k, n - k);
+        st(y + k, which == 0 ? vsigmoid(v) : vtanh(v), n - k);
+    }
+}
+
+// Read bandwidth of the calling thread over a buffer of `bytes` (L1/L2/L3/memory by size).
+template <class T> double read_bandwidth(int64_t bytes, int reps) {
+    const int64_t n = bytes / (int64_t)sizeof(float) / 64 * 64;
+    if (n <= 0 || reps <= 0) return 0.0;
+    float* buf = alloc<float>(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = 1.0f;
+    typedef VT<float> V;
+    constexpr int L = VL<float>;
+    V a0{}, a1{}, a2{}, a3{};
+    auto sweep = [&]() {
+        for (int64_t i = 0; i < n; i += 4 * L) {
+            a0 += ld(buf + i, L); a1 += ld(buf + i + L, L);
+            a2 += ld(buf + i + 2 * L, L); a3 += ld(buf + i + 3 * L, L);
+        }
+    };
+    sweep();
+    timespec ts0, ts1;
+    clock_gettime(CLOCK_MONOTONIC, &ts0);
+    for (int r = 0; r < reps; ++r) sweep();
+    clock_gettime(CLOCK_MONOTONIC, &ts1);
+    const double dt = (double)(ts1.tv_sec - ts0.tv_sec) + 1e-9 * (double)(ts1.tv_nsec - ts0.tv_nsec);
+    const V s = a0 + a1 + a2 + a3;
+    volatile float sink = s[0];
+    (void)sink;
+    std::free(buf);
+    return dt > 0 ? (double)n * sizeof(float) * reps / dt / 1e9 : 0.0;
+}
+
 }  // namespace
 
 extern const KernelTable table;
 const KernelTable table = {
     RNNCORE_ISA_NAME,
     {&gemm<float>, &dir_forward_work<float>, &dir_forward<float>, &dir_backward_work<float>,
-     &dir_backward<float>},
+     &dir_backward<float>, &step_work<float>, &step<float>, &activations<float>,
+     &read_bandwidth<float>},
     {&gemm<double>, &dir_forward_work<double>, &dir_forward<double>,
-     &dir_backward_work<double>, &dir_backward<double>},
+     &dir_backward_work<double>, &dir_backward<double>, &step_work<double>, &step<double>,
+     &activations<double>, &read_bandwidth<double>},
 };
 
 }  // namespace RNNCORE_ISA_NS
