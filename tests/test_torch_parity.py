@@ -68,7 +68,7 @@ def test_without_initial_state(cell, dtype):
 
 # Odd sizes exercise the tails of the GEMM panels; the larger ones the threaded paths.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (20, 5, 33, 47), (12, 9, 64, 130)])
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (3, 2, 8, 40), (40, 2, 16, 24), (20, 5, 33, 47), (12, 9, 64, 130)])
 @pytest.mark.parametrize("cell", list(CELLS) + ["lstm_proj"])
 def test_sizes_every_isa(cell, sizes, dtype, each_isa):
     T, B, I, H = sizes

@@ -288,28 +288,6 @@ template <class T> T* alloc(int64_t n) {
     return static_cast<T*>(p);
 }
 
-template <class T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
-        return;
-    }
-    const int64_t kc = K < KC ? K : KC;
-    T* Ap = alloc<T>(packed_a_size(M, kc));
-    T* Bp = alloc<T>(packed_b_size<T>(kc, N));
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t kk = K - k0 < kc ? K - k0 : kc;
-        pack_a(ta, M, kk, ta ? A + k0 * lda : A + k0, lda, Ap);
-        pack_b(tb, kk, N, tb ? B + k0 : B + k0 * ldb, ldb, Bp);
-        tiles<T>(M, N, kk, Ap, Bp, alpha, k0 == 0 ? beta : T(1), C, ldc);
-    }
-    std::free(Ap);
-    std::free(Bp);
-}
-
 // C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand;
 // ap: packed_a_size(M, K) scratch (unused for one or two rows, read in place).
 template <class T>
@@ -567,6 +545,195 @@ void rnn_bwd_row(int64_t n, const T* h, const T* dh, T* da, bool relu) {
     }
 }
 
+// ------------------------------------------------------------------ small batches, unpacked
+// For up to four batch rows the recurrent products read the row-major weights in place:
+// no packing per call (which at batch 1 would cost as much as the steps themselves for a
+// short sequence) and nothing derived from the weights to keep in sync with them.
+constexpr int64_t SMALL_B = 4;
+// ... but only for short sequences: from L3 the packed panels stream faster, so over a long
+// sequence packing once per call pays for itself.
+constexpr int64_t SMALL_T = 16;
+
+// Y[b, n] = sum_k W[n, k] X[b, k] for n < N, b < NB (W row-major, rows of length K).
+// Each row of W against NB rows of X, K unrolled KU times: NB*KU = 8 independent
+// accumulators hide the FMA latency; each W vector is loaded once.
+template <class T, int NB>
+void gemv_nt(int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t ldx, T* Y,
+             int64_t ldy, T beta = T(0)) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    // One row at a time: the whole matrix is read as one sequential stream, which the
+    // hardware prefetchers follow best when it comes from L3 or memory.
+    constexpr int RB = 1;
+    constexpr int KU = NB == 1 ? 8 : NB == 2 ? 4 : 2;
+    const int64_t KB = K / (L * KU) * (L * KU);
+    auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
+    int64_t n = 0;
+    for (; n + RB <= N; n += RB) {
+        V acc[RB][NB][KU];
+        for (int r = 0; r < RB; ++r)
+            for (int b = 0; b < NB; ++b)
+                for (int u = 0; u < KU; ++u) acc[r][b][u] = V{};
+        for (int64_t k = 0; k < KB; k += L * KU) {
+            for (int u = 0; u < KU; ++u) {
+                V xv[NB];
+                for (int b = 0; b < NB; ++b) xv[b] = ld(X + b * ldx + k + u * L, L);
+                for (int r = 0; r < RB; ++r) {
+                    const V w = ld(W + (n + r) * ldw + k + u * L, L);
+                    for (int b = 0; b < NB; ++b) acc[r][b][u] += w * xv[b];
+                }
+            }
+        }
+        for (int r = 0; r < RB; ++r) {
+            const T* w = W + (n + r) * ldw;
+            for (int b = 0; b < NB; ++b) {
+                V a = acc[r][b][0];
+                for (int u = 1; u < KU; ++u) a += acc[r][b][u];
+                T sum = hsum(a);
+                const T* x = X + b * ldx;
+                for (int64_t k = KB; k < K; ++k) sum += w[k] * x[k];
+                T* yp = Y + b * ldy + n + r;
+                *yp = beta == T(0) ? sum : sum + beta * *yp;
+            }
+        }
+    }
+    for (; n < N; ++n) {
+        const T* w0 = W + n * ldw;
+        for (int b = 0; b < NB; ++b) {
+            const T* x = X + b * ldx;
+            V a{};
+            const int64_t KL = K / L * L;
+            for (int64_t k = 0; k < KL; k += L) a += ld(w0 + k, L) * ld(x + k, L);
+            T sum = hsum(a);
+            for (int64_t k = KL; k < K; ++k) sum += w0[k] * x[k];
+            T* yp = Y + b * ldy + n;
+            *yp = beta == T(0) ? sum : sum + beta * *yp;
+        }
+    }
+}
+
+// Y[b, n] = sum_k X[b, k] W[k, n] for n < N (columns of a row-major W with row stride ldw).
+// Blocks of CV vectors of columns against NB rows of X: CV*NB = 8 accumulators.
+template <class T, int NB>
+void gemv_nn(int64_t K, int64_t N, const T* W, int64_t ldw, const T* X, int64_t ldx, T* Y,
+             int64_t ldy, T beta = T(0)) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    constexpr int CV = NB == 1 ? 8 : NB == 2 ? 4 : 2;
+    for (int64_t n0 = 0; n0 < N; n0 += CV * L) {
+        int64_t rem[CV];
+        for (int c = 0; c < CV; ++c) rem[c] = N - n0 - c * L;
+        V acc[NB][CV];
+        for (int b = 0; b < NB; ++b)
+            for (int c = 0; c < CV; ++c) acc[b][c] = V{};
+        if (rem[CV - 1] >= L) {
+            for (int64_t k = 0; k < K; ++k) {
+                const T* w = W + k * ldw + n0;
+                V wv[CV];
+                for (int c = 0; c < CV; ++c) wv[c] = ld(w + c * L, L);
+                for (int b = 0; b < NB; ++b) {
+                    const T xv = X[b * ldx + k];
+                    for (int c = 0; c < CV; ++c) acc[b][c] += xv * wv[c];
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < K; ++k) {
+                const T* w = W + k * ldw + n0;
+                V wv[CV];
+                for (int c = 0; c < CV; ++c) wv[c] = rem[c] > 0 ? ld(w + c * L, rem[c]) : V{};
+                for (int b = 0; b < NB; ++b) {
+                    const T xv = X[b * ldx + k];
+                    for (int c = 0; c < CV; ++c) acc[b][c] += xv * wv[c];
+                }
+            }
+        }
+        for (int b = 0; b < NB; ++b)
+            for (int c = 0; c < CV; ++c) {
+                if (rem[c] <= 0) continue;
+                T* yp = Y + b * ldy + n0 + c * L;
+                V v = acc[b][c];
+                if (beta != T(0)) v += beta * ld(yp, rem[c]);
+                st(yp, v, rem[c]);
+            }
+    }
+}
+
+template <class T>
+void small_nt(int64_t B, int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t ldx,
+              T* Y, int64_t ldy, T beta = T(0)) {
+    switch (B) {
+        case 1: gemv_nt<T, 1>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
+        case 2: gemv_nt<T, 2>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
+        case 3: gemv_nt<T, 3>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
+        default: gemv_nt<T, 4>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
+    }
+}
+
+template <class T>
+void small_nn(int64_t B, int64_t K, int64_t N, const T* W, int64_t ldw, const T* X, int64_t ldx,
+              T* Y, int64_t ldy, T beta = T(0)) {
+    switch (B) {
+        case 1: gemv_nn<T, 1>(K, N, W, ldw, X, ldx, Y, ldy, beta); break;
+        case 2: gemv_nn<T, 2>(K, N, W, ldw, X, ldx, Y, ldy, beta); break;
+        case 3: gemv_nn<T, 3>(K, N, W, ldw, X, ldx, Y, ldy, beta); break;
+        default: gemv_nn<T, 4>(K, N, W, ldw, X, ldx, Y, ldy, beta); break;
+    }
+}
+
+// GEMMs with few rows of A (M <= SMALL_M) read B in place instead of packing it: packing
+// a large weight matrix would cost more than the product. Columns are split over threads.
+constexpr int64_t SMALL_M = 32;
+
+template <class T>
+void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                  int64_t ldb, T beta, T* C, int64_t ldc) {
+    const int64_t blk = tb ? 32 : 128;                 // rows of B^T (columns of C) per task
+    const int64_t nb = ceil_div(N, blk);
+    auto task = [&](int64_t i) {
+        const int64_t n0 = i * blk, nn = N - n0 < blk ? N - n0 : blk;
+        for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mb = M - m < 4 ? M - m : 4;
+            if (tb) small_nt<T>(mb, nn, K, B + n0 * ldb, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
+            else small_nn<T>(mb, K, nn, B + n0, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
+        }
+    };
+#ifdef _OPENMP
+    const int nth = threads_for_kernels();
+    if (nth > 1 && nb > 1 && 2.0 * M * N * K > 2.0e5 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static) num_threads(nth)
+        for (int64_t i = 0; i < nb; ++i) task(i);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < nb; ++i) task(i);
+}
+
+template <class T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+        return;
+    }
+    if (!ta && M <= SMALL_M && alpha == T(1)) {
+        gemm_small_m<T>(tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    const int64_t kc = K < KC ? K : KC;
+    T* Ap = alloc<T>(packed_a_size(M, kc));
+    T* Bp = alloc<T>(packed_b_size<T>(kc, N));
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kk = K - k0 < kc ? K - k0 : kc;
+        pack_a(ta, M, kk, ta ? A + k0 * lda : A + k0, lda, Ap);
+        pack_b(tb, kk, N, tb ? B + k0 : B + k0 * ldb, ldb, Bp);
+        tiles<T>(M, N, kk, Ap, Bp, alpha, k0 == 0 ? beta : T(1), C, ldc);
+    }
+    std::free(Ap);
+    std::free(Bp);
+}
+
 // ------------------------------------------------------------------ threads over units
 // The recurrence runs in one parallel region per direction. Each thread owns a slice of
 // the hidden units (and of the output features): it packs its slice of the recurrent
@@ -672,13 +839,14 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         T* hnv = gru_orig ? sc.take(B * nh) : nullptr;
         T* pkr = proj ? sc.take(packed_b_size<T>(H, nq)) : nullptr;
         const int64_t u0 = U.lo;
-        if (nh > 0) {
+        const bool small = B <= SMALL_B && TT <= SMALL_T;
+        if (nh > 0 && !small) {
             pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                            [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
             if (gru_orig)
                 pack_b_rows<T>(H, nh, j.w.w_hh, H, [&](int64_t n) { return 2 * H + u0 + n; }, pkn);
         }
-        if (proj && nq > 0)
+        if (proj && nq > 0 && !small)
             pack_b_rows<T>(H, nq, j.w.w_hr, H, [&](int64_t n) { return Q.lo + n; }, pkr);
         const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
         const T* bhn = gru && j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H + u0 : nullptr;
@@ -689,7 +857,12 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* gt = j.gates + t * B * GH;
             T* yt = j.y + t * B * j.ldy;
-            if (nh > 0) gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap, q & 1);
+            if (nh > 0 && small) {
+                for (int g = 0; g < Gk; ++g)
+                    small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
+            } else if (nh > 0) {
+                gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap, q & 1);
+            }
             for (int64_t b = 0; b < B && nh > 0; ++b) {
                 T* g = gt + b * GH + u0;
                 const T* hb = hh + b * Gk * nh;
@@ -724,7 +897,10 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             }
             if (gru_orig) {
                 barrier();   // r * h complete
-                if (nh > 0) gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh, ap);
+                if (nh > 0 && small)
+                    small_nt<T>(B, nh, H, j.w.w_hh + (2 * H + u0) * H, H, j.extra + t * B * H, H, hnv, nh);
+                else if (nh > 0)
+                    gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh, ap);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     T* g = gt + b * GH + u0;
@@ -734,7 +910,10 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             }
             if (proj) {
                 barrier();   // o * tanh(c) complete
-                if (nq > 0) gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P, ap);
+                if (nq > 0 && small)
+                    small_nt<T>(B, nq, H, j.w.w_hr + Q.lo * H, H, j.mbuf + t * B * H, H, hnext + Q.lo, P);
+                else if (nq > 0)
+                    gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P, ap);
             }
             // Inactive rows carry their state; every row writes its output slice.
             for (int64_t b = 0; b < B && nq > 0; ++b) {
@@ -801,9 +980,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         T* pkr = proj ? sc.take(packed_b_size<T>(P, nh)) : nullptr;
         T* dmb = proj ? sc.take(B * nh) : nullptr;
         T* dhd = gru ? sc.take(B * nh) : nullptr;     // dh * z (+ d(r*h) * r), own units
-        if (nq > 0) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
-        if (gru_orig && nh > 0) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
-        if (proj && nh > 0) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
+        const bool small = B <= SMALL_B && TT <= SMALL_T;
+        if (nq > 0 && !small) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
+        if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
+        if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
         const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
 
         for (int64_t q = TT - 1; q >= 0; --q) {
@@ -829,7 +1009,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
             if (proj) {
                 barrier();   // dh of the step complete: dm = dh @ W_hr (own units)
-                if (nh > 0) gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh, ap);
+                if (nh > 0 && small)
+                    small_nn<T>(B, P, nh, j.w.w_hr + u0, H, bj.dhs + t * B * P, P, dmb, nh);
+                else if (nh > 0)
+                    gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh, ap);
             }
             // B. gate gradients of the own units
             for (int64_t b = 0; b < B && nh > 0; ++b) {
@@ -861,7 +1044,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
             barrier();       // the step's gate gradients complete
             if (gru_orig) {
-                if (nh > 0) gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh, ap);
+                if (nh > 0 && small)
+                    small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, GH, tmp, nh);
+                else if (nh > 0)
+                    gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh, ap);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     gru_orig_r_row<T>(nh, gt + b * GH + u0, hprev + b * P + u0, tmp + b * nh,
@@ -870,7 +1056,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 barrier();   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
-            if (nq > 0) gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap, q & 1);
+            if (nq > 0 && small)
+                small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, GH, tmp, nq);
+            else if (nq > 0)
+                gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap, q & 1);
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 T* dhb = dh + b * P + q0;

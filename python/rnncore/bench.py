@@ -1,0 +1,380 @@
+"""Side-by-side timing of rnncore against NumPy, PyTorch (CPU) and ONNX Runtime.
+
+Same weights, same thread count, one run; prints each time, rnncore's ratio to the fastest
+peer (below 1 means rnncore is faster), achieved GFLOP/s against the machine's sgemm peak
+measured in the same run, weight bytes streamed per second at batch 1 against the measured
+cache bandwidth, and a markdown table. Peers that are not installed are skipped.
+
+    python benchmarks/run.py            # the full set of shapes (also: rnncore bench --full)
+    rnncore bench                       # a short version
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+FULL_SHAPES = [(100, 1, 128, 256), (100, 16, 128, 256), (100, 64, 256, 512), (50, 32, 1024, 1024),
+               (25, 1, 1024, 1024), (25, 4, 1024, 1024)]
+QUICK_SHAPES = [(100, 1, 128, 256), (100, 16, 128, 256)]
+CELLS = ("LSTM", "GRU", "RNN")
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _median_time(fn, min_time=0.3, max_reps=200, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------- NumPy reference peer
+def _sig(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def numpy_forward(cell, p, x):
+    """A clean vectorised NumPy implementation: one matmul for the input projection of all
+    steps, then per step one matmul and the gate arithmetic."""
+    T, B, _ = x.shape
+    Wi, Wh, bi, bh = p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"]
+    H = Wh.shape[1]
+    gx = (x.reshape(T * B, -1) @ Wi.T).reshape(T, B, -1)
+    WhT = np.ascontiguousarray(Wh.T)
+    h = np.zeros((B, H), x.dtype)
+    c = np.zeros((B, H), x.dtype)
+    y = np.empty((T, B, H), x.dtype)
+    if cell == "LSTM":
+        gx += bi + bh
+        for t in range(T):
+            a = gx[t] + h @ WhT
+            i, f, g, o = _sig(a[:, :H]), _sig(a[:, H:2 * H]), np.tanh(a[:, 2 * H:3 * H]), _sig(a[:, 3 * H:])
+            c = f * c + i * g
+            h = o * np.tanh(c)
+            y[t] = h
+    elif cell == "GRU":
+        gx[..., :2 * H] += bi[:2 * H] + bh[:2 * H]
+        gx[..., 2 * H:] += bi[2 * H:]
+        for t in range(T):
+            hh = h @ WhT
+            r = _sig(gx[t, :, :H] + hh[:, :H])
+            z = _sig(gx[t, :, H:2 * H] + hh[:, H:2 * H])
+            n = np.tanh(gx[t, :, 2 * H:] + r * (hh[:, 2 * H:] + bh[2 * H:]))
+            h = (1 - z) * n + z * h
+            y[t] = h
+    else:
+        gx += bi + bh
+        for t in range(T):
+            h = np.tanh(gx[t] + h @ WhT)
+            y[t] = h
+    return y, h
+
+
+def numpy_step(cell, p, x, state):
+    Wi, Wh, bi, bh = p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"]
+    H = Wh.shape[1]
+    if cell == "LSTM":
+        h, c = state
+        a = x @ Wi.T + bi + h @ Wh.T + bh
+        i, f, g, o = _sig(a[:, :H]), _sig(a[:, H:2 * H]), np.tanh(a[:, 2 * H:3 * H]), _sig(a[:, 3 * H:])
+        c = f * c + i * g
+        return o * np.tanh(c), c
+    if cell == "GRU":
+        gx = x @ Wi.T + bi
+        hh = state @ Wh.T + bh
+        r = _sig(gx[:, :H] + hh[:, :H])
+        z = _sig(gx[:, H:2 * H] + hh[:, H:2 * H])
+        n = np.tanh(gx[:, 2 * H:] + r * hh[:, 2 * H:])
+        return (1 - z) * n + z * state
+    return np.tanh(x @ Wi.T + bi + state @ Wh.T + bh)
+
+
+# ---------------------------------------------------------------- peers
+class Peers:
+    def __init__(self, threads):
+        self.threads = threads
+        try:
+            import torch
+            torch.set_num_threads(threads)
+            self.torch = torch
+        except ImportError:
+            self.torch = None
+        try:
+            import onnxruntime
+            onnxruntime.set_default_logger_severity(3)
+            self.ort = onnxruntime
+        except ImportError:
+            self.ort = None
+        try:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(limits=threads)
+        except ImportError:
+            self._limits = None
+
+    def torch_module(self, cell, layer):
+        t = getattr(self.torch.nn, cell)(layer.input_size, layer.hidden_size)
+        t.load_state_dict({k: self.torch.from_numpy(v.copy()) for k, v in layer.state_dict().items()})
+        return t
+
+    def ort_session(self, tmod, x):
+        torch = self.torch
+        f = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(tmod, (torch.from_numpy(x),), f, dynamo=False, input_names=["x"],
+                              output_names=["y"] + (["h", "c"] if isinstance(tmod, torch.nn.LSTM) else ["h"]))
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return self.ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def sgemm_peak(peers, threads):
+    """GFLOP/s of a large fp32 matrix product: PyTorch's (MKL/oneDNN) when installed, and
+    rnncore's own GEMM."""
+    from . import _core
+    n = 1536
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    res = {}
+    if peers.torch is not None:
+        ta = peers.torch.from_numpy(a)
+        t = _median_time(lambda: peers.torch.mm(ta, ta), min_time=0.5)
+        res["torch"] = 2 * n ** 3 / t / 1e9
+    t = _median_time(lambda: _core.gemm(a, a), min_time=0.5)
+    res["rnncore"] = 2 * n ** 3 / t / 1e9
+    return res
+
+
+def cache_bandwidth(threads):
+    """Read GB/s of one thread at L2-sized (256 KiB) and L3-sized (8 MiB) buffers."""
+    from . import _core
+    return {"l2_per_core": _core.read_bandwidth(256 * 1024, 2000),
+            "l3_per_core": _core.read_bandwidth(8 * 1024 * 1024, 40)}
+
+
+def flops(cell, T, B, I, H):
+    return 2.0 * T * B * GATES[cell] * H * (I + H)
+
+
+def bench_shape(cell, shape, peers, train=True):
+    import rnncore as rc
+    T, B, I, H = shape
+    rng = np.random.default_rng(0)
+    layer = getattr(rc, cell)(I, H, seed=0)
+    layer.eval()
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    row = {"cell": cell, "shape": shape}
+    row["rnncore"] = _median_time(lambda: layer(x))
+    p = layer.state_dict()
+    row["numpy"] = _median_time(lambda: numpy_forward(cell, p, x), max_reps=20)
+    ref, _ = layer(x)
+    np.testing.assert_allclose(numpy_forward(cell, p, x)[0], ref, rtol=1e-3, atol=1e-4)
+    if peers.torch is not None:
+        torch = peers.torch
+        tm = peers.torch_module(cell, layer)
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            row["torch"] = _median_time(lambda: tm(xt))
+            np.testing.assert_allclose(tm(xt)[0].numpy(), ref, rtol=1e-3, atol=1e-4)
+        if peers.ort is not None:
+            sess = peers.ort_session(tm, x)
+            row["ort"] = _median_time(lambda: sess.run(None, {"x": x}))
+            np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-3, atol=1e-4)
+        if train:
+            dy = rng.standard_normal(ref.shape).astype(np.float32)
+            layer.train()
+
+            def ours_train():
+                layer.forward(x)
+                layer.backward(dy)
+
+            row["train_rnncore"] = _median_time(ours_train, max_reps=50)
+            dyt = torch.from_numpy(dy)
+            xg = torch.from_numpy(x.copy()).requires_grad_()
+
+            def torch_train():
+                y, _ = tm(xg)
+                (y * dyt).sum().backward()
+
+            row["train_torch"] = _median_time(torch_train, max_reps=50)
+    row["gflops"] = flops(cell, T, B, I, H) / row["rnncore"] / 1e9
+    G = GATES[cell]
+    row["whh_gbs"] = T * G * H * H * 4 / row["rnncore"] / 1e9       # recurrent weights streamed
+    peer_keys = [k for k in ("numpy", "torch", "ort") if k in row]
+    best = min(peer_keys, key=lambda k: row[k])
+    row["best_peer"] = best
+    row["ratio"] = row["rnncore"] / row[best]
+    row["ratio_numpy"] = row["rnncore"] / row["numpy"]
+    if "train_torch" in row:
+        row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
+    return row
+
+
+def bench_step(cell, peers, I=32, H=64, n=3000):
+    import rnncore as rc
+    layer = getattr(rc, cell)(I, H, seed=0)
+    layer.eval()
+    x = np.random.default_rng(0).standard_normal((1, I)).astype(np.float32)
+    st = layer.initial_state(1)
+
+    def loop(fn):
+        def run():
+            for _ in range(n):
+                fn()
+        return _median_time(run, min_time=0.2, max_reps=10) / n
+
+    row = {"cell": cell, "rnncore": loop(lambda: layer.step(x, st))}
+    p = layer.state_dict()
+    nst = (np.zeros((1, H), np.float32), np.zeros((1, H), np.float32)) if cell == "LSTM" else np.zeros((1, H), np.float32)
+    row["numpy"] = loop(lambda: numpy_step(cell, p, x, nst))
+    if peers.torch is not None:
+        torch = peers.torch
+        c = getattr(torch.nn, cell + "Cell")(I, H)
+        xt = torch.from_numpy(x)
+        hx = (torch.zeros(1, H), torch.zeros(1, H)) if cell == "LSTM" else torch.zeros(1, H)
+        with torch.no_grad():
+            row["torch"] = loop(lambda: c(xt, hx))
+        row["ratio_torch"] = row["rnncore"] / row["torch"]
+    row["ratio_numpy"] = row["rnncore"] / row["numpy"]
+    return row
+
+
+_RSS_CODE = r"""
+import resource, sys, numpy as np
+lib, T, B, I, H = sys.argv[1], *map(int, sys.argv[2:6])
+x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+dy = np.ones((T, B, H), np.float32)
+if lib == "rnncore":
+    import rnncore
+    rnncore.set_num_threads(int(sys.argv[6]))
+    m = rnncore.LSTM(I, H, seed=0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        m.forward(x); m.backward(dy)
+else:
+    import torch
+    torch.set_num_threads(int(sys.argv[6]))
+    m = torch.nn.LSTM(I, H)
+    xt = torch.from_numpy(x).requires_grad_(); dyt = torch.from_numpy(dy)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        y, _ = m(xt); (y * dyt).sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)
+"""
+
+
+def training_peak_rss(shape, threads, have_torch):
+    """Peak RSS growth (MiB) of LSTM training at `shape`, each library in its own process."""
+    res = {}
+    for lib in ("rnncore", "torch") if have_torch else ("rnncore",):
+        out = subprocess.run([sys.executable, "-c", _RSS_CODE, lib, *map(str, shape), str(threads)],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode == 0:
+            res[lib] = float(out.stdout.strip().splitlines()[-1])
+    return res
+
+
+def _fmt_ms(v):
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+def run(shapes, threads, train=True, rss=True, out_json=None):
+    import rnncore as rc
+    rc.set_num_threads(threads)
+    peers = Peers(threads)
+    info = rc.info()
+    print(f"rnncore {info['version']} isa={info['isa']} threads={threads}; "
+          f"torch={'yes' if peers.torch else 'no'} onnxruntime={'yes' if peers.ort else 'no'}", flush=True)
+    peak = sgemm_peak(peers, threads)
+    bw = cache_bandwidth(threads)
+    print("sgemm peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) +
+          f"; read bandwidth per core GB/s: L2 {bw['l2_per_core']:.0f}, L3 {bw['l3_per_core']:.0f}", flush=True)
+    machine_peak = max(peak.values())
+    rows = []
+    for cell in CELLS:
+        for shape in shapes:
+            r = bench_shape(cell, shape, peers, train=train)
+            rows.append(r)
+            msg = (f"{cell:4s} T={shape[0]:3d} B={shape[1]:2d} I={shape[2]:4d} H={shape[3]:4d}  "
+                   f"rnncore {_fmt_ms(r['rnncore'])} ms  numpy {_fmt_ms(r.get('numpy'))}  "
+                   f"torch {_fmt_ms(r.get('torch'))}  ort {_fmt_ms(r.get('ort'))}  "
+                   f"ratio {r['ratio']:.2f} (vs {r['best_peer']})  vs numpy {r['ratio_numpy']:.3f}  "
+                   f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / machine_peak:.0f}% of sgemm peak)")
+            if shape[1] == 1:
+                msg += f"  W_hh {r['whh_gbs']:.0f} GB/s"
+            if "train_ratio" in r:
+                msg += (f"  | train rnncore {_fmt_ms(r['train_rnncore'])} torch {_fmt_ms(r['train_torch'])} "
+                        f"ratio {r['train_ratio']:.2f}")
+            print(msg, flush=True)
+    steps = [bench_step(c, peers) for c in CELLS]
+    for s in steps:
+        print(f"step {s['cell']:4s} I=32 H=64 B=1: rnncore {s['rnncore'] * 1e6:.2f} us  numpy "
+              f"{s['numpy'] * 1e6:.2f} us  torch cell {s.get('torch', float('nan')) * 1e6:.2f} us  "
+              f"ratio vs torch {s.get('ratio_torch', float('nan')):.3f}  vs numpy {s['ratio_numpy']:.3f}",
+              flush=True)
+    mem = {}
+    if rss:
+        mem = training_peak_rss((100, 64, 256, 512), threads, peers.torch is not None)
+        print("training peak RSS growth, LSTM T=100 B=64 I=256 H=512 (MiB): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in mem.items()), flush=True)
+    print()
+    print(markdown(rows, steps, mem, peak, bw, threads, info))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"rows": rows, "steps": steps, "rss_mib": mem, "sgemm": peak, "bandwidth": bw,
+                       "threads": threads, "info": info}, f, indent=1, default=str)
+    return rows, steps
+
+
+def markdown(rows, steps, mem, peak, bw, threads, info):
+    lines = [f"Times in ms (median), {threads} threads, fp32, isa {info['isa']}; ratio = rnncore / fastest "
+             f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
+             f"{bw['l2_per_core']:.0f} GB/s per core.",
+             "",
+             "| cell | T, B, I, H | rnncore | NumPy | PyTorch | ONNX Runtime | ratio | vs NumPy | GFLOP/s | train rnncore | train PyTorch | train ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
+                     f"{_fmt_ms(r.get('numpy'))} | {_fmt_ms(r.get('torch'))} | {_fmt_ms(r.get('ort'))} | "
+                     f"{r['ratio']:.2f} | {r['ratio_numpy']:.3f} | {r['gflops']:.0f} | "
+                     f"{_fmt_ms(r.get('train_rnncore'))} | {_fmt_ms(r.get('train_torch'))} | "
+                     f"{r.get('train_ratio', float('nan')):.2f} |")
+    lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | NumPy us | PyTorch cell us | ratio vs PyTorch |",
+              "|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s['cell']} | {s['rnncore'] * 1e6:.2f} | {s['numpy'] * 1e6:.2f} | "
+                     f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} |")
+    if mem:
+        lines += ["", "Training peak RSS growth, LSTM T=100 B=64 I=256 H=512: " +
+                  ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="rnncore bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two batch-1/batch-16 shapes, no training memory")
+    ap.add_argument("--threads", type=int, default=0, help="threads for every library (default: all cores)")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    run(shapes, threads, train=not args.no_train, rss=not args.quick, out_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
