@@ -253,7 +253,18 @@ def bench_step(cell, peers, I=32, H=64, n=3000):
 
 
 _RSS_CODE = r"""
-import resource, sys, numpy as np
+import sys, numpy as np
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return float(line.split()[1]) / 1024.0
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 lib, T, B, I, H = sys.argv[1], *map(int, sys.argv[2:6])
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
 dy = np.ones((T, B, H), np.float32)
@@ -261,18 +272,20 @@ if lib == "rnncore":
     import rnncore
     rnncore.set_num_threads(int(sys.argv[6]))
     m = rnncore.LSTM(I, H, seed=0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    def step():
         m.forward(x); m.backward(dy)
 else:
     import torch
     torch.set_num_threads(int(sys.argv[6]))
     m = torch.nn.LSTM(I, H)
     xt = torch.from_numpy(x).requires_grad_(); dyt = torch.from_numpy(dy)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    def step():
         y, _ = m(xt); (y * dyt).sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)
+base = status("VmRSS:")
+reset_peak()
+for _ in range(3):
+    step()
+print(status("VmHWM:") - base)
 """
 
 
