@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "rnncore/classic.hpp"
 #include "rnncore/layer.hpp"
 
 namespace rnncore {
@@ -294,6 +295,93 @@ void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int
     std::memcpy(y, h + (s.num_layers - 1) * B * P, sizeof(T) * B * P);
 }
 
+int64_t rtrl_state_size(const LayerSpec& s) { return s.is_lstm() ? 2 * s.hidden_size : s.hidden_size; }
+
+int64_t rtrl_param_count(const LayerSpec& s) {
+    const int64_t GH = s.gates() * s.hidden_size;
+    return GH * (s.input_size + s.hidden_size) + (s.bias ? 2 * GH : 0);
+}
+
+template <class T>
+void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c, T* P) {
+    s.validate();
+    if (s.num_layers != 1 || s.bidirectional || s.proj_size > 0 || s.peephole)
+        throw std::invalid_argument("rtrl: expected a single-layer, unidirectional layer without "
+                                    "projection or peepholes");
+    const int64_t I = s.input_size, H = s.hidden_size, G = s.gates(), GH = G * H;
+    const int64_t S = rtrl_state_size(s), NT = rtrl_param_count(s);
+    const bool lstm = s.is_lstm();
+    // One step for S identical rows, then backward with the identity as the gradient of the
+    // new state: row r yields d s_r / d s_{t-1} and d s_r / d (pre-activations).
+    std::vector<T> xr(S * I), gates(S * GH), hbuf(2 * S * H), cbuf(lstm ? 2 * S * H : 0),
+        extra(s.cell == CellType::GRU ? S * H : 0), y(S * H);
+    for (int64_t r = 0; r < S; ++r) {
+        std::memcpy(xr.data() + r * I, x, sizeof(T) * I);
+        std::memcpy(hbuf.data() + r * H, h, sizeof(T) * H);
+        if (lstm) std::memcpy(cbuf.data() + r * H, c, sizeof(T) * H);
+    }
+    DirJob<T> j{};
+    j.cell = (int)s.cell;
+    j.steps = 1; j.batch = S; j.in = I; j.hid = H; j.out = H;
+    j.peephole = false; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset; j.reverse = false;
+    j.lengths = nullptr; j.w = w; j.x = xr.data();
+    j.gates = gates.data(); j.hbuf = hbuf.data(); j.cbuf = lstm ? cbuf.data() : nullptr;
+    j.mbuf = nullptr; j.extra = extra.empty() ? nullptr : extra.data();
+    j.work = nullptr; j.y = y.data(); j.ldy = H;
+    kernels<T>().dir_forward(j);
+
+    std::vector<T> dh(S * H, T(0)), dc(lstm ? S * H : 1, T(0)), dgx(S * GH), dgh, dx(S * I);
+    for (int64_t r = 0; r < H; ++r) dh[r * H + r] = T(1);
+    if (lstm)
+        for (int64_t r = 0; r < H; ++r) dc[(H + r) * H + r] = T(1);
+    const bool lbr_gru = s.cell == CellType::GRU && s.linear_before_reset;
+    if (lbr_gru) dgh.resize(S * GH);
+    std::vector<T> gw_ih(GH * I, T(0)), gw_hh(GH * H, T(0)), gb_ih(GH, T(0)), gb_hh(GH, T(0));
+    DirBackJob<T> bj{};
+    bj.f = j;
+    bj.dy = nullptr; bj.ldy = H;
+    bj.dh = dh.data(); bj.dc = dc.data();
+    bj.dgx = dgx.data(); bj.dgh = lbr_gru ? dgh.data() : nullptr; bj.dhs = nullptr;
+    bj.work = nullptr;
+    bj.g.w_ih = gw_ih.data(); bj.g.w_hh = gw_hh.data();
+    bj.g.b_ih = w.b_ih ? gb_ih.data() : nullptr; bj.g.b_hh = w.b_hh ? gb_hh.data() : nullptr;
+    bj.dx = dx.data(); bj.dx_accumulate = false;
+    kernels<T>().dir_backward(bj);
+
+    // J_s [S, S]: row r = (d s_r / d h_{t-1}, d s_r / d c_{t-1}) = (dh0 row r, dc0 row r)
+    std::vector<T> J(S * S);
+    for (int64_t r = 0; r < S; ++r) {
+        std::memcpy(J.data() + r * S, dh.data() + r * H, sizeof(T) * H);
+        if (lstm) std::memcpy(J.data() + r * S + H, dc.data() + r * H, sizeof(T) * H);
+    }
+    std::vector<T> Pn(S * NT);
+    gemm<T>(false, false, S, NT, S, T(1), J.data(), S, P, NT, T(0), Pn.data(), NT);
+    // the immediate dependence on the parameters: d a / d W_ih[g, k] = x_k,
+    // d a / d W_hh[g, j] = h_{t-1, j} (r * h_{t-1} for the n gate of Cho's GRU), biases 1
+    const T* dgh_p = lbr_gru ? dgh.data() : dgx.data();
+    const bool gru_orig = s.cell == CellType::GRU && !s.linear_before_reset;
+    for (int64_t r = 0; r < S; ++r) {
+        T* row = Pn.data() + r * NT;
+        const T* a = dgx.data() + r * GH;
+        const T* ah = dgh_p + r * GH;
+        for (int64_t g = 0; g < GH; ++g) {
+            const T av = a[g], ahv = ah[g];
+            T* wi = row + g * I;
+            for (int64_t k = 0; k < I; ++k) wi[k] += av * x[k];
+            const T* hin = (gru_orig && g >= 2 * H) ? extra.data() : h;   // row 0 of r * h
+            T* wh = row + GH * I + g * H;
+            for (int64_t k = 0; k < H; ++k) wh[k] += ahv * hin[k];
+            if (s.bias) {
+                row[GH * (I + H) + g] += av;
+                row[GH * (I + H) + GH + g] += ahv;
+            }
+        }
+    }
+    std::memcpy(P, Pn.data(), sizeof(T) * S * NT);
+    std::memcpy(h, hbuf.data() + S * H, sizeof(T) * H);
+    if (lstm) std::memcpy(c, cbuf.data() + S * H, sizeof(T) * H);
+}
+
 template <class T>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -309,7 +397,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                     const BackwardOut<T>&, const std::vector<DirGrads<T>>&);     \
     template int64_t cache_steps<T>(const StackCache<T>&);                                        \
     template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
-                                const T*, T*, T*, T*);                                        \
+                                const T*, T*, T*, T*);                                            \
+    template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \
                           int64_t, T, T*, int64_t);

@@ -5,9 +5,11 @@ namespace py = pybind11;
 
 void register_layers(py::module_& m);
 void register_runtime(py::module_& m);
+void register_classic(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "rnncore C++ core (private: use the rnncore package)";
     register_runtime(m);
     register_layers(m);
+    register_classic(m);
 }

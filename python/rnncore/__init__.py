@@ -9,6 +9,7 @@ from . import _core, losses, optim
 from ._core import get_num_threads
 from .blocks import Dense, Dropout, Embedding, LastStep, OneHot
 from .cells import GRUCell, LSTMCell, RNNCell
+from .classic import Hopfield, OnlineLearner, SecondOrderRNN
 from .io import load
 from .layers import GRU, LSTM, RNN
 from .models import History, Seq2Seq, Sequential
@@ -17,7 +18,7 @@ __version__ = _core.version()
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
            "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
-           "load", "set_num_threads", "get_num_threads", "info", "__version__"]
+           "load", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_num_threads", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:

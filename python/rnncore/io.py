@@ -187,6 +187,7 @@ def decode(blob: bytes, path="<bytes>"):
 def build(meta, path="<bytes>"):
     """A fresh model from the metadata's configuration."""
     from . import blocks as B
+    from .classic import SecondOrderRNN
     from .layers import GRU, LSTM, RNN
     from .models import Seq2Seq, Sequential
     try:
@@ -195,7 +196,8 @@ def build(meta, path="<bytes>"):
         raise _bad(path, f"config is not valid JSON ({e})") from None
     kind = meta.get("model")
     block_types = {"Embedding": B.Embedding, "OneHot": B.OneHot, "Dense": B.Dense,
-                   "Dropout": B.Dropout, "LastStep": B.LastStep, "RNN": RNN, "LSTM": LSTM, "GRU": GRU}
+                   "Dropout": B.Dropout, "LastStep": B.LastStep, "RNN": RNN, "LSTM": LSTM, "GRU": GRU,
+                   "SecondOrderRNN": SecondOrderRNN}
     try:
         if kind == "Sequential":
             blocks = []

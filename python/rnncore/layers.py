@@ -36,6 +36,7 @@ class _Recurrent:
     H hidden, P = proj_size or H, D directions, L layers."""
 
     _is_lstm = False
+    is_recurrent = True
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, peephole=False,

@@ -17,6 +17,10 @@ from .blocks import Block, Dense, Embedding, LastStep
 from .layers import GRU, LSTM, RNN, _Recurrent
 
 
+def _is_rec(b):
+    return getattr(b, "is_recurrent", False)
+
+
 class History:
     """What fit() recorded: `history` maps 'loss', 'val_loss' and metrics to per-epoch lists."""
 
@@ -203,7 +207,7 @@ class Sequential(_Trainable):
         if not blocks:
             raise ValueError("Sequential: expected at least one block")
         for i, b in enumerate(blocks):
-            if not isinstance(b, (Block, _Recurrent)):
+            if not (isinstance(b, Block) or _is_rec(b)):
                 raise TypeError(f"blocks[{i}]: expected an rnncore block or layer, got {type(b).__name__}")
         self.blocks = list(blocks)
         self.training = True
@@ -214,10 +218,10 @@ class Sequential(_Trainable):
 
     @property
     def recurrent_layers(self):
-        return [b for b in self.blocks if isinstance(b, _Recurrent)]
+        return [b for b in self.blocks if _is_rec(b)]
 
     def __repr__(self):
-        inner = ",\n  ".join(repr(b) if isinstance(b, _Recurrent) else f"{type(b).__name__}({b.config()})"
+        inner = ",\n  ".join(repr(b) if _is_rec(b) else f"{type(b).__name__}({b.config()})"
                              for b in self.blocks)
         return f"Sequential(\n  {inner})"
 
@@ -233,7 +237,7 @@ class Sequential(_Trainable):
         new_states = []
         r = 0
         for b in self.blocks:
-            if isinstance(b, _Recurrent):
+            if _is_rec(b):
                 st = states[r] if states is not None else None
                 h = np.asarray(h)
                 if h.ndim != 3:
@@ -256,7 +260,7 @@ class Sequential(_Trainable):
         """Backpropagates dy through the last forward; grads accumulate."""
         g = dy
         for b in reversed(self.blocks):
-            if isinstance(b, _Recurrent):
+            if _is_rec(b):
                 gg = g if b.batch_first else np.ascontiguousarray(g.transpose(1, 0, 2))
                 dx, _ = b.backward(gg)
                 g = dx if b.batch_first else dx.transpose(1, 0, 2)
