@@ -112,6 +112,29 @@ CASES = {
                             "[x.setflags(write=False) for x in g]\n"
                             "expect(lambda: _core.backward(a._spec, a._param_list(), a._ctx[0], None, None, None, g))",
                             "ValueError", ["read-only"]),
+    "so_input_size": ("expect(lambda: rnncore.SecondOrderRNN(3, 4)(np.zeros((5, 2, 2))))", "ValueError",
+                      ["x", "(T, B, 3)", "(5, 2, 2)"]),
+    "so_h0": ("expect(lambda: rnncore.SecondOrderRNN(3, 4, rank=2)(np.zeros((5, 2, 3)), np.zeros((3, 4))))",
+              "ValueError", ["h0", "(2, 4)", "(3, 4)"]),
+    "so_rank": ("expect(lambda: rnncore.SecondOrderRNN(3, 4, rank=0))", "ValueError", ["rank", "0"]),
+    "so_huge": ("expect(lambda: rnncore.SecondOrderRNN(1000, 1000))", "ValueError", ["sizes", "rank"]),
+    "so_backward_first": ("expect(lambda: rnncore.SecondOrderRNN(3, 4).backward(np.zeros((2, 1, 4))))",
+                          "ValueError", ["backward", "forward"]),
+    "so_lengths": ("expect(lambda: rnncore.SecondOrderRNN(3, 4)(np.zeros((5, 2, 3)), lengths=[0, 5]))",
+                   "ValueError", ["lengths", "got 0"]),
+    "hopfield_shape": ("expect(lambda: rnncore.Hopfield(8).recall(np.ones(7)))", "ValueError",
+                       ["probe", "(8,)", "(7,)"]),
+    "hopfield_values": ("expect(lambda: rnncore.Hopfield(4).store([[3, 1, 1, 1]]))", "ValueError", ["bipolar"]),
+    "online_x_shape": ("m = rnncore.Sequential(rnncore.GRU(2, 3, dtype='float64'), rnncore.Dense(3, 1, dtype='float64'))\n"
+                       "l = rnncore.OnlineLearner(m)\nexpect(lambda: l.step(np.zeros(3), [0.0]))", "ValueError",
+                       ["x_t", "(2,)", "(3,)"]),
+    "core_rtrl_bad_P": ("l = rnncore.GRU(2, 3, dtype='float64')\n"
+                        "expect(lambda: _core.rtrl_step(l._spec, l._param_list(), np.zeros(2), np.zeros(3), None, np.zeros((3, 5))))",
+                        "ValueError", ["P", "(3, 5)"]),
+    "core_hopfield_readonly": ("W = np.zeros((4, 4)); W.setflags(write=False)\n"
+                               "expect(lambda: _core.hopfield_store(W, np.ones((1, 4)), 0))", "ValueError", ["read-only"]),
+    "core_so_bad_params": ("expect(lambda: _core.second_order_forward(3, 4, 0, [np.zeros((4, 4, 2)), np.zeros(4)], "
+                           "np.zeros((2, 1, 3)), None, None, False))", "ValueError", ["weight", "(4, 4, 3)"]),
     "core_bad_spec": ("expect(lambda: _core.LayerSpec(_core.CellType.GRU, 3, 4, proj_size=2))",
                       "ValueError", ["proj_size", "LSTM"]),
 }

@@ -26,10 +26,12 @@ template <class T> CArr<T> need(py::handle o, const std::string& name, const std
     std::vector<int64_t> s(a.ndim());
     for (py::ssize_t i = 0; i < a.ndim(); ++i) s[i] = a.shape(i);
     if (s != shape) {
-        std::string want = "(", got = "(";
-        for (auto v : shape) want += std::to_string(v) + ", ";
-        for (auto v : s) got += std::to_string(v) + ", ";
-        throw py::value_error(name + ": expected shape " + want + "), got " + got + ")");
+        auto fmt = [](const std::vector<int64_t>& v) {
+            std::string r = "(";
+            for (size_t i = 0; i < v.size(); ++i) r += (i ? ", " : "") + std::to_string(v[i]);
+            return r + (v.size() == 1 ? ",)" : ")");
+        };
+        throw py::value_error(name + ": expected shape " + fmt(shape) + ", got " + fmt(s));
     }
     if (writeable && !a.writeable()) throw py::value_error(name + ": array is read-only");
     return a;
