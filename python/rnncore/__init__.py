@@ -13,12 +13,13 @@ from .classic import Hopfield, OnlineLearner, SecondOrderRNN
 from .io import load
 from .layers import GRU, LSTM, RNN
 from .models import History, Seq2Seq, Sequential
+from .onnx_export import export_onnx
 
 __version__ = _core.version()
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
            "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
-           "load", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_num_threads", "info", "__version__"]
+           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_num_threads", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:
