@@ -19,7 +19,31 @@ __version__ = _core.version()
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
            "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
-           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_num_threads", "info", "__version__"]
+           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_cmake_dir", "get_include", "get_library", "get_num_threads", "info", "__version__"]
+
+
+def get_cmake_dir() -> str:
+    """Folder of rnncore's CMake package: cmake -Drnncore_DIR=<this> + find_package(rnncore)."""
+    import os
+    return os.path.join(os.path.dirname(__file__), "share", "cmake", "rnncore")
+
+
+def get_include() -> str:
+    """Folder holding the C and C++ headers (rnncore/rnncore.h, rnncore/model.hpp, ...)."""
+    import os
+    return os.path.join(os.path.dirname(__file__), "include")
+
+
+def get_library() -> str:
+    """Path of the shared library with the C and C++ APIs (librnncore)."""
+    import glob
+    import os
+    libdir = os.path.join(os.path.dirname(__file__), "lib")
+    found = sorted(glob.glob(os.path.join(libdir, "librnncore.so*")) +
+                   glob.glob(os.path.join(libdir, "librnncore*.dylib")) + glob.glob(os.path.join(libdir, "rnncore.dll")))
+    if not found:
+        raise FileNotFoundError(f"librnncore not found under {libdir}")
+    return found[0]
 
 
 def set_num_threads(n: int) -> None:

@@ -108,6 +108,8 @@ def _cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnncore", description="Fast RNN, LSTM and GRU for the CPU.")
+    p.add_argument("--cmake-dir", action="store_true",
+                   help="print the folder of rnncore's CMake package (for find_package(rnncore)) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("train", help="train a character-level LSTM (default: on Python's own source)",
@@ -151,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.cmake_dir:
+        from . import get_cmake_dir
+        print(get_cmake_dir())
+        return 0
     if not getattr(args, "func", None):
         p.print_help()
         return 2

@@ -1,0 +1,58 @@
+/* rnncore C API: load a model saved from Python and run it, batch or step by step.
+ *
+ * Every function returns RNNCORE_OK (0) or an error code; rnncore_last_error() then gives
+ * the message (per thread). No function throws or aborts on a bad file or argument.
+ * A model may be used from several threads at once, each with its own state.
+ * Data is time-major float32: x [T, B, I]; token models read ids stored as floats (I = 1). */
+#ifndef RNNCORE_H
+#define RNNCORE_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define RNNCORE_API __declspec(dllexport)
+#else
+#define RNNCORE_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    RNNCORE_OK = 0,
+    RNNCORE_ERROR_INVALID_ARGUMENT = 1, /* a null pointer, a bad size or value */
+    RNNCORE_ERROR_FILE = 2,             /* the file cannot be opened or read */
+    RNNCORE_ERROR_BAD_MODEL = 3,        /* damaged, unsupported or newer-format file */
+    RNNCORE_ERROR_OUT_OF_MEMORY = 4,
+    RNNCORE_ERROR_INTERNAL = 5
+};
+
+typedef struct rnncore_model rnncore_model;
+typedef struct rnncore_state rnncore_state;
+
+RNNCORE_API const char* rnncore_version(void);
+RNNCORE_API const char* rnncore_last_error(void);
+
+RNNCORE_API int rnncore_model_load(const char* path, rnncore_model** out);
+RNNCORE_API void rnncore_model_free(rnncore_model* model);
+RNNCORE_API int64_t rnncore_model_input_size(const rnncore_model* model);   /* -1 on error */
+RNNCORE_API int64_t rnncore_model_output_size(const rnncore_model* model);
+RNNCORE_API int rnncore_model_many_to_one(const rnncore_model* model);      /* 1, 0, or -1 */
+
+/* y receives [T, B, O] floats, or [B, O] for a many-to-one model; y_capacity is the number
+ * of floats y can hold. lengths [B] (1..T) may be NULL. */
+RNNCORE_API int rnncore_predict(const rnncore_model* model, const float* x, int64_t T, int64_t B,
+                                int64_t I, const int64_t* lengths, float* y, int64_t y_capacity);
+
+RNNCORE_API int rnncore_state_create(const rnncore_model* model, int64_t B, rnncore_state** out);
+RNNCORE_API int rnncore_state_reset(rnncore_state* state);
+RNNCORE_API void rnncore_state_free(rnncore_state* state);
+/* One step: x [B, I] -> y [B, O]; the state advances. */
+RNNCORE_API int rnncore_step(const rnncore_model* model, rnncore_state* state, const float* x,
+                             int64_t B, int64_t I, float* y, int64_t y_capacity);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RNNCORE_H */
