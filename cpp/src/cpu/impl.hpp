@@ -1154,6 +1154,14 @@ void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta
     }
 }
 
+// The streaming step's matrix-vector products: long rows (from L3) as one sequential stream with
+// eight accumulators (gemv_nt), short rows four at a time (gemv_rows).
+template <class T>
+inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T* y) {
+    if (K >= 512) gemv_nt<T, 1>(N, K, W, ldw, x, K, y, 1);
+    else gemv_rows<T>(N, K, W, ldw, x, T(0), y);
+}
+
 template <class T> int64_t step_work(const StepJob<T>& j) {
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
     return 2 * G * j.hid + 2 * j.hid + j.out + 64;
@@ -1176,31 +1184,31 @@ template <class T> void step(const StepJob<T>& j) {
     for (int64_t b = 0; b < B; ++b) {
         const T* x = j.x + b * I;
         T* h = j.h + b * P;
-        gemv_rows<T>(GH, I, j.w.w_ih, I, x, T(0), gx);
+        step_gemv<T>(GH, I, j.w.w_ih, I, x, gx);
         if (j.w.b_ih) {
             const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
             for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
         }
         if (lstm) {
             T* c = j.c + b * H;
-            gemv_rows<T>(GH, P, j.w.w_hh, P, h, T(0), hh);
+            step_gemv<T>(GH, P, j.w.w_hh, P, h, hh);
             lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
                             c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
                             pi ? pi + 2 * H : nullptr, j.coupled);
-            if (proj) gemv_rows<T>(P, H, j.w.w_hr, H, m, T(0), hnew);
+            if (proj) step_gemv<T>(P, H, j.w.w_hr, H, m, hnew);
         } else if (gru) {
             const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
             if (gru_orig) {
-                gemv_rows<T>(2 * H, H, j.w.w_hh, H, h, T(0), hh);
+                step_gemv<T>(2 * H, H, j.w.w_hh, H, h, hh);
                 gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
-                gemv_rows<T>(H, H, j.w.w_hh + 2 * H * H, H, rh, T(0), hh + 2 * H);
+                step_gemv<T>(H, H, j.w.w_hh + 2 * H * H, H, rh, hh + 2 * H);
                 gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
             } else {
-                gemv_rows<T>(GH, H, j.w.w_hh, H, h, T(0), hh);
+                step_gemv<T>(GH, H, j.w.w_hh, H, h, hh);
                 gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
             }
         } else {
-            gemv_rows<T>(H, H, j.w.w_hh, H, h, T(0), hh);
+            step_gemv<T>(H, H, j.w.w_hh, H, h, hh);
             rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
         }
         std::memcpy(h, hnew, sizeof(T) * P);
