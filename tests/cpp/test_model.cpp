@@ -1,0 +1,102 @@
+// C++ tests of the model reader and runner, meant to run under AddressSanitizer and
+// UndefinedBehaviorSanitizer (tests/test_sanitizers.py builds and runs them).
+//   test_model DIR
+// DIR holds cases written by the Python test: NAME.rnnc with NAME.case (a line "T B" and
+// the expected predict/step output sizes), NAME.x, NAME.predict, NAME.step (raw float32);
+// and bad_*.rnnc files that must be refused with rnncore::Error.
+#include <cmath>
+#include <cstdio>
+#include <dirent.h>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "rnncore/model.hpp"
+#include "rnncore/rnncore.h"
+
+static int passed = 0, failed = 0;
+
+static void check(bool ok, const std::string& what) {
+    if (ok) ++passed;
+    else { ++failed; std::printf("FAIL %s\n", what.c_str()); }
+}
+
+static std::vector<float> read_f32(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    std::vector<float> v;
+    float x;
+    while (f.read(reinterpret_cast<char*>(&x), sizeof x)) v.push_back(x);
+    return v;
+}
+
+static bool close(const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (std::fabs(a[i] - b[i]) > 1e-5f * (1.0f + std::fabs(b[i]))) return false;
+    return true;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 2) { std::fprintf(stderr, "usage: %s DIR\n", argv[0]); return 2; }
+    const std::string dir = argv[1];
+    std::vector<std::string> names;
+    if (DIR* d = opendir(dir.c_str())) {
+        while (dirent* e = readdir(d)) names.push_back(e->d_name);
+        closedir(d);
+    }
+    for (const auto& n : names) {
+        if (n.size() < 6 || n.compare(n.size() - 5, 5, ".rnnc") != 0) continue;
+        const std::string path = dir + "/" + n, base = path.substr(0, path.size() - 5);
+        if (n.rfind("bad_", 0) == 0) {
+            bool refused = false;
+            try { rnncore::Model::load(path); } catch (const rnncore::Error&) { refused = true; }
+            check(refused, "refuses " + n);
+            rnncore_model* m = nullptr;
+            const int rc = rnncore_model_load(path.c_str(), &m);
+            check(rc == RNNCORE_ERROR_BAD_MODEL && m == nullptr && *rnncore_last_error(), "C API refuses " + n);
+            continue;
+        }
+        std::ifstream cf(base + ".case");
+        long T = 0, B = 0;
+        cf >> T >> B;
+        try {
+            rnncore::Model m = rnncore::Model::load(path);
+            const auto x = read_f32(base + ".x");
+            std::vector<float> y(m.predict_size(T, B));
+            m.predict(x.data(), T, B, y.data());
+            check(close(y, read_f32(base + ".predict")), "predict " + n);
+            if (m.streamable()) {
+                const auto want = read_f32(base + ".step");
+                // four threads share the model, each with its own state
+                std::vector<std::vector<float>> outs(4);
+                std::vector<std::thread> ts;
+                for (int k = 0; k < 4; ++k)
+                    ts.emplace_back([&, k] {
+                        auto st = m.new_state(B);
+                        std::vector<float> yt(B * m.output_size());
+                        for (long t = 0; t < T; ++t) {
+                            m.step(x.data() + t * B * m.input_size(), st, yt.data());
+                            outs[k].insert(outs[k].end(), yt.begin(), yt.end());
+                        }
+                    });
+                for (auto& t : ts) t.join();
+                for (int k = 0; k < 4; ++k) check(close(outs[k], want), "step " + n + " thread " + std::to_string(k));
+            }
+            // bad arguments are refused, not crashed on
+            bool refused = false;
+            try { m.predict(x.data(), 0, B, y.data()); } catch (const rnncore::Error&) { refused = true; }
+            check(refused, "predict T=0 " + n);
+            std::vector<int64_t> lens(B, T + 1);
+            refused = false;
+            try { m.predict(x.data(), T, B, y.data(), lens.data()); } catch (const rnncore::Error&) { refused = true; }
+            check(refused, "predict bad lengths " + n);
+        } catch (const std::exception& e) {
+            check(false, n + ": " + e.what());
+        }
+    }
+    check(rnncore_model_load(nullptr, nullptr) == RNNCORE_ERROR_INVALID_ARGUMENT, "C API NULL");
+    std::printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
