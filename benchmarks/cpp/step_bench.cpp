@@ -1,66 +1,45 @@
-// One streaming step at batch 1, one thread, fp32, through rnncore's C++ API (the default
-// portable build with run-time ISA dispatch). Prints microseconds per step next to the
-// figures of RTNeural's compile-time API (Eigen, -O3 -march=native) quoted in the speed issue.
-//   cmake -S benchmarks/cpp -B build-bench -Drnncore_DIR=$(python -m rnncore --cmake-dir)
-//   cmake --build build-bench && ./build-bench/step_bench
+// One streaming step at batch 1, one thread, fp32, through rnncore's C++ API (Model::step,
+// the default portable build with run-time ISA dispatch), next to the figures of RTNeural's
+// compile-time API (Eigen, -O3 -march=native) quoted in the speed issue.
+//   bash benchmarks/cpp/run.sh      (saves the layers from Python, builds, runs)
 #include <chrono>
 #include <cstdio>
-#include <random>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
-#include "rnncore/rnncore.hpp"
+#include "rnncore/model.hpp"
+#include "rnncore/runtime.hpp"
 
-using namespace rnncore;
-
-static double bench(CellType cell, int64_t I, int64_t H) {
-    LayerSpec s;
-    s.cell = cell; s.input_size = I; s.hidden_size = H;
-    std::mt19937 rng(0);
-    std::uniform_real_distribution<float> u(-0.1f, 0.1f);
-    const auto info = param_info(s);
-    std::vector<std::vector<float>> store;
-    std::vector<DirParams<float>> p(1);
-    for (const auto& pi : info) {
-        int64_t n = 1;
-        for (auto d : pi.shape) n *= d;
-        store.emplace_back(n);
-        for (auto& v : store.back()) v = u(rng);
-        const float* ptr = store.back().data();
-        switch (pi.kind) {
-            case W_IH: p[0].w_ih = ptr; break;
-            case W_HH: p[0].w_hh = ptr; break;
-            case B_IH: p[0].b_ih = ptr; break;
-            case B_HH: p[0].b_hh = ptr; break;
-            default: break;
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: %s MODEL:RTNEURAL_US ...\n", argv[0]);
+        return 2;
+    }
+    rnncore::set_num_threads(1);
+    std::printf("rnncore %s, isa %s, 1 thread, batch 1, fp32: microseconds per Model::step (best of 5)\n",
+                rnncore::version(), rnncore::isa_name().c_str());
+    std::printf("%-28s %10s %10s %7s\n", "model", "rnncore", "RTNeural", "ratio");
+    for (int a = 1; a < argc; ++a) {
+        const std::string arg = argv[a];
+        const size_t colon = arg.rfind(':');
+        const std::string path = arg.substr(0, colon);
+        const double ref = colon == std::string::npos ? 0.0 : std::atof(arg.c_str() + colon + 1);
+        rnncore::Model m = rnncore::Model::load(path);
+        auto st = m.new_state(1);
+        std::vector<float> x(m.input_size(), 0.1f), y(m.output_size());
+        const int warm = 2000, n = 20000;
+        for (int i = 0; i < warm; ++i) m.step(x.data(), st, y.data());
+        double best = 1e30;
+        for (int rep = 0; rep < 5; ++rep) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int i = 0; i < n; ++i) m.step(x.data(), st, y.data());
+            const double us =
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / n;
+            if (us < best) best = us;
         }
-    }
-    std::vector<float> x(I), h(H, 0.f), c(H, 0.f), y(H);
-    for (auto& v : x) v = u(rng);
-    const int warm = 2000, n = 20000;
-    for (int i = 0; i < warm; ++i) stack_step<float>(s, p, 1, x.data(), h.data(), c.data(), y.data());
-    double best = 1e30;
-    for (int rep = 0; rep < 5; ++rep) {
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; i < n; ++i) stack_step<float>(s, p, 1, x.data(), h.data(), c.data(), y.data());
-        const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / n;
-        if (us < best) best = us;
-    }
-    return best;
-}
-
-int main() {
-    set_num_threads(1);
-    std::printf("rnncore %s, isa %s, 1 thread, batch 1, fp32: microseconds per step (best of 5)\n",
-                version(), isa_name().c_str());
-    struct Case { const char* name; CellType cell; int64_t I, H; double rtneural; } cases[] = {
-        {"LSTM", CellType::LSTM, 32, 64, 1.1}, {"GRU", CellType::GRU, 32, 64, 0.8},
-        {"LSTM", CellType::LSTM, 128, 256, 19.0}, {"GRU", CellType::GRU, 128, 256, 13.0},
-    };
-    std::printf("%-5s %5s %5s %10s %10s %7s\n", "cell", "I", "H", "rnncore", "RTNeural", "ratio");
-    for (const auto& k : cases) {
-        const double t = bench(k.cell, k.I, k.H);
-        std::printf("%-5s %5lld %5lld %10.3f %10.3f %7.2f\n", k.name, (long long)k.I, (long long)k.H, t, k.rtneural,
-                    t / k.rtneural);
+        const std::string name = path.substr(path.find_last_of('/') + 1);
+        std::printf("%-28s %10.3f %10.3f %7.2f\n", name.c_str(), best, ref, ref > 0 ? best / ref : 0.0);
     }
     return 0;
 }

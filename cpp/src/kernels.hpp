@@ -71,6 +71,11 @@ template <class T> struct KernelFns {
     void (*dir_backward)(const DirBackJob<T>&);
     int64_t (*step_work)(const StepJob<T>&);
     void (*step)(const StepJob<T>&);
+    // The C++ Model's step at batch 1..B from weights packed once at load (the Model is
+    // immutable, so the packed copy cannot go stale). Layout private to this ISA table.
+    int64_t (*step_pack_size)(const StepJob<T>&);
+    void (*step_pack)(const StepJob<T>&, T* out);
+    void (*step_packed)(const StepJob<T>&, const T* packed);
     void (*activations)(int which, int64_t n, const T* x, T* y);   // 0 sigmoid, 1 tanh (tests)
     double (*read_bandwidth)(int64_t bytes, int reps);             // GB/s, calling thread
 };

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "json.hpp"
+#include "kernels.hpp"
 #include "rnncore/layer.hpp"
 
 namespace rnncore {
@@ -66,7 +67,29 @@ struct Block {
     LayerSpec spec;
     std::vector<std::vector<float>> params;
     std::vector<DirParams<float>> dp;
+    // streaming: each layer's weights packed once at load by (and for) this kernel table
+    const KernelTable* table = nullptr;
+    std::vector<std::vector<float>> step_packs;
 };
+
+StepJob<float> step_job(const LayerSpec& s, int64_t layer, const DirParams<float>& w) {
+    StepJob<float> j{};
+    j.cell = (int)s.cell;
+    j.batch = 1; j.in = s.layer_input_size(layer); j.hid = s.hidden_size; j.out = s.out_size();
+    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
+    j.w = w;
+    return j;
+}
+
+void pack_for_steps(Block& b) {
+    if (b.spec.bidirectional) return;
+    b.table = &active_kernels();
+    for (int64_t l = 0; l < b.spec.num_layers; ++l) {
+        const StepJob<float> j = step_job(b.spec, l, b.dp[l]);
+        b.step_packs.emplace_back(b.table->f32.step_pack_size(j));
+        b.table->f32.step_pack(j, b.step_packs.back().data());
+    }
+}
 
 }  // namespace
 
@@ -274,6 +297,7 @@ std::shared_ptr<Model::Impl> decode(const std::string& blob, const std::string& 
     if (kind == "RNN" || kind == "LSTM" || kind == "GRU") {
         Block b = recurrent_block(kind, cfg, name, "config");
         take_recurrent(b, tensors, "", name);
+        pack_for_steps(b);
         impl->blocks.push_back(std::move(b));
     } else if (kind == "Sequential") {
         const json::Value* bl = cfg.get("blocks");
@@ -291,6 +315,7 @@ std::shared_ptr<Model::Impl> decode(const std::string& blob, const std::string& 
             if (ty->str == "RNN" || ty->str == "LSTM" || ty->str == "GRU") {
                 b = recurrent_block(ty->str, *c, name, where);
                 take_recurrent(b, tensors, prefix, name);
+                pack_for_steps(b);
             } else if (ty->str == "Embedding") {
                 need_f32(*c, name, where);
                 b.kind = EMB;
@@ -519,7 +544,7 @@ void Model::step(const float* x, State& st, float* y) const {
         ++r;
     }
     if (B < 1 || r != st.h.size()) throw Error("state: it was made by another model");
-    thread_local std::vector<float> cur, nxt;
+    thread_local std::vector<float> cur, nxt, work;
     cur.assign(x, x + B * m.input_size);
     r = 0;
     for (const Block& b : m.blocks) {
@@ -529,13 +554,26 @@ void Model::step(const float* x, State& st, float* y) const {
                 tokens(b, cur.data(), B, nxt.data());
                 cur.swap(nxt);
                 break;
-            case REC:
-                nxt.resize(B * b.out);
-                stack_step<float>(b.spec, b.dp, B, cur.data(), st.h[r].data(),
-                                  b.spec.is_lstm() ? st.c[r].data() : nullptr, nxt.data());
+            case REC: {
+                const LayerSpec& s = b.spec;
+                const int64_t P = s.out_size(), H = s.hidden_size;
+                const float* in = cur.data();
+                for (int64_t l = 0; l < s.num_layers; ++l) {
+                    StepJob<float> j = step_job(s, l, b.dp[l]);
+                    j.batch = B;
+                    j.x = in;
+                    j.h = st.h[r].data() + l * B * P;
+                    j.c = s.is_lstm() ? st.c[r].data() + l * B * H : nullptr;
+                    work.resize(b.table->f32.step_work(j) + 64);
+                    j.work = work.data();
+                    b.table->f32.step_packed(j, b.step_packs[l].data());
+                    in = j.h;
+                }
+                nxt.assign(in, in + B * P);
                 ++r;
                 cur.swap(nxt);
                 break;
+            }
             case DENSE:
                 nxt.resize(B * b.out);
                 dense(b, cur.data(), B, nxt.data());

@@ -173,6 +173,11 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
             }
         }
     }
+    if (alpha == T(1) && beta == T(0) && ncols == 2 * NP * L) {      // the common case: plain stores
+        for (int r = 0; r < mr; ++r)
+            for (int q = 0; q < 2 * NP; ++q) std::memcpy(c + r * ldc + q * L, &acc[r][q], sizeof(V));
+        return;
+    }
     for (int r = 0; r < mr; ++r) {
         T tmp[2 * NP * L];
         for (int q = 0; q < 2 * NP; ++q) std::memcpy(tmp + q * L, &acc[r][q], sizeof(V));
@@ -1215,6 +1220,93 @@ template <class T> void step(const StepJob<T>& j) {
     }
 }
 
+// Packed streaming step (the C++ Model): W_ih^T [I, GH] and W_hh^T [P, GH] (Cho's GRU:
+// W_hh[rz]^T [H, 2H] and W_hn^T [H, H]) and W_hr^T [H, P] in panel layout, read by the wide
+// micro-kernels: no horizontal sums, eight independent accumulators.
+template <class T> struct StepPack { int64_t ih, hh, hn, hr, total; };
+
+template <class T> StepPack<T> step_pack_layout(const StepJob<T>& j) {
+    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
+    const int64_t H = j.hid, P = j.out, GH = G * H;
+    const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
+    const bool proj = j.cell == (int)CellType::LSTM && P != H;
+    StepPack<T> L{};
+    auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
+    L.ih = 0;
+    L.hh = r(packed_b_size<T>(j.in, GH));
+    L.hn = L.hh + r(gru_orig ? packed_b_size<T>(H, 2 * H) : packed_b_size<T>(P, GH));
+    L.hr = L.hn + r(gru_orig ? packed_b_size<T>(H, H) : 0);
+    L.total = L.hr + r(proj ? packed_b_size<T>(H, P) : 0);
+    return L;
+}
+
+template <class T> int64_t step_pack_size(const StepJob<T>& j) { return step_pack_layout(j).total; }
+
+template <class T> void step_pack(const StepJob<T>& j, T* out) {
+    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
+    const int64_t H = j.hid, P = j.out, GH = G * H, I = j.in;
+    const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
+    const bool proj = j.cell == (int)CellType::LSTM && P != H;
+    const StepPack<T> L = step_pack_layout(j);
+    pack_b<T>(true, I, GH, j.w.w_ih, I, out + L.ih);
+    if (gru_orig) {
+        pack_b<T>(true, H, 2 * H, j.w.w_hh, H, out + L.hh);
+        pack_b<T>(true, H, H, j.w.w_hh + 2 * H * H, H, out + L.hn);
+    } else {
+        pack_b<T>(true, P, GH, j.w.w_hh, P, out + L.hh);
+    }
+    if (proj) pack_b<T>(true, H, P, j.w.w_hr, H, out + L.hr);
+}
+
+template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
+    const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
+    const int cell = j.cell;
+    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
+    const int64_t GH = G * H;
+    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
+    const bool proj = lstm && P != H;
+    const bool gru_orig = gru && !j.lbr;
+    const StepPack<T> L = step_pack_layout(j);
+    T* gx = j.work;
+    T* hh = gx + GH;
+    T* m = hh + GH;
+    T* rh = m + H;
+    T* hnew = rh + H;
+    const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+        const T* x = j.x + b * I;
+        T* h = j.h + b * P;
+        small_rows<T>(1, GH, I, x, I, 1, pk + L.ih, T(1), T(0), gx, GH, false);
+        if (j.w.b_ih) {
+            const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
+            for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
+        }
+        if (lstm) {
+            T* c = j.c + b * H;
+            small_rows<T>(1, GH, P, h, P, 1, pk + L.hh, T(1), T(0), hh, GH, false);
+            lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
+                            c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
+                            pi ? pi + 2 * H : nullptr, j.coupled);
+            if (proj) small_rows<T>(1, P, H, m, H, 1, pk + L.hr, T(1), T(0), hnew, P, false);
+        } else if (gru) {
+            const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
+            if (gru_orig) {
+                small_rows<T>(1, 2 * H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, 2 * H, false);
+                gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
+                small_rows<T>(1, H, H, rh, H, 1, pk + L.hn, T(1), T(0), hh + 2 * H, H, false);
+                gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
+            } else {
+                small_rows<T>(1, GH, H, h, H, 1, pk + L.hh, T(1), T(0), hh, GH, false);
+                gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
+            }
+        } else {
+            small_rows<T>(1, H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, H, false);
+            rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
+        }
+        std::memcpy(h, hnew, sizeof(T) * P);
+    }
+}
+
 template <class T> void activations(int which, int64_t n, const T* x, T* y) {
     for (int64_t k = 0; k < n; k += VL<T>) {
         const VT<T> v = ld(x + k, n - k);
@@ -1256,11 +1348,13 @@ extern const KernelTable table;
 const KernelTable table = {
     RNNCORE_ISA_NAME,
     {&gemm<float>, &dir_forward_work<float>, &dir_forward<float>, &dir_backward_work<float>,
-     &dir_backward<float>, &step_work<float>, &step<float>, &activations<float>,
+     &dir_backward<float>, &step_work<float>, &step<float>, &step_pack_size<float>,
+     &step_pack<float>, &step_packed<float>, &activations<float>,
      &read_bandwidth<float>},
     {&gemm<double>, &dir_forward_work<double>, &dir_forward<double>,
      &dir_backward_work<double>, &dir_backward<double>, &step_work<double>, &step<double>,
-     &activations<double>, &read_bandwidth<double>},
+     &step_pack_size<double>, &step_pack<double>, &step_packed<double>, &activations<double>,
+     &read_bandwidth<double>},
 };
 
 }  // namespace RNNCORE_ISA_NS

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Per-step C++ benchmark at batch 1: saves LSTM/GRU layers from Python, builds step_bench
+# against the installed package (find_package(rnncore)) and runs it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${BENCH_DIR:-build/step-bench}"
+mkdir -p "$OUT"
+python3 - "$OUT" <<'PY'
+import sys, rnncore as rc
+d = sys.argv[1]
+for cls, I, H in ((rc.LSTM, 32, 64), (rc.GRU, 32, 64), (rc.LSTM, 128, 256), (rc.GRU, 128, 256)):
+    cls(I, H, seed=0).save(f"{d}/{cls.__name__.lower()}_I{I}_H{H}.rnnc")
+PY
+cmake -S benchmarks/cpp -B "$OUT/build" -Drnncore_DIR="$(python3 -m rnncore --cmake-dir)" > /dev/null
+cmake --build "$OUT/build" > /dev/null
+"$OUT/build/step_bench" "$OUT/lstm_I32_H64.rnnc:1.1" "$OUT/gru_I32_H64.rnnc:0.8" \
+  "$OUT/lstm_I128_H256.rnnc:19" "$OUT/gru_I128_H256.rnnc:13"
