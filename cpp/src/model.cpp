@@ -187,14 +187,7 @@ void take_recurrent(Block& b, std::map<std::string, Tensor>& tensors, const std:
         take(tensors, prefix + info[i].name, info[i].shape, &b.params[i], name);
         DirParams<float>& p = b.dp[info[i].layer * b.spec.dirs() + info[i].dir];
         const float* ptr = b.params[i].data();
-        switch (info[i].kind) {
-            case W_IH: p.w_ih = ptr; break;
-            case W_HH: p.w_hh = ptr; break;
-            case B_IH: p.b_ih = ptr; break;
-            case B_HH: p.b_hh = ptr; break;
-            case W_HR: p.w_hr = ptr; break;
-            case W_PEEP: p.w_peep = ptr; break;
-        }
+        set_param(p, info[i].kind, ptr);
     }
 }
 

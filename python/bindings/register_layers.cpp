@@ -77,14 +77,7 @@ std::vector<py::array_t<T>> take_params(const LayerSpec& s, const py::list& para
         keep.push_back(a);
         DirParams<T>& p = (*dp)[info[i].layer * s.dirs() + info[i].dir];
         const T* ptr = a.data();
-        switch (info[i].kind) {
-            case W_IH: p.w_ih = ptr; break;
-            case W_HH: p.w_hh = ptr; break;
-            case B_IH: p.b_ih = ptr; break;
-            case B_HH: p.b_hh = ptr; break;
-            case W_HR: p.w_hr = ptr; break;
-            case W_PEEP: p.w_peep = ptr; break;
-        }
+        set_param(p, info[i].kind, ptr);
     }
     return keep;
 }
@@ -171,14 +164,7 @@ py::tuple backward_t(const LayerSpec& s, const py::list& params, const Cache& c,
         keep_grads.push_back(a);
         DirGrads<T>& g = dg[info[i].layer * D + info[i].dir];
         T* ptr = a.mutable_data();
-        switch (info[i].kind) {
-            case W_IH: g.w_ih = ptr; break;
-            case W_HH: g.w_hh = ptr; break;
-            case B_IH: g.b_ih = ptr; break;
-            case B_HH: g.b_hh = ptr; break;
-            case W_HR: g.w_hr = ptr; break;
-            case W_PEEP: g.w_peep = ptr; break;
-        }
+        set_param(g, info[i].kind, ptr);
     }
     BackwardArgs<T> a;
     py::array_t<T> dya, dhna, dcna;

@@ -135,3 +135,24 @@ class ParamDict(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
+
+
+class Module:
+    """What every layer and block shares: training mode, gradients, state dicts. Subclasses
+    set `params` and `grads` (ParamDicts)."""
+
+    training = True
+
+    def train(self, mode=True):
+        self.training = check_bool(mode, "mode")
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g.fill(0)
+
+    def state_dict(self):
+        return {k: v.copy() for k, v in self.params.items()}

@@ -11,30 +11,18 @@ import math
 
 import numpy as np
 
-from ._arrays import (ParamDict, as_float_array, canonical_dtype, check_int, check_prob,
+from ._arrays import (Module, ParamDict, as_float_array, canonical_dtype, check_int, check_prob,
                       shape_str)
 
 _ACTIVATIONS = (None, "tanh", "relu", "sigmoid")
 
 
-class Block:
-    training = True
+class Block(Module):
     _cache = None
 
     def __init__(self):
         self.params = ParamDict({}, np.float32)
         self.grads = ParamDict({}, np.float32)
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def zero_grad(self):
-        for g in self.grads.values():
-            g.fill(0)
 
     def _need_cache(self):
         if self._cache is None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import ParamDict, as_float_array, shape_str
+from ._arrays import Module, ParamDict, as_float_array, shape_str
 from .layers import GRU, LSTM, RNN
 
 
-class _Cell:
+class _Cell(Module):
     _layer_cls = None
     _is_lstm = False
 
@@ -85,12 +85,6 @@ class _Cell:
         dx, ds = self._layer.backward(None, parts)
         dx = dx[0, 0] if ub else dx[0]
         return dx, self._state_out(ds, ub)
-
-    def zero_grad(self):
-        self._layer.zero_grad()
-
-    def state_dict(self):
-        return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
         if not hasattr(state_dict, "keys"):

@@ -11,7 +11,7 @@ import numpy as np
 from . import _core
 from . import losses as _losses
 from . import optim as _optim
-from ._arrays import (ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
+from ._arrays import (Module, ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
                       check_int, shape_str)
 from .blocks import Dense
 from .layers import GRU, LSTM, RNN, _Recurrent
@@ -78,7 +78,7 @@ class Hopfield:
 # ------------------------------------------------------------------------ second-order RNN
 
 
-class SecondOrderRNN:
+class SecondOrderRNN(Module):
     """Second-order recurrent units (Giles et al. 1992):
     h_t = tanh(sum_jk W[i, j, k] h_{t-1, j} x_{t, k} + b_i), weight (H, H, I), bias (H,);
     with rank=r the factored multiplicative RNN (Sutskever, Martens & Hinton 2011):
@@ -128,20 +128,6 @@ class SecondOrderRNN:
     def config(self):
         return {"input_size": self.input_size, "hidden_size": self.hidden_size,
                 "rank": self.rank or None, "batch_first": self.batch_first, "dtype": self.dtype.name}
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def zero_grad(self):
-        for g in self.grads.values():
-            g.fill(0)
-
-    def state_dict(self):
-        return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
         return _Recurrent.load_state_dict(self, state_dict, strict)

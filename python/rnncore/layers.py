@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _core
-from ._arrays import (ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
+from ._arrays import (Module, ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
                       check_int, check_prob, shape_str)
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -31,7 +31,7 @@ def _check_device(device):
     raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
 
 
-class _Recurrent:
+class _Recurrent(Module):
     """Shared machinery of RNN, LSTM and GRU. Shapes use T time, B batch, I input,
     H hidden, P = proj_size or H, D directions, L layers."""
 
@@ -96,17 +96,6 @@ class _Recurrent:
     def _param_list(self):
         return list(self.params.values())
 
-    def train(self, mode: bool = True):
-        self.training = check_bool(mode, "mode")
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def zero_grad(self):
-        for g in self.grads.values():
-            g.fill(0)
-
     def config(self) -> dict:
         """Constructor arguments that rebuild this layer (used by save/load)."""
         cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size,
@@ -125,9 +114,6 @@ class _Recurrent:
 
     def parameters(self):
         return list(self.params.values())
-
-    def state_dict(self):
-        return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Loads parameters by PyTorch name. Shapes must match; with strict=True the names

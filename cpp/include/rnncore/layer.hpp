@@ -65,6 +65,19 @@ template <class T> struct DirGrads {
     T* w_hr = nullptr; T* w_peep = nullptr;
 };
 
+// Points the member of `p` (a DirParams or DirGrads) named by `kind` at `ptr`.
+template <class Ptrs, class T> inline void set_param(Ptrs& p, int kind, T* ptr) {
+    switch (kind) {
+        case W_IH: p.w_ih = ptr; break;
+        case W_HH: p.w_hh = ptr; break;
+        case B_IH: p.b_ih = ptr; break;
+        case B_HH: p.b_hh = ptr; break;
+        case W_HR: p.w_hr = ptr; break;
+        case W_PEEP: p.w_peep = ptr; break;
+        default: break;
+    }
+}
+
 // What forward keeps for backward (opaque to callers).
 template <class T> struct StackCache;
 

@@ -781,25 +781,47 @@ template <class F> void run_team(int nth, F&& body) {
     body(0, 1);
 }
 
-// Per-thread scratch: allocated inside the region; if any thread fails, all skip the work
-// (same barriers), and the caller throws.
+// Per-thread scratch: allocated inside the region; if any thread fails, every thread gets
+// nullptr after the same barrier (so all skip the work together) and the caller throws.
+template <class T> T* team_scratch(int64_t need, int* failed) {
+    T* mem = static_cast<T*>(std::aligned_alloc(64, ((size_t)need * sizeof(T) + 63) / 64 * 64));
+    if (!mem) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+        *failed = 1;
+    }
+    barrier();
+    if (*failed) {
+        std::free(mem);
+        return nullptr;
+    }
+    return mem;
+}
+
 template <class T> struct Scratch {
     T* p = nullptr;
     T* take(int64_t n) { T* r = p; p += (n + 15) / 16 * 16; return r; }
 };
+
+// What a cell type implies, derived once: gates G, G*H, the variant flags.
+struct CellDims {
+    int G;
+    int64_t GH;
+    bool lstm, gru, proj, gru_orig, relu;
+};
+inline CellDims cell_dims(int cell, int64_t H, int64_t P, bool lbr) {
+    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
+    const int G = lstm ? 4 : gru ? 3 : 1;
+    return {G, G * H, lstm, gru, lstm && P != H, gru && !lbr, cell == (int)CellType::RNN_RELU};
+}
 
 // ------------------------------------------------------------------ forward
 template <class T> int64_t dir_forward_work(const DirJob<T>&) { return 0; }
 
 template <class T> void dir_forward(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const int cell = j.cell;
-    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
-    const int64_t GH = G * H;
-    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
-    const bool proj = lstm && P != H;
-    const bool gru_orig = gru && !j.lbr;
-    const bool relu = cell == (int)CellType::RNN_RELU;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     const int Gk = gru_orig ? 2 : G;          // gates computed by the first recurrent product
 
@@ -827,15 +849,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         int64_t need = packed_b_size<T>(K1, Gk * nh) + B * Gk * nh + packed_a_size(B, H > P ? H : P) + 128;
         if (gru_orig) need += packed_b_size<T>(H, nh) + B * nh;
         if (proj) need += packed_b_size<T>(H, nq);
-        T* mem = static_cast<T*>(std::aligned_alloc(64, ((size_t)need * sizeof(T) + 63) / 64 * 64));
-        if (!mem) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-        barrier();
-        if (failed) { std::free(mem); return; }
+        T* mem = team_scratch<T>(need, &failed);
+        if (!mem) return;
         Scratch<T> sc{mem};
         T* pk = sc.take(packed_b_size<T>(K1, Gk * nh));
         T* hh = sc.take(B * Gk * nh);
@@ -944,13 +959,7 @@ template <class T> int64_t dir_backward_work(const DirBackJob<T>&) { return 0; }
 template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const int cell = j.cell;
-    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
-    const int64_t GH = G * H;
-    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
-    const bool proj = lstm && P != H;
-    const bool gru_orig = gru && !j.lbr;
-    const bool relu = cell == (int)CellType::RNN_RELU;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     T* dh = bj.dh;
     T* dc = bj.dc;
@@ -968,15 +977,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         if (gru_orig) need += packed_b_size<T>(H, nh);
         if (proj) need += packed_b_size<T>(P, nh) + B * nh;
         if (gru) need += B * nh;
-        T* mem = static_cast<T*>(std::aligned_alloc(64, ((size_t)need * sizeof(T) + 63) / 64 * 64));
-        if (!mem) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            failed = 1;
-        }
-        barrier();
-        if (failed) { std::free(mem); return; }
+        T* mem = team_scratch<T>(need, &failed);
+        if (!mem) return;
         Scratch<T> sc{mem};
         T* pk = sc.take(packed_b_size<T>(Kc, nq));
         T* tmp = sc.take(B * (nh > nq ? nh : nq));
