@@ -1275,34 +1275,38 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     T* rh = m + H;
     T* hnew = rh + H;
     const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+    // Alternate the direction of the weight sweep from call to call ("snake" order): the
+    // part of the weights still in L2 from the last step is read first.
+    thread_local unsigned flip = 0;
+    const bool rv = (++flip) & 1;
     for (int64_t b = 0; b < B; ++b) {
         const T* x = j.x + b * I;
         T* h = j.h + b * P;
-        small_rows<T>(1, GH, I, x, I, 1, pk + L.ih, T(1), T(0), gx, GH, false);
+        small_rows<T>(1, GH, I, x, I, 1, pk + L.ih, T(1), T(0), gx, GH, rv);
         if (j.w.b_ih) {
             const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
             for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
         }
         if (lstm) {
             T* c = j.c + b * H;
-            small_rows<T>(1, GH, P, h, P, 1, pk + L.hh, T(1), T(0), hh, GH, false);
+            small_rows<T>(1, GH, P, h, P, 1, pk + L.hh, T(1), T(0), hh, GH, rv);
             lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
                             c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
                             pi ? pi + 2 * H : nullptr, j.coupled);
-            if (proj) small_rows<T>(1, P, H, m, H, 1, pk + L.hr, T(1), T(0), hnew, P, false);
+            if (proj) small_rows<T>(1, P, H, m, H, 1, pk + L.hr, T(1), T(0), hnew, P, rv);
         } else if (gru) {
             const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
             if (gru_orig) {
-                small_rows<T>(1, 2 * H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, 2 * H, false);
+                small_rows<T>(1, 2 * H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, 2 * H, rv);
                 gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
-                small_rows<T>(1, H, H, rh, H, 1, pk + L.hn, T(1), T(0), hh + 2 * H, H, false);
+                small_rows<T>(1, H, H, rh, H, 1, pk + L.hn, T(1), T(0), hh + 2 * H, H, rv);
                 gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
             } else {
-                small_rows<T>(1, GH, H, h, H, 1, pk + L.hh, T(1), T(0), hh, GH, false);
+                small_rows<T>(1, GH, H, h, H, 1, pk + L.hh, T(1), T(0), hh, GH, rv);
                 gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
             }
         } else {
-            small_rows<T>(1, H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, H, false);
+            small_rows<T>(1, H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, H, rv);
             rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
         }
         std::memcpy(h, hnew, sizeof(T) * P);
