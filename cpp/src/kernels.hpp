@@ -5,7 +5,8 @@
 // library templates that other translation units also instantiate (no std::vector,
 // std::unique_ptr, ...). An inline function compiled with -mavx512f in one unit and
 // merged by the linker with the baseline copy would crash older CPUs. They see only the
-// plain structs below and raw pointers; every buffer is allocated by the driver.
+// plain structs below and raw pointers; the driver allocates the sequence buffers, the
+// kernels their own per-thread scratch (with malloc).
 #pragma once
 
 #include <cstdint>
@@ -32,7 +33,6 @@ template <class T> struct DirJob {
     T* cbuf;                        // [T+1, B, H] LSTM, entering state preset by driver
     T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
     T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
-    T* work;                        // scratch, dir_forward_work(job) elements
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
 };
 
@@ -44,7 +44,6 @@ template <class T> struct DirBackJob {
     T* dgx;                         // [T, B, G*H] gradient of the x-side pre-activations
     T* dgh;                         // [T, B, G*H] hidden side (GRU lbr only; else null)
     T* dhs;                         // [T, B, P] LSTM projection: dh of each step
-    T* work;                        // scratch, dir_backward_work(job) elements
     DirGrads<T> g;                  // accumulated (+=)
     T* dx; bool dx_accumulate;      // [T*B, I]
 };
@@ -65,9 +64,7 @@ template <class T> struct StepJob {
 template <class T> struct KernelFns {
     void (*gemm)(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t,
                  T, T*, int64_t);
-    int64_t (*dir_forward_work)(const DirJob<T>&);
     void (*dir_forward)(const DirJob<T>&);
-    int64_t (*dir_backward_work)(const DirBackJob<T>&);
     void (*dir_backward)(const DirBackJob<T>&);
     int64_t (*step_work)(const StepJob<T>&);
     void (*step)(const StepJob<T>&);

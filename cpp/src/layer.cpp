@@ -96,7 +96,6 @@ DirJob<T> make_job(const LayerSpec& s, int64_t layer, int d, int64_t TT, int64_t
     j.cbuf = buf.cbuf.empty() ? nullptr : buf.cbuf.data();
     j.mbuf = buf.mbuf.empty() ? nullptr : buf.mbuf.data();
     j.extra = buf.extra.empty() ? nullptr : buf.extra.data();
-    j.work = nullptr;
     j.y = y ? y + d * P : nullptr;
     j.ldy = s.dirs() * P;
     return j;
@@ -143,7 +142,6 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     c->dirs.resize(L * D);
 
     std::vector<T> ybuf[2];
-    std::vector<T> dirwork;
     const T* layer_in = a.x;
     if (keep) {
         c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
@@ -184,8 +182,6 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
                 if (a.c0) std::memcpy(c_in, a.c0 + idx * B * H, sizeof(T) * B * H);
                 else std::fill(c_in, c_in + B * H, T(0));
             }
-            dirwork.resize(std::max<int64_t>(1, kernels<T>().dir_forward_work(j)));
-            j.work = dirwork.data();
             kernels<T>().dir_forward(j);
             std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
             if (s.is_lstm())
@@ -213,7 +209,7 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         throw std::invalid_argument("stack_backward: null output buffer");
     const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
 
-    std::vector<T> dgx(TT * B * GH), dgh, dhs, work, dh(B * P), dc(s.is_lstm() ? B * H : 1);
+    std::vector<T> dgx(TT * B * GH), dgh, dhs, dh(B * P), dc(s.is_lstm() ? B * H : 1);
     if (s.cell == CellType::GRU && s.linear_before_reset) dgh.resize(TT * B * GH);
     if (s.is_lstm() && P != H) dhs.resize(TT * B * P);
     std::vector<T> dlayer[2];
@@ -246,8 +242,6 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             bj.g = grads[idx];
             bj.dx = dx;
             bj.dx_accumulate = d > 0;
-            work.resize(std::max<int64_t>(1, kernels<T>().dir_backward_work(bj)));
-            bj.work = work.data();
             kernels<T>().dir_backward(bj);
             std::memcpy(out.dh0 + idx * B * P, dh.data(), sizeof(T) * B * P);
             if (s.is_lstm()) std::memcpy(out.dc0 + idx * B * H, dc.data(), sizeof(T) * B * H);
@@ -327,7 +321,7 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
     j.lengths = nullptr; j.w = w; j.x = xr.data();
     j.gates = gates.data(); j.hbuf = hbuf.data(); j.cbuf = lstm ? cbuf.data() : nullptr;
     j.mbuf = nullptr; j.extra = extra.empty() ? nullptr : extra.data();
-    j.work = nullptr; j.y = y.data(); j.ldy = H;
+    j.y = y.data(); j.ldy = H;
     kernels<T>().dir_forward(j);
 
     std::vector<T> dh(S * H, T(0)), dc(lstm ? S * H : 1, T(0)), dgx(S * GH), dgh, dx(S * I);
@@ -342,7 +336,6 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
     bj.dy = nullptr; bj.ldy = H;
     bj.dh = dh.data(); bj.dc = dc.data();
     bj.dgx = dgx.data(); bj.dgh = lbr_gru ? dgh.data() : nullptr; bj.dhs = nullptr;
-    bj.work = nullptr;
     bj.g.w_ih = gw_ih.data(); bj.g.w_hh = gw_hh.data();
     bj.g.b_ih = w.b_ih ? gb_ih.data() : nullptr; bj.g.b_hh = w.b_hh ? gb_hh.data() : nullptr;
     bj.dx = dx.data(); bj.dx_accumulate = false;

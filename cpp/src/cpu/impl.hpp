@@ -817,8 +817,6 @@ inline CellDims cell_dims(int cell, int64_t H, int64_t P, bool lbr) {
 }
 
 // ------------------------------------------------------------------ forward
-template <class T> int64_t dir_forward_work(const DirJob<T>&) { return 0; }
-
 template <class T> void dir_forward(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
     const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
@@ -954,8 +952,6 @@ template <class T> void dir_forward(const DirJob<T>& j) {
 }
 
 // ------------------------------------------------------------------ backward
-template <class T> int64_t dir_backward_work(const DirBackJob<T>&) { return 0; }
-
 template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
@@ -1353,12 +1349,10 @@ template <class T> double read_bandwidth(int64_t bytes, int reps) {
 extern const KernelTable table;
 const KernelTable table = {
     RNNCORE_ISA_NAME,
-    {&gemm<float>, &dir_forward_work<float>, &dir_forward<float>, &dir_backward_work<float>,
-     &dir_backward<float>, &step_work<float>, &step<float>, &step_pack_size<float>,
+    {&gemm<float>, &dir_forward<float>, &dir_backward<float>, &step_work<float>, &step<float>, &step_pack_size<float>,
      &step_pack<float>, &step_packed<float>, &activations<float>,
      &read_bandwidth<float>},
-    {&gemm<double>, &dir_forward_work<double>, &dir_forward<double>,
-     &dir_backward_work<double>, &dir_backward<double>, &step_work<double>, &step<double>,
+    {&gemm<double>, &dir_forward<double>, &dir_backward<double>, &step_work<double>, &step<double>,
      &step_pack_size<double>, &step_pack<double>, &step_packed<double>, &activations<double>,
      &read_bandwidth<double>},
 };
