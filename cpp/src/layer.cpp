@@ -69,6 +69,25 @@ template <class T> struct StackCache {
 };
 
 template <class T> int64_t cache_steps(const StackCache<T>& c) { return c.steps; }
+
+namespace {
+// One spare training cache per thread: a cache released after backward keeps its buffers
+// here for the next forward, so repeated training steps fault in and zero no new pages.
+template <class T> std::unique_ptr<StackCache<T>>& spare_cache() {
+    thread_local std::unique_ptr<StackCache<T>> slot;
+    return slot;
+}
+
+template <class T> std::shared_ptr<StackCache<T>> take_cache() {
+    std::unique_ptr<StackCache<T>>& slot = spare_cache<T>();
+    StackCache<T>* raw = slot ? slot.release() : new StackCache<T>();
+    return std::shared_ptr<StackCache<T>>(raw, [](StackCache<T>* p) {
+        std::unique_ptr<StackCache<T>>& spare = spare_cache<T>();
+        if (!spare) spare.reset(p);
+        else delete p;
+    });
+}
+}  // namespace
 template <class T> int64_t cache_batch(const StackCache<T>& c) { return c.batch; }
 
 namespace {
@@ -133,15 +152,30 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
                 throw std::invalid_argument("lengths: expected values in [1, " + str(TT) + "], got " +
                                             str(a.lengths[b]) + " at index " + str(b));
     }
-    auto c = std::make_shared<StackCache<T>>();
+    const bool keep = cache != nullptr;
+    // Training keeps its activations in a cache of its own. Inference reuses this thread's
+    // buffers from call to call: after the first call of a size no page is faulted in or
+    // zeroed again (the buffers stay allocated, at their largest size, for the thread).
+    std::shared_ptr<StackCache<T>> c;
+    thread_local std::shared_ptr<StackCache<T>> pool;
+    thread_local std::vector<T> pool_y[2];
+    std::vector<T> own_y[2];
+    if (keep) {
+        c = take_cache<T>();
+        c->masks.clear();
+    } else {
+        if (!pool) pool = std::make_shared<StackCache<T>>();
+        c = pool;
+        c->masks.clear();
+    }
+    std::vector<T>* ybuf = keep ? own_y : pool_y;
     c->spec = s; c->steps = TT; c->batch = B;
+    c->lengths.clear();
     if (a.lengths) c->lengths.assign(a.lengths, a.lengths + B);
     const int64_t* lens = a.lengths ? c->lengths.data() : nullptr;
-    const bool keep = cache != nullptr;
     c->inputs.resize(L);
-    c->dirs.resize(L * D);
+    c->dirs.resize(keep ? L * D : 1);
 
-    std::vector<T> ybuf[2];
     const T* layer_in = a.x;
     if (keep) {
         c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
@@ -171,7 +205,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         }
         for (int d = 0; d < D; ++d) {
             const int64_t idx = l * D + d;
-            auto& buf = c->dirs[idx];
+            auto& buf = c->dirs[keep ? idx : 0];
             DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
@@ -186,9 +220,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
             if (s.is_lstm())
                 std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
-            if (!keep) buf = typename StackCache<T>::Dir();
         }
-        if (!keep && l > 0) std::vector<T>().swap(c->inputs[l]);
     }
     if (keep) *cache = c;
 }
@@ -209,10 +241,14 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         throw std::invalid_argument("stack_backward: null output buffer");
     const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
 
-    std::vector<T> dgx(TT * B * GH), dgh, dhs, dh(B * P), dc(s.is_lstm() ? B * H : 1);
+    // Per-thread scratch reused from call to call (every element is written before it is read).
+    thread_local std::vector<T> dgx, dgh, dhs, dlayer[2];
+    std::vector<T> dh(B * P), dc(s.is_lstm() ? B * H : 1);
+    dgx.resize(TT * B * GH);
     if (s.cell == CellType::GRU && s.linear_before_reset) dgh.resize(TT * B * GH);
     if (s.is_lstm() && P != H) dhs.resize(TT * B * P);
-    std::vector<T> dlayer[2];
+    const bool use_dgh = s.cell == CellType::GRU && s.linear_before_reset;
+    const bool use_dhs = s.is_lstm() && P != H;
     const T* dy = a.dy;
     for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t In = s.layer_input_size(l);
@@ -237,8 +273,8 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             bj.dh = dh.data();
             bj.dc = dc.data();
             bj.dgx = dgx.data();
-            bj.dgh = dgh.empty() ? nullptr : dgh.data();
-            bj.dhs = dhs.empty() ? nullptr : dhs.data();
+            bj.dgh = use_dgh ? dgh.data() : nullptr;
+            bj.dhs = use_dhs ? dhs.data() : nullptr;
             bj.g = grads[idx];
             bj.dx = dx;
             bj.dx_accumulate = d > 0;
