@@ -799,10 +799,19 @@ template <class T> T* team_scratch(int64_t need, int* failed) {
     return mem;
 }
 
-template <class T> struct Scratch {
-    T* p = nullptr;
-    T* take(int64_t n) { T* r = p; p += (n + 15) / 16 * 16; return r; }
-};
+// Carves the per-thread scratch into N buffers of the given sizes (0: nullptr) from one
+// team_scratch allocation; returns the allocation (to free), or nullptr if any thread failed.
+template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N], int* failed) {
+    int64_t total = 0;
+    for (int i = 0; i < N; ++i) total += (sizes[i] + 15) / 16 * 16;
+    T* mem = team_scratch<T>(total > 0 ? total : 16, failed);
+    int64_t off = 0;
+    for (int i = 0; i < N; ++i) {
+        out[i] = mem && sizes[i] > 0 ? mem + off : nullptr;
+        off += (sizes[i] + 15) / 16 * 16;
+    }
+    return mem;
+}
 
 // What a cell type implies, derived once: gates G, G*H, the variant flags.
 struct CellDims {
@@ -844,20 +853,16 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        int64_t need = packed_b_size<T>(K1, Gk * nh) + B * Gk * nh + packed_a_size(B, H > P ? H : P) + 128;
-        if (gru_orig) need += packed_b_size<T>(H, nh) + B * nh;
-        if (proj) need += packed_b_size<T>(H, nq);
-        T* mem = team_scratch<T>(need, &failed);
+        const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
+        const int64_t sizes[6] = {small ? 0 : packed_b_size<T>(K1, Gk * nh), B * Gk * nh,
+                                  small ? 0 : packed_a_size(B, H > P ? H : P),
+                                  gru_orig && !small ? packed_b_size<T>(H, nh) : 0, gru_orig ? B * nh : 0,
+                                  proj && !small ? packed_b_size<T>(H, nq) : 0};
+        T* buf[6];
+        T* mem = team_carve<T>(sizes, buf, &failed);
         if (!mem) return;
-        Scratch<T> sc{mem};
-        T* pk = sc.take(packed_b_size<T>(K1, Gk * nh));
-        T* hh = sc.take(B * Gk * nh);
-        T* ap = sc.take(packed_a_size(B, H > P ? H : P));
-        T* pkn = gru_orig ? sc.take(packed_b_size<T>(H, nh)) : nullptr;
-        T* hnv = gru_orig ? sc.take(B * nh) : nullptr;
-        T* pkr = proj ? sc.take(packed_b_size<T>(H, nq)) : nullptr;
+        T *pk = buf[0], *hh = buf[1], *ap = buf[2], *pkn = buf[3], *hnv = buf[4], *pkr = buf[5];
         const int64_t u0 = U.lo;
-        const bool small = B <= SMALL_B && TT <= SMALL_T;
         if (nh > 0 && !small) {
             pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                            [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
@@ -969,21 +974,17 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
         const int64_t kmax = GH > P ? GH : P;
-        int64_t need = packed_b_size<T>(Kc, nq) + B * (nh > nq ? nh : nq) + packed_a_size(B, kmax) + 128;
-        if (gru_orig) need += packed_b_size<T>(H, nh);
-        if (proj) need += packed_b_size<T>(P, nh) + B * nh;
-        if (gru) need += B * nh;
-        T* mem = team_scratch<T>(need, &failed);
+        const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
+        const int64_t sizes[7] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
+                                  small ? 0 : packed_a_size(B, kmax),
+                                  gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
+                                  proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
+                                  gru ? B * nh : 0};
+        T* buf[7];
+        T* mem = team_carve<T>(sizes, buf, &failed);
         if (!mem) return;
-        Scratch<T> sc{mem};
-        T* pk = sc.take(packed_b_size<T>(Kc, nq));
-        T* tmp = sc.take(B * (nh > nq ? nh : nq));
-        T* ap = sc.take(packed_a_size(B, kmax));
-        T* pkn = gru_orig ? sc.take(packed_b_size<T>(H, nh)) : nullptr;
-        T* pkr = proj ? sc.take(packed_b_size<T>(P, nh)) : nullptr;
-        T* dmb = proj ? sc.take(B * nh) : nullptr;
-        T* dhd = gru ? sc.take(B * nh) : nullptr;     // dh * z (+ d(r*h) * r), own units
-        const bool small = B <= SMALL_B && TT <= SMALL_T;
+        T *pk = buf[0], *tmp = buf[1], *ap = buf[2], *pkn = buf[3], *pkr = buf[4], *dmb = buf[5];
+        T* dhd = buf[6];     // dh * z (+ d(r*h) * r), own units
         if (nq > 0 && !small) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
@@ -1170,14 +1171,15 @@ template <class T> int64_t step_work(const StepJob<T>& j) {
     return 2 * G * j.hid + 2 * j.hid + j.out + 64;
 }
 
-template <class T> void step(const StepJob<T>& j) {
+// One step of one layer; `prod(mat, v, out)` computes out = M v for mat = IH (W_ih, GH x I),
+// HH (W_hh, GH x P; Cho's GRU: its r,z rows, 2H x H), HN (Cho's GRU: W_hn, H x H) or HR
+// (W_hr, P x H). The plain and the packed step differ only in that product.
+enum StepMat { M_IH, M_HH, M_HN, M_HR };
+
+template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod) {
     const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const int cell = j.cell;
-    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
-    const int64_t GH = G * H;
-    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
-    const bool proj = lstm && P != H;
-    const bool gru_orig = gru && !j.lbr;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    (void)G;
     T* gx = j.work;            // [GH] x side (+ biases)
     T* hh = gx + GH;           // [GH] hidden side
     T* m = hh + GH;            // [H]
@@ -1187,35 +1189,51 @@ template <class T> void step(const StepJob<T>& j) {
     for (int64_t b = 0; b < B; ++b) {
         const T* x = j.x + b * I;
         T* h = j.h + b * P;
-        step_gemv<T>(GH, I, j.w.w_ih, I, x, gx);
+        prod(M_IH, x, gx);
         if (j.w.b_ih) {
             const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
             for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
         }
         if (lstm) {
             T* c = j.c + b * H;
-            step_gemv<T>(GH, P, j.w.w_hh, P, h, hh);
+            prod(M_HH, h, hh);
             lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
                             c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
                             pi ? pi + 2 * H : nullptr, j.coupled);
-            if (proj) step_gemv<T>(P, H, j.w.w_hr, H, m, hnew);
+            if (proj) prod(M_HR, m, hnew);
         } else if (gru) {
             const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
+            prod(M_HH, h, hh);
             if (gru_orig) {
-                step_gemv<T>(2 * H, H, j.w.w_hh, H, h, hh);
                 gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
-                step_gemv<T>(H, H, j.w.w_hh + 2 * H * H, H, rh, hh + 2 * H);
+                prod(M_HN, rh, hh + 2 * H);
                 gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
             } else {
-                step_gemv<T>(GH, H, j.w.w_hh, H, h, hh);
                 gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
             }
         } else {
-            step_gemv<T>(H, H, j.w.w_hh, H, h, hh);
-            rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
+            prod(M_HH, h, hh);
+            rnn_fwd_row<T>(H, gx, hh, hnew, relu);
         }
         std::memcpy(h, hnew, sizeof(T) * P);
     }
+}
+
+template <class T> void step(const StepJob<T>& j) {
+    const int64_t I = j.in, H = j.hid, P = j.out;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
+    step_with(j, [&](int mat, const T* v, T* out) {
+        switch (mat) {
+            case M_IH: step_gemv<T>(GH, I, j.w.w_ih, I, v, out); break;
+            case M_HH:
+                if (gru_orig) step_gemv<T>(2 * H, H, j.w.w_hh, H, v, out);
+                else step_gemv<T>(GH, P, j.w.w_hh, P, v, out);
+                break;
+            case M_HN: step_gemv<T>(H, H, j.w.w_hh + 2 * H * H, H, v, out); break;
+            default: step_gemv<T>(P, H, j.w.w_hr, H, v, out); break;
+        }
+    });
 }
 
 // Packed streaming step (the C++ Model): W_ih^T [I, GH] and W_hh^T [P, GH] (Cho's GRU:
@@ -1257,56 +1275,25 @@ template <class T> void step_pack(const StepJob<T>& j, T* out) {
 }
 
 template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
-    const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const int cell = j.cell;
-    const int G = cell == (int)CellType::LSTM ? 4 : cell == (int)CellType::GRU ? 3 : 1;
-    const int64_t GH = G * H;
-    const bool lstm = cell == (int)CellType::LSTM, gru = cell == (int)CellType::GRU;
-    const bool proj = lstm && P != H;
-    const bool gru_orig = gru && !j.lbr;
+    const int64_t I = j.in, H = j.hid, P = j.out;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
     const StepPack<T> L = step_pack_layout(j);
-    T* gx = j.work;
-    T* hh = gx + GH;
-    T* m = hh + GH;
-    T* rh = m + H;
-    T* hnew = rh + H;
-    const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
     // Alternate the direction of the weight sweep from call to call ("snake" order): the
     // part of the weights still in L2 from the last step is read first.
     thread_local unsigned flip = 0;
     const bool rv = (++flip) & 1;
-    for (int64_t b = 0; b < B; ++b) {
-        const T* x = j.x + b * I;
-        T* h = j.h + b * P;
-        small_rows<T>(1, GH, I, x, I, 1, pk + L.ih, T(1), T(0), gx, GH, rv);
-        if (j.w.b_ih) {
-            const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
-            for (int64_t k = 0; k < GH; ++k) gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
+    step_with(j, [&](int mat, const T* v, T* out) {
+        switch (mat) {
+            case M_IH: small_rows<T>(1, GH, I, v, I, 1, pk + L.ih, T(1), T(0), out, GH, rv); break;
+            case M_HH:
+                if (gru_orig) small_rows<T>(1, 2 * H, H, v, H, 1, pk + L.hh, T(1), T(0), out, 2 * H, rv);
+                else small_rows<T>(1, GH, P, v, P, 1, pk + L.hh, T(1), T(0), out, GH, rv);
+                break;
+            case M_HN: small_rows<T>(1, H, H, v, H, 1, pk + L.hn, T(1), T(0), out, H, rv); break;
+            default: small_rows<T>(1, P, H, v, H, 1, pk + L.hr, T(1), T(0), out, P, rv); break;
         }
-        if (lstm) {
-            T* c = j.c + b * H;
-            small_rows<T>(1, GH, P, h, P, 1, pk + L.hh, T(1), T(0), hh, GH, rv);
-            lstm_fwd_row<T>(H, gx, gx + H, gx + 2 * H, gx + 3 * H, hh, hh + H, hh + 2 * H, hh + 3 * H,
-                            c, c, proj ? m : hnew, pi, pi ? pi + H : nullptr,
-                            pi ? pi + 2 * H : nullptr, j.coupled);
-            if (proj) small_rows<T>(1, P, H, m, H, 1, pk + L.hr, T(1), T(0), hnew, P, rv);
-        } else if (gru) {
-            const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
-            if (gru_orig) {
-                small_rows<T>(1, 2 * H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, 2 * H, rv);
-                gru_orig_rz_row<T>(H, gx, gx + H, hh, hh + H, h, rh);
-                small_rows<T>(1, H, H, rh, H, 1, pk + L.hn, T(1), T(0), hh + 2 * H, H, rv);
-                gru_orig_n_row<T>(H, gx + H, gx + 2 * H, hh + 2 * H, h, hnew);
-            } else {
-                small_rows<T>(1, GH, H, h, H, 1, pk + L.hh, T(1), T(0), hh, GH, rv);
-                gru_fwd_row<T>(H, gx, gx + H, gx + 2 * H, hh, hh + H, hh + 2 * H, bhn, h, rh, hnew);
-            }
-        } else {
-            small_rows<T>(1, H, H, h, H, 1, pk + L.hh, T(1), T(0), hh, H, rv);
-            rnn_fwd_row<T>(H, gx, hh, hnew, cell == (int)CellType::RNN_RELU);
-        }
-        std::memcpy(h, hnew, sizeof(T) * P);
-    }
+    });
 }
 
 template <class T> void activations(int which, int64_t n, const T* x, T* y) {
