@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Per-step C++ benchmark at batch 1: saves LSTM/GRU layers from Python, builds step_bench
-# against the installed package (find_package(rnncore)) and runs it.
+# against the installed package (find_package(rnncore)) and runs it, with the Eigen
+# (RTNeural-style) baseline when Eigen 3 is installed (apt install libeigen3-dev).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${BENCH_DIR:-build/step-bench}"
@@ -13,5 +14,5 @@ for cls, I, H in ((rc.LSTM, 32, 64), (rc.GRU, 32, 64), (rc.LSTM, 128, 256), (rc.
 PY
 cmake -S benchmarks/cpp -B "$OUT/build" -Drnncore_DIR="$(python3 -m rnncore --cmake-dir)" > /dev/null
 cmake --build "$OUT/build" > /dev/null
-"$OUT/build/step_bench" "$OUT/lstm_I32_H64.rnnc:1.1" "$OUT/gru_I32_H64.rnnc:0.8" \
-  "$OUT/lstm_I128_H256.rnnc:19" "$OUT/gru_I128_H256.rnnc:13"
+"$OUT/build/step_bench" "$OUT/lstm_I32_H64.rnnc:lstm:32:64:1.1" "$OUT/gru_I32_H64.rnnc:gru:32:64:0.8" \
+  "$OUT/lstm_I128_H256.rnnc:lstm:128:256:19" "$OUT/gru_I128_H256.rnnc:gru:128:256:13"
