@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -69,7 +70,12 @@ struct Block {
     std::vector<DirParams<float>> dp;
     // streaming: each layer's weights packed once at load by (and for) this kernel table
     const KernelTable* table = nullptr;
-    std::vector<std::vector<float>> step_packs;
+    std::vector<std::vector<float>> step_packs;   // over-allocated by 16: see packed()
+    const float* packed(size_t l) const {          // 64-byte aligned start (no split loads)
+        const float* p = step_packs[l].data();
+        const size_t mis = (reinterpret_cast<uintptr_t>(p) % 64) / sizeof(float);
+        return mis ? p + (16 - mis) : p;
+    }
 };
 
 StepJob<float> step_job(const LayerSpec& s, int64_t layer, const DirParams<float>& w) {
@@ -86,8 +92,8 @@ void pack_for_steps(Block& b) {
     b.table = &active_kernels();
     for (int64_t l = 0; l < b.spec.num_layers; ++l) {
         const StepJob<float> j = step_job(b.spec, l, b.dp[l]);
-        b.step_packs.emplace_back(b.table->f32.step_pack_size(j));
-        b.table->f32.step_pack(j, b.step_packs.back().data());
+        b.step_packs.emplace_back(b.table->f32.step_pack_size(j) + 16);
+        b.table->f32.step_pack(j, const_cast<float*>(b.packed(b.step_packs.size() - 1)));
     }
 }
 
@@ -559,7 +565,7 @@ void Model::step(const float* x, State& st, float* y) const {
                     j.c = s.is_lstm() ? st.c[r].data() + l * B * H : nullptr;
                     work.resize(b.table->f32.step_work(j) + 64);
                     j.work = work.data();
-                    b.table->f32.step_packed(j, b.step_packs[l].data());
+                    b.table->f32.step_packed(j, b.packed((size_t)l));
                     in = j.h;
                 }
                 nxt.assign(in, in + B * P);

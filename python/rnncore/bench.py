@@ -304,7 +304,7 @@ def _fmt_ms(v):
     return "-" if v is None else f"{v * 1e3:.2f}"
 
 
-def run(shapes, threads, train=True, rss=True, out_json=None):
+def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=True):
     import rnncore as rc
     rc.set_num_threads(threads)
     peers = Peers(threads)
@@ -317,7 +317,7 @@ def run(shapes, threads, train=True, rss=True, out_json=None):
           f"; read bandwidth per core GB/s: L2 {bw['l2_per_core']:.0f}, L3 {bw['l3_per_core']:.0f}", flush=True)
     machine_peak = max(peak.values())
     rows = []
-    for cell in CELLS:
+    for cell in cells or CELLS:
         for shape in shapes:
             r = bench_shape(cell, shape, peers, train=train)
             rows.append(r)
@@ -332,7 +332,7 @@ def run(shapes, threads, train=True, rss=True, out_json=None):
                 msg += (f"  | train rnncore {_fmt_ms(r['train_rnncore'])} torch {_fmt_ms(r['train_torch'])} "
                         f"ratio {r['train_ratio']:.2f}")
             print(msg, flush=True)
-    steps = [bench_step(c, peers) for c in CELLS]
+    steps = [bench_step(c, peers) for c in (cells or CELLS)] if step else []
     for s in steps:
         print(f"step {s['cell']:4s} I=32 H=64 B=1: rnncore {s['rnncore'] * 1e6:.2f} us  numpy "
               f"{s['numpy'] * 1e6:.2f} us  torch cell {s.get('torch', float('nan')) * 1e6:.2f} us  "
@@ -382,10 +382,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="threads for every library (default: all cores)")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
+    ap.add_argument("--shapes", help="semicolon-separated T,B,I,H shapes instead of the default set "
+                    "(e.g. '25,4,1024,1024;100,1,128,256')")
+    ap.add_argument("--no-step", action="store_true", help="skip the one-step-from-Python timing")
     args = ap.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    run(shapes, threads, train=not args.no_train, rss=not args.quick, out_json=args.json)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s.strip()]
+        except ValueError:
+            ap.error(f"--shapes: expected T,B,I,H groups separated by ';', got {args.shapes!r}")
+        if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+            ap.error(f"--shapes: expected positive T,B,I,H groups separated by ';', got {args.shapes!r}")
+    cells = None
+    if args.cells:
+        cells = [c.strip().upper() for c in args.cells.split(",") if c.strip()]
+        bad = [c for c in cells if c not in CELLS]
+        if bad or not cells:
+            ap.error(f"--cells: expected a subset of {','.join(CELLS)}, got {args.cells!r}")
+    run(shapes, threads, train=not args.no_train, rss=not args.quick and not args.shapes,
+        out_json=args.json, cells=cells, step=not args.no_step)
     return 0
 
 

@@ -117,8 +117,10 @@ void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
     }
 }
 
+// Kept out of line: inlined into a large caller, GCC may run out of registers for the two B
+// vectors and re-load them from memory for every row (measured 25% slower on AVX2).
 template <class T, int mr>
-inline void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __restrict c,
+__attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __restrict c,
                   int64_t ldc, int64_t ncols, T alpha, T beta) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
@@ -134,6 +136,22 @@ inline void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __
             acc0[r] += av * b0;
             acc1[r] += av * b1;
         }
+    }
+    if (alpha == T(1) && ncols == 2 * L) {          // whole tile: vector stores
+        for (int r = 0; r < mr; ++r) {
+            T* cr = c + r * ldc;
+            V v0 = acc0[r], v1 = acc1[r];
+            if (beta != T(0)) {
+                V c0, c1;
+                std::memcpy(&c0, cr, sizeof(V));
+                std::memcpy(&c1, cr + L, sizeof(V));
+                v0 += beta * c0;
+                v1 += beta * c1;
+            }
+            std::memcpy(cr, &v0, sizeof(V));
+            std::memcpy(cr + L, &v1, sizeof(V));
+        }
+        return;
     }
     for (int r = 0; r < mr; ++r) {
         T tmp[2 * L];
@@ -257,33 +275,6 @@ void tiles_serial(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T a
             micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * ps, C + m0 * ldc + n0, ldc, nc, alpha, beta);
         }
     }
-}
-
-// The same, split over the kernel threads when the product is large enough. Tiles are
-// ordered N-panel major so each thread keeps to a contiguous slice of B.
-template <class T>
-void tiles(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T alpha, T beta, T* C,
-           int64_t ldc) {
-#ifdef _OPENMP
-    const int nr = NR<T>;
-    const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
-    const int64_t total = mt * nt;
-    const double flops = 2.0 * (double)M * (double)N * (double)K;
-    const int nth = threads_for_kernels();
-    if (nth > 1 && total > 1 && flops > 2.0e5 && !omp_in_parallel()) {
-#pragma omp parallel for schedule(static) num_threads(nth)
-        for (int64_t idx = 0; idx < total; ++idx) {
-            const int64_t j = idx / mt, i = idx % mt;
-            const int64_t m0 = i * MR, n0 = j * nr;
-            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-            const int64_t nc = N - n0 < nr ? N - n0 : nr;
-            micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc,
-                              alpha, beta);
-        }
-        return;
-    }
-#endif
-    tiles_serial<T>(M, N, K, Ap, Bp, alpha, beta, C, ldc);
 }
 
 template <class T> T* alloc(int64_t n) {
@@ -713,32 +704,6 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
     for (int64_t i = 0; i < nb; ++i) task(i);
 }
 
-template <class T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
-        return;
-    }
-    if (!ta && M <= SMALL_M && alpha == T(1)) {
-        gemm_small_m<T>(tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    const int64_t kc = K < KC ? K : KC;
-    T* Ap = alloc<T>(packed_a_size(M, kc));
-    T* Bp = alloc<T>(packed_b_size<T>(kc, N));
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t kk = K - k0 < kc ? K - k0 : kc;
-        pack_a(ta, M, kk, ta ? A + k0 * lda : A + k0, lda, Ap);
-        pack_b(tb, kk, N, tb ? B + k0 : B + k0 * ldb, ldb, Bp);
-        tiles<T>(M, N, kk, Ap, Bp, alpha, k0 == 0 ? beta : T(1), C, ldc);
-    }
-    std::free(Ap);
-    std::free(Bp);
-}
-
 // ------------------------------------------------------------------ threads over units
 // The recurrence runs in one parallel region per direction. Each thread owns a slice of
 // the hidden units (and of the output features): it packs its slice of the recurrent
@@ -811,6 +776,85 @@ template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N],
         off += (sizes[i] + 15) / 16 * 16;
     }
     return mem;
+}
+
+// The large GEMM, blocked as in GotoBLAS/BLIS: a KC x NC block of B is packed once (its
+// panels shared out over the threads), then each thread packs an MC x KC block of A (kept in
+// its L2) and runs it against every B panel of the block (each KC x NR panel stays in L1
+// across the MR-row panels of A). A is read from memory once per B block instead of once
+// per B panel, and both packings run in parallel.
+constexpr int64_t MC = 16 * MR;                                 // rows of A per L2 block
+template <class T> constexpr int64_t gemm_nc() {                // columns of B per block:
+    return (int64_t)(2u << 20) / (int64_t)(KC * sizeof(T)) / NR<T> * NR<T>;   // ~2 MB packed
+}
+
+template <class T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+        return;
+    }
+    if (!ta && M <= SMALL_M && alpha == T(1)) {
+        gemm_small_m<T>(tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    const int nr = NR<T>;
+    const int64_t kc = K < KC ? K : KC;
+    const int64_t nc = N < gemm_nc<T>() ? ceil_div(N, nr) * nr : gemm_nc<T>();
+    const int64_t mblocks = ceil_div(M, MC);
+    int nth = 1;
+#ifdef _OPENMP
+    if (2.0 * (double)M * (double)N * (double)K > 2.0e5 && !omp_in_parallel()) nth = threads_for_kernels();
+#endif
+    T* Bp = alloc<T>(packed_b_size<T>(kc, nc));
+    int failed = 0;
+    run_team(nth, [&](int tid, int team) {
+        T* Ap = team_scratch<T>(packed_a_size(MC, kc), &failed);
+        if (!Ap) return;
+        for (int64_t jc = 0; jc < N; jc += nc) {
+            const int64_t nn = N - jc < nc ? N - jc : nc;
+            const int64_t npan = ceil_div(nn, nr);
+            // Work units: (A block, range of B panels). With fewer A blocks than threads the
+            // panels are split too (each thread then packs the same A block for itself).
+            const int64_t nsplit = mblocks >= team ? 1 : ceil_div(team, mblocks);
+            const int64_t units = mblocks * nsplit;
+            for (int64_t pc = 0; pc < K; pc += kc) {
+                const int64_t kk = K - pc < kc ? K - pc : kc;
+                const T bet = pc == 0 ? beta : T(1);
+                barrier();   // every thread is done with the previous B block
+                for (int64_t p = tid; p < npan; p += team) {
+                    const int64_t n0 = jc + p * nr, w = N - n0 < nr ? N - n0 : nr;
+                    pack_b(tb, kk, w, tb ? B + n0 * ldb + pc : B + pc * ldb + n0, ldb, Bp + p * kk * nr);
+                }
+                barrier();   // the B block is complete
+                int64_t packed_ib = -1;
+                for (int64_t u = tid; u < units; u += team) {
+                    const int64_t ib = u / nsplit, part_i = u % nsplit;
+                    const int64_t m0 = ib * MC, mm = M - m0 < MC ? M - m0 : MC;
+                    if (ib != packed_ib) {
+                        pack_a(ta, mm, kk, ta ? A + pc * lda + m0 : A + m0 * lda + pc, lda, Ap);
+                        packed_ib = ib;
+                    }
+                    const int64_t p0 = npan * part_i / nsplit, p1 = npan * (part_i + 1) / nsplit;
+                    const int64_t mt = ceil_div(mm, MR);
+                    for (int64_t p = p0; p < p1; ++p) {
+                        const int64_t n0 = jc + p * nr, w = N - n0 < nr ? N - n0 : nr;
+                        for (int64_t i = 0; i < mt; ++i) {
+                            const int mr = (int)(mm - i * MR < MR ? mm - i * MR : MR);
+                            micro_dispatch<T>(mr, kk, Ap + i * kk * MR, Bp + p * kk * nr,
+                                              C + (m0 + i * MR) * ldc + n0, ldc, w, alpha, bet);
+                        }
+                    }
+                }
+            }
+        }
+        std::free(Ap);
+    });
+    std::free(Bp);
+    if (failed) throw std::bad_alloc();
 }
 
 // What a cell type implies, derived once: gates G, G*H, the variant flags.
@@ -1236,10 +1280,42 @@ template <class T> void step(const StepJob<T>& j) {
     });
 }
 
-// Packed streaming step (the C++ Model): W_ih^T [I, GH] and W_hh^T [P, GH] (Cho's GRU:
-// W_hh[rz]^T [H, 2H] and W_hn^T [H, H]) and W_hr^T [H, P] in panel layout, read by the wide
-// micro-kernels: no horizontal sums, eight independent accumulators.
+// Packed streaming step (the C++ Model). Two layouts, chosen from the cell:
+//
+// Fused (LSTM without projection, GRU with linear_before_reset, RNN): one pass per step. The
+// hidden units are cut into groups of UG (two registers; RNN: eight); a group's block holds
+// its gate biases (the initial accumulators), then for every input feature k the group's
+// columns of W_ih^T row k, then for every state feature the columns of W_hh^T:
+//   LSTM: i f g o (2 vectors each) on both sides, 8 accumulators;
+//   GRU:  r z n on both sides, n_x and n_h kept apart (n = tanh(n_x + r n_h));
+//   RNN:  8 vectors of units on both sides.
+// Each weight is read once per step, from one sequential stream per group; the gate
+// pre-activations never leave the registers: the cell update runs on the accumulators and
+// only the new state is stored.
+//
+// Otherwise (projected LSTM, Cho's GRU, which need a whole vector midway): W_ih^T [I, GH],
+// W_hh^T [P, GH] (Cho's GRU: W_hh[rz]^T [H, 2H] and W_hn^T [H, H]) and W_hr^T [H, P] in
+// panel layout, read by the wide micro-kernels, with the row gate passes.
 template <class T> struct StepPack { int64_t ih, hh, hn, hr, total; };
+
+enum FusedKind { FUSED_NONE, FUSED_LSTM, FUSED_GRU, FUSED_RNN };
+
+template <class T> inline int fused_kind(const StepJob<T>& j) {
+    if (j.cell == (int)CellType::LSTM) return j.out == j.hid ? FUSED_LSTM : FUSED_NONE;
+    if (j.cell == (int)CellType::GRU) return j.lbr ? FUSED_GRU : FUSED_NONE;
+    return FUSED_RNN;
+}
+
+// Vectors per weight row on the x side / the h side, units per group.
+template <class T, int K> struct Fused {
+    static constexpr int VX = K == FUSED_GRU ? 6 : 8;
+    static constexpr int VH = VX;
+    static constexpr int64_t UG = K == FUSED_RNN ? 8 * VL<T> : 2 * VL<T>;
+};
+
+template <class T, int K> inline int64_t fused_block(int64_t I, int64_t P) {
+    return (8 + I * Fused<T, K>::VX + P * Fused<T, K>::VH) * (int64_t)VL<T>;
+}
 
 template <class T> StepPack<T> step_pack_layout(const StepJob<T>& j) {
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
@@ -1247,6 +1323,12 @@ template <class T> StepPack<T> step_pack_layout(const StepJob<T>& j) {
     const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
     const bool proj = j.cell == (int)CellType::LSTM && P != H;
     StepPack<T> L{};
+    switch (fused_kind(j)) {
+        case FUSED_LSTM: L.total = ceil_div(H, Fused<T, FUSED_LSTM>::UG) * fused_block<T, FUSED_LSTM>(j.in, P); return L;
+        case FUSED_GRU: L.total = ceil_div(H, Fused<T, FUSED_GRU>::UG) * fused_block<T, FUSED_GRU>(j.in, P); return L;
+        case FUSED_RNN: L.total = ceil_div(H, Fused<T, FUSED_RNN>::UG) * fused_block<T, FUSED_RNN>(j.in, P); return L;
+        default: break;
+    }
     auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
     L.ih = 0;
     L.hh = r(packed_b_size<T>(j.in, GH));
@@ -1258,7 +1340,137 @@ template <class T> StepPack<T> step_pack_layout(const StepJob<T>& j) {
 
 template <class T> int64_t step_pack_size(const StepJob<T>& j) { return step_pack_layout(j).total; }
 
+// Fills the fused blocks. For accumulator vector q of a group (q < 8), col(q, lane) gives the
+// weight row (gate row of W_ih / W_hh, i.e. gate * H + unit) or -1 for padding / no entry.
+template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
+    constexpr int L = VL<T>;
+    constexpr int64_t UG = Fused<T, K>::UG;
+    const int64_t I = j.in, H = j.hid, P = j.out, ngroups = ceil_div(H, UG);
+    const int64_t blk = fused_block<T, K>(I, P);
+    // Row of W (x side when hside is false) feeding accumulator q, lane e of group g; -1: none.
+    auto row = [&](int64_t g, int q, int e, bool hside) -> int64_t {
+        int64_t unit, gate;
+        if (K == FUSED_RNN) { unit = g * UG + q * L + e; gate = 0; }
+        else { unit = g * UG + (q & 1) * L + e; gate = q / 2; }
+        if (unit >= H) return -1;
+        if (K == FUSED_GRU && gate == 3) { if (!hside) return -1; gate = 2; }   // n_h
+        if (K == FUSED_GRU && gate == 2 && hside && q / 2 == 2) return -1;      // n_x: x only
+        return gate * H + unit;
+    };
+    // The accumulator vectors each side feeds, in stored order.
+    int qx[8], qh[8], nx = 0, nh = 0;
+    for (int q = 0; q < 8; ++q) {
+        if (!(K == FUSED_GRU && q / 2 == 3)) qx[nx++] = q;
+        if (!(K == FUSED_GRU && q / 2 == 2)) qh[nh++] = q;
+    }
+    for (int64_t g = 0; g < ngroups; ++g) {
+        T* b = out + g * blk;
+        for (int q = 0; q < 8; ++q)
+            for (int e = 0; e < L; ++e) {
+                T v = T(0);
+                const int64_t rx = row(g, q, e, false), rh = row(g, q, e, true);
+                if (j.w.b_ih && rx >= 0) v += j.w.b_ih[rx];
+                if (j.w.b_hh && rh >= 0) v += j.w.b_hh[rh];
+                b[q * L + e] = v;
+            }
+        T* wx = b + 8 * L;
+        for (int64_t k = 0; k < I; ++k)
+            for (int v = 0; v < nx; ++v)
+                for (int e = 0; e < L; ++e) {
+                    const int64_t r = row(g, qx[v], e, false);
+                    wx[(k * nx + v) * L + e] = r >= 0 ? j.w.w_ih[r * I + k] : T(0);
+                }
+        T* wh = wx + I * nx * L;
+        for (int64_t k = 0; k < P; ++k)
+            for (int v = 0; v < nh; ++v)
+                for (int e = 0; e < L; ++e) {
+                    const int64_t r = row(g, qh[v], e, true);
+                    wh[(k * nh + v) * L + e] = r >= 0 ? j.w.w_hh[r * P + k] : T(0);
+                }
+    }
+}
+
+// One batch row through all groups: x [I], h [P] (read), c [H] (LSTM, in place), hn [H] out.
+template <class T, int K>
+void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, bool rv) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    constexpr int NX = Fused<T, K>::VX, NH = Fused<T, K>::VH;
+    constexpr int64_t UG = Fused<T, K>::UG;
+    const int64_t I = j.in, H = j.hid, P = j.out, ngroups = ceil_div(H, UG);
+    const int64_t blk = fused_block<T, K>(I, P);
+    // accumulator fed by stored vector v of each side
+    constexpr int MX[8] = {0, 1, 2, 3, 4, 5, K == FUSED_GRU ? 0 : 6, K == FUSED_GRU ? 0 : 7};
+    constexpr int MH[8] = {0, 1, 2, 3, K == FUSED_GRU ? 6 : 4, K == FUSED_GRU ? 7 : 5, 6, 7};
+    const T* pi = K == FUSED_LSTM && j.peephole ? j.w.w_peep : nullptr;
+    for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const int64_t g = rv ? ngroups - 1 - gi : gi;
+        const T* b = pk + g * blk;
+        V acc[8];
+        for (int q = 0; q < 8; ++q) std::memcpy(&acc[q], b + q * L, sizeof(V));
+        const T* w = b + 8 * L;
+        for (int64_t k = 0; k < I; ++k, w += NX * L) {
+            const T a = x[k];
+            for (int v = 0; v < NX; ++v) {
+                V wv;
+                std::memcpy(&wv, w + v * L, sizeof(V));
+                acc[MX[v]] += a * wv;
+            }
+        }
+        for (int64_t k = 0; k < P; ++k, w += NH * L) {
+            const T a = h[k];
+            for (int v = 0; v < NH; ++v) {
+                V wv;
+                std::memcpy(&wv, w + v * L, sizeof(V));
+                acc[MH[v]] += a * wv;
+            }
+        }
+        const int64_t u0 = g * UG;
+        if (K == FUSED_RNN) {
+            const bool relu = j.cell == (int)CellType::RNN_RELU;
+            for (int q = 0; q < 8; ++q) {
+                const int64_t u = u0 + q * L;
+                if (u >= H) break;
+                const V a = acc[q];
+                st(hn + u, relu ? (a > T(0) ? a : V{}) : vtanh(a), H - u);
+            }
+            continue;
+        }
+        for (int s = 0; s < 2; ++s) {
+            const int64_t u = u0 + s * L;
+            if (u >= H) break;
+            const int64_t rem = H - u;
+            if (K == FUSED_LSTM) {
+                V ai = acc[s], af = acc[2 + s], ao = acc[6 + s];
+                const V ag = acc[4 + s];
+                const V c0 = ld(c + u, rem);
+                if (pi) {
+                    ai += ld(pi + u, rem) * c0;
+                    af += ld(pi + H + u, rem) * c0;
+                }
+                const V f = vsigmoid(af);
+                const V i = j.coupled ? splat<T>(1) - f : vsigmoid(ai);
+                const V cn = f * c0 + i * vtanh(ag);
+                if (pi) ao += ld(pi + 2 * H + u, rem) * cn;
+                st(c + u, cn, rem);
+                st(hn + u, vsigmoid(ao) * vtanh(cn), rem);
+            } else {   // GRU, linear_before_reset
+                const V r = vsigmoid(acc[s]);
+                const V z = vsigmoid(acc[2 + s]);
+                const V nn = vtanh(acc[4 + s] + r * acc[6 + s]);
+                st(hn + u, (splat<T>(1) - z) * nn + z * ld(h + u, rem), rem);
+            }
+        }
+    }
+}
+
 template <class T> void step_pack(const StepJob<T>& j, T* out) {
+    switch (fused_kind(j)) {
+        case FUSED_LSTM: fused_pack<T, FUSED_LSTM>(j, out); return;
+        case FUSED_GRU: fused_pack<T, FUSED_GRU>(j, out); return;
+        case FUSED_RNN: fused_pack<T, FUSED_RNN>(j, out); return;
+        default: break;
+    }
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
     const int64_t H = j.hid, P = j.out, GH = G * H, I = j.in;
     const bool gru_orig = j.cell == (int)CellType::GRU && !j.lbr;
@@ -1276,13 +1488,27 @@ template <class T> void step_pack(const StepJob<T>& j, T* out) {
 
 template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     const int64_t I = j.in, H = j.hid, P = j.out;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
-    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
-    const StepPack<T> L = step_pack_layout(j);
     // Alternate the direction of the weight sweep from call to call ("snake" order): the
     // part of the weights still in L2 from the last step is read first.
     thread_local unsigned flip = 0;
     const bool rv = (++flip) & 1;
+    const int fk = fused_kind(j);
+    if (fk != FUSED_NONE) {
+        T* hn = j.work;   // [H]
+        for (int64_t b = 0; b < j.batch; ++b) {
+            const T* x = j.x + b * I;
+            T* h = j.h + b * P;
+            T* c = j.c ? j.c + b * H : nullptr;
+            if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hn, rv);
+            else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hn, rv);
+            else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hn, rv);
+            std::memcpy(h, hn, sizeof(T) * H);
+        }
+        return;
+    }
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
+    const StepPack<T> L = step_pack_layout(j);
     step_with(j, [&](int mat, const T* v, T* out) {
         switch (mat) {
             case M_IH: small_rows<T>(1, GH, I, v, I, 1, pk + L.ih, T(1), T(0), out, GH, rv); break;
