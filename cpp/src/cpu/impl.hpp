@@ -128,6 +128,9 @@ __attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* 
     for (int r = 0; r < mr; ++r) { acc0[r] = V{} ; acc1[r] = V{}; }
     for (int64_t k = 0; k < K; ++k) {
         V b0, b1;
+        // B streams from L3 or memory when a thread's weight slice is larger than its L2
+        // (the per-step products of large layers): ask for it well ahead of use.
+        __builtin_prefetch(b + (k + 64) * 2 * L);
         std::memcpy(&b0, b + k * 2 * L, sizeof(V));
         std::memcpy(&b1, b + k * 2 * L + L, sizeof(V));
         const T* ak = a + k * MR;
