@@ -130,7 +130,7 @@ __attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* 
         V b0, b1;
         // B streams from L3 or memory when a thread's weight slice is larger than its L2
         // (the per-step products of large layers): ask for it well ahead of use.
-        __builtin_prefetch(b + (k + 64) * 2 * L);
+        __builtin_prefetch(b + (k + 128) * 2 * L, 0, 2);
         std::memcpy(&b0, b + k * 2 * L, sizeof(V));
         std::memcpy(&b1, b + k * 2 * L + L, sizeof(V));
         const T* ak = a + k * MR;
@@ -807,7 +807,9 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     const int nr = NR<T>;
     const int64_t kc = K < KC ? K : KC;
     const int64_t nc = N < gemm_nc<T>() ? ceil_div(N, nr) * nr : gemm_nc<T>();
+    // Equal A blocks of at most MC rows (a multiple of MR), so no thread gets a remnant.
     const int64_t mblocks = ceil_div(M, MC);
+    const int64_t mc = ceil_div(ceil_div(M, mblocks), MR) * MR;
     int nth = 1;
 #ifdef _OPENMP
     if (2.0 * (double)M * (double)N * (double)K > 2.0e5 && !omp_in_parallel()) nth = threads_for_kernels();
@@ -815,14 +817,15 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     T* Bp = alloc<T>(packed_b_size<T>(kc, nc));
     int failed = 0;
     run_team(nth, [&](int tid, int team) {
-        T* Ap = team_scratch<T>(packed_a_size(MC, kc), &failed);
+        T* Ap = team_scratch<T>(packed_a_size(mc, kc), &failed);
         if (!Ap) return;
         for (int64_t jc = 0; jc < N; jc += nc) {
             const int64_t nn = N - jc < nc ? N - jc : nc;
             const int64_t npan = ceil_div(nn, nr);
-            // Work units: (A block, range of B panels). With fewer A blocks than threads the
-            // panels are split too (each thread then packs the same A block for itself).
-            const int64_t nsplit = mblocks >= team ? 1 : ceil_div(team, mblocks);
+            // Work units: (A block, share of the B panels). Few A blocks, or a count the
+            // threads do not divide: every thread takes its share of the panels of every A
+            // block (packing each A block for itself).
+            const int64_t nsplit = (mblocks % team == 0 || mblocks >= 8 * team) ? 1 : team;
             const int64_t units = mblocks * nsplit;
             for (int64_t pc = 0; pc < K; pc += kc) {
                 const int64_t kk = K - pc < kc ? K - pc : kc;
@@ -836,7 +839,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                 int64_t packed_ib = -1;
                 for (int64_t u = tid; u < units; u += team) {
                     const int64_t ib = u / nsplit, part_i = u % nsplit;
-                    const int64_t m0 = ib * MC, mm = M - m0 < MC ? M - m0 : MC;
+                    const int64_t m0 = ib * mc, mm = M - m0 < mc ? M - m0 : mc;
                     if (ib != packed_ib) {
                         pack_a(ta, mm, kk, ta ? A + pc * lda + m0 : A + m0 * lda + pc, lda, Ap);
                         packed_ib = ib;
