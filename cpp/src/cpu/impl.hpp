@@ -315,9 +315,11 @@ inline VT<float> vexp(VT<float> x) {
     const V hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
     x = x > hi ? hi : x;
     x = x < lo ? lo : x;
-    const V fx = x * 1.44269504088896341f + 0.5f;
-    V fl = __builtin_convertvector(__builtin_convertvector(fx, VIf), V);
-    fl = fl > fx ? fl - 1.0f : fl;
+    // n = round(x / ln 2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa
+    // bits (exact for |x / ln 2| < 2^22), so floor/convert round trips are not needed.
+    const V magic = splat(12582912.0f);
+    const V t = x * 1.44269504088896341f + magic;
+    const V fl = t - magic;
     x = x - fl * 0.693359375f;
     x = x + fl * 2.12194440e-4f;
     const V z = x * x;
@@ -328,7 +330,10 @@ inline VT<float> vexp(VT<float> x) {
     y = y * x + 1.6666665459E-1f;
     y = y * x + 5.0000001201E-1f;
     y = y * z + x + 1.0f;
-    const VIf e = (__builtin_convertvector(fl, VIf) + 127) << 23;
+    VIf ti, mi;
+    std::memcpy(&ti, &t, sizeof ti);
+    std::memcpy(&mi, &magic, sizeof mi);
+    const VIf e = (ti - mi + 127) << 23;
     V p;
     std::memcpy(&p, &e, sizeof p);
     return y * p;
@@ -357,6 +362,53 @@ inline VT<float> vtanh(VT<float> x) {
     return ax < 0.0004f ? x : r;
 }
 
+// tanh(x) as p / q (the same rational as vtanh, before its division), for fusing divisions.
+inline void vtanh_pq(VT<float> x, VT<float>* pp, VT<float>* qq) {
+    typedef VT<float> V;
+    const V c = splat(7.90531110763549805f), mc = splat(-7.90531110763549805f);
+    V xc = x > c ? c : x;
+    xc = xc < mc ? mc : xc;
+    const V x2 = xc * xc;
+    V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * xc;
+    V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    const V ax = x < 0.0f ? -x : x;
+    const auto tiny = ax < 0.0004f;
+    *pp = tiny ? x : p;
+    *qq = tiny ? splat(1.0f) : q;
+}
+
+// One LSTM unit update with two divisions instead of five (float, no coupled gates):
+// with e_g = exp(-a_g) (arguments clamped to +-40, where the sigmoid is within 5e-18 of 0 or 1,
+// so no product below can overflow) and tanh(g) = p_g / q_g,
+//   c = c0 / (1 + e_f) + p_g / ((1 + e_i) q_g),   h = p_c / ((1 + e_o) q_c).
+inline VT<float> lstm_c_fused(VT<float> ai, VT<float> af, VT<float> ag, VT<float> c0) {
+    typedef VT<float> V;
+    const V lim = splat(40.0f), nlim = splat(-40.0f);
+    ai = ai > lim ? lim : ai; ai = ai < nlim ? nlim : ai;
+    af = af > lim ? lim : af; af = af < nlim ? nlim : af;
+    const V di = 1.0f + vexp(-ai), df = 1.0f + vexp(-af);
+    V pg, qg;
+    vtanh_pq(ag, &pg, &qg);
+    const V dq = di * qg;
+    return (c0 * dq + pg * df) / (df * dq);
+}
+inline VT<float> lstm_h_fused(VT<float> ao, VT<float> c) {
+    typedef VT<float> V;
+    const V lim = splat(40.0f), nlim = splat(-40.0f);
+    ao = ao > lim ? lim : ao; ao = ao < nlim ? nlim : ao;
+    V pc, qc;
+    vtanh_pq(c, &pc, &qc);
+    return pc / ((1.0f + vexp(-ao)) * qc);
+}
+
 inline VT<double> vsigmoid(VT<double> x) {
     for (int i = 0; i < VL<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
     return x;
@@ -365,6 +417,10 @@ inline VT<double> vtanh(VT<double> x) {
     for (int i = 0; i < VL<double>; ++i) x[i] = std::tanh(x[i]);
     return x;
 }
+inline VT<double> lstm_c_fused(VT<double> ai, VT<double> af, VT<double> ag, VT<double> c0) {
+    return vsigmoid(af) * c0 + vsigmoid(ai) * vtanh(ag);
+}
+inline VT<double> lstm_h_fused(VT<double> ao, VT<double> c) { return vsigmoid(ao) * vtanh(c); }
 
 // Loads/stores of up to one register; a short tail is zero filled / partially stored.
 template <class T> inline VT<T> ld(const T* p, int64_t n) {
@@ -1454,12 +1510,16 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
                     ai += ld(pi + u, rem) * c0;
                     af += ld(pi + H + u, rem) * c0;
                 }
-                const V f = vsigmoid(af);
-                const V i = j.coupled ? splat<T>(1) - f : vsigmoid(ai);
-                const V cn = f * c0 + i * vtanh(ag);
+                V cn;
+                if (j.coupled) {
+                    const V f = vsigmoid(af);
+                    cn = f * c0 + (splat<T>(1) - f) * vtanh(ag);
+                } else {
+                    cn = lstm_c_fused(ai, af, ag, c0);
+                }
                 if (pi) ao += ld(pi + 2 * H + u, rem) * cn;
                 st(c + u, cn, rem);
-                st(hn + u, vsigmoid(ao) * vtanh(cn), rem);
+                st(hn + u, lstm_h_fused(ao, cn), rem);
             } else {   // GRU, linear_before_reset
                 const V r = vsigmoid(acc[s]);
                 const V z = vsigmoid(acc[2 + s]);
