@@ -341,26 +341,6 @@ inline VT<float> vexp(VT<float> x) {
 
 inline VT<float> vsigmoid(VT<float> x) { return 1.0f / (1.0f + vexp(-x)); }
 
-inline VT<float> vtanh(VT<float> x) {
-    typedef VT<float> V;
-    const V c = splat(7.90531110763549805f), mc = splat(-7.90531110763549805f);
-    V xc = x > c ? c : x;
-    xc = xc < mc ? mc : xc;
-    const V x2 = xc * xc;
-    V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-    p = p * x2 + -8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    p = p * xc;
-    V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    const V r = p / q;
-    const V ax = x < 0.0f ? -x : x;
-    return ax < 0.0004f ? x : r;
-}
 
 // tanh(x) as p / q (the same rational as vtanh, before its division), for fusing divisions.
 inline void vtanh_pq(VT<float> x, VT<float>* pp, VT<float>* qq) {
@@ -383,6 +363,13 @@ inline void vtanh_pq(VT<float> x, VT<float>* pp, VT<float>* qq) {
     const auto tiny = ax < 0.0004f;
     *pp = tiny ? x : p;
     *qq = tiny ? splat(1.0f) : q;
+}
+
+// Eigen's 13/6 rational approximation (x itself below 4e-4; clamped at +-7.9).
+inline VT<float> vtanh(VT<float> x) {
+    VT<float> p, q;
+    vtanh_pq(x, &p, &q);
+    return p / q;
 }
 
 // One LSTM unit update with two divisions instead of five (float, no coupled gates):
@@ -1274,7 +1261,7 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 
 template <class T> int64_t step_work(const StepJob<T>& j) {
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    return 2 * G * j.hid + 2 * j.hid + j.out + 64;
+    return 2 * G * j.hid + 2 * j.hid + j.out + 64 + 1024;   // + the fused step's pre-activations
 }
 
 // One step of one layer; `prod(mat, v, out)` computes out = M v for mat = IH (W_ih, GH x I),
@@ -1452,9 +1439,11 @@ template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
     }
 }
 
-// One batch row through all groups: x [I], h [P] (read), c [H] (LSTM, in place), hn [H] out.
+// One batch row through all groups: x [I], h [P] (read), c [H] (LSTM, in place), hn [H] out;
+// pre: scratch for the groups' accumulators. The products of all groups run first, then the
+// cell update over all units (one tight loop: its constants stay in registers).
 template <class T, int K>
-void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, bool rv) {
+void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, T* pre, bool rv) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
     constexpr int NX = Fused<T, K>::VX, NH = Fused<T, K>::VH;
@@ -1487,6 +1476,11 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
                 acc[MH[v]] += a * wv;
             }
         }
+        std::memcpy(pre + g * 8 * L, acc, sizeof acc);
+    }
+    for (int64_t g = 0; g < ngroups; ++g) {
+        V acc[8];
+        std::memcpy(acc, pre + g * 8 * L, sizeof acc);
         const int64_t u0 = g * UG;
         if (K == FUSED_RNN) {
             const bool relu = j.cell == (int)CellType::RNN_RELU;
@@ -1561,13 +1555,14 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     const int fk = fused_kind(j);
     if (fk != FUSED_NONE) {
         T* hn = j.work;   // [H]
+        T* pre = j.work + (H + 15) / 16 * 16;
         for (int64_t b = 0; b < j.batch; ++b) {
             const T* x = j.x + b * I;
             T* h = j.h + b * P;
             T* c = j.c ? j.c + b * H : nullptr;
-            if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hn, rv);
-            else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hn, rv);
-            else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hn, rv);
+            if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hn, pre, rv);
+            else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hn, pre, rv);
+            else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hn, pre, rv);
             std::memcpy(h, hn, sizeof(T) * H);
         }
         return;
