@@ -1261,7 +1261,7 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 
 template <class T> int64_t step_work(const StepJob<T>& j) {
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    return 2 * G * j.hid + 2 * j.hid + j.out + 64 + 1024;   // + the fused step's pre-activations
+    return 2 * G * j.hid + 2 * j.hid + j.out + 64;
 }
 
 // One step of one layer; `prod(mat, v, out)` computes out = M v for mat = IH (W_ih, GH x I),
@@ -1439,11 +1439,9 @@ template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
     }
 }
 
-// One batch row through all groups: x [I], h [P] (read), c [H] (LSTM, in place), hn [H] out;
-// pre: scratch for the groups' accumulators. The products of all groups run first, then the
-// cell update over all units (one tight loop: its constants stay in registers).
+// One batch row through all groups: x [I], h [P] (read), c [H] (LSTM, in place), hn [H] out.
 template <class T, int K>
-void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, T* pre, bool rv) {
+void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, bool rv) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
     constexpr int NX = Fused<T, K>::VX, NH = Fused<T, K>::VH;
@@ -1476,11 +1474,6 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
                 acc[MH[v]] += a * wv;
             }
         }
-        std::memcpy(pre + g * 8 * L, acc, sizeof acc);
-    }
-    for (int64_t g = 0; g < ngroups; ++g) {
-        V acc[8];
-        std::memcpy(acc, pre + g * 8 * L, sizeof acc);
         const int64_t u0 = g * UG;
         if (K == FUSED_RNN) {
             const bool relu = j.cell == (int)CellType::RNN_RELU;
@@ -1555,14 +1548,13 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     const int fk = fused_kind(j);
     if (fk != FUSED_NONE) {
         T* hn = j.work;   // [H]
-        T* pre = j.work + (H + 15) / 16 * 16;
         for (int64_t b = 0; b < j.batch; ++b) {
             const T* x = j.x + b * I;
             T* h = j.h + b * P;
             T* c = j.c ? j.c + b * H : nullptr;
-            if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hn, pre, rv);
-            else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hn, pre, rv);
-            else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hn, pre, rv);
+            if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hn, rv);
+            else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hn, rv);
+            else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hn, rv);
             std::memcpy(h, hn, sizeof(T) * H);
         }
         return;
