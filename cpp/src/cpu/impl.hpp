@@ -396,6 +396,87 @@ inline VT<float> lstm_h_fused(VT<float> ao, VT<float> c) {
     return pc / ((1.0f + vexp(-ao)) * qc);
 }
 
+// N-way versions for float: every statement runs over N independent registers, so the long
+// dependency chains of N unit-vectors interleave in the instruction stream. One chain (exp, a
+// rational, a division) is longer than the out-of-order window covers, so the gate passes are
+// latency-bound when written one register at a time.
+#define RNNCORE_EACH(i, N) _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
+template <int N> inline void vexp_n(VT<float>* x) {
+    typedef VT<float> V;
+    const V hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f), magic = splat(12582912.0f);
+    V t[N], y[N], z[N];
+    RNNCORE_EACH(i, N) { x[i] = x[i] > hi ? hi : x[i]; }
+    RNNCORE_EACH(i, N) { x[i] = x[i] < lo ? lo : x[i]; }
+    RNNCORE_EACH(i, N) { t[i] = x[i] * 1.44269504088896341f + magic; }
+    RNNCORE_EACH(i, N) { const V fl = t[i] - magic; x[i] = x[i] - fl * 0.693359375f + fl * 2.12194440e-4f; }
+    RNNCORE_EACH(i, N) { z[i] = x[i] * x[i]; y[i] = x[i] * 1.9875691500E-4f + 1.3981999507E-3f; }
+    RNNCORE_EACH(i, N) { y[i] = y[i] * x[i] + 8.3334519073E-3f; }
+    RNNCORE_EACH(i, N) { y[i] = y[i] * x[i] + 4.1665795894E-2f; }
+    RNNCORE_EACH(i, N) { y[i] = y[i] * x[i] + 1.6666665459E-1f; }
+    RNNCORE_EACH(i, N) { y[i] = y[i] * x[i] + 5.0000001201E-1f; }
+    RNNCORE_EACH(i, N) { y[i] = y[i] * z[i] + x[i] + 1.0f; }
+    VIf mi;
+    std::memcpy(&mi, &magic, sizeof mi);
+    RNNCORE_EACH(i, N) {
+        VIf ti;
+        std::memcpy(&ti, &t[i], sizeof ti);
+        const VIf e = (ti - mi + 127) << 23;
+        V p;
+        std::memcpy(&p, &e, sizeof p);
+        x[i] = y[i] * p;
+    }
+}
+
+template <int N> inline void vtanh_pq_n(const VT<float>* x, VT<float>* p, VT<float>* q) {
+    typedef VT<float> V;
+    const V c = splat(7.90531110763549805f), mc = splat(-7.90531110763549805f);
+    V xc[N], x2[N];
+    RNNCORE_EACH(i, N) { xc[i] = x[i] > c ? c : x[i]; xc[i] = xc[i] < mc ? mc : xc[i]; x2[i] = xc[i] * xc[i]; }
+    RNNCORE_EACH(i, N) { p[i] = x2[i] * -2.76076847742355e-16f + 2.00018790482477e-13f; q[i] = x2[i] * 1.19825839466702e-06f + 1.18534705686654e-04f; }
+    RNNCORE_EACH(i, N) { p[i] = p[i] * x2[i] + -8.60467152213735e-11f; q[i] = q[i] * x2[i] + 2.26843463243900e-03f; }
+    RNNCORE_EACH(i, N) { p[i] = p[i] * x2[i] + 5.12229709037114e-08f; q[i] = q[i] * x2[i] + 4.89352518554385e-03f; }
+    RNNCORE_EACH(i, N) { p[i] = p[i] * x2[i] + 1.48572235717979e-05f; }
+    RNNCORE_EACH(i, N) { p[i] = p[i] * x2[i] + 6.37261928875436e-04f; }
+    RNNCORE_EACH(i, N) { p[i] = (p[i] * x2[i] + 4.89352455891786e-03f) * xc[i]; }
+    RNNCORE_EACH(i, N) {
+        const V ax = x[i] < 0.0f ? -x[i] : x[i];
+        const auto tiny = ax < 0.0004f;
+        p[i] = tiny ? x[i] : p[i];
+        q[i] = tiny ? splat(1.0f) : q[i];
+    }
+}
+
+// N registers of LSTM units (float, no coupled gates): c = lstm_c_fused, h = lstm_h_fused.
+template <int N>
+inline void lstm_cell_n(const VT<float>* ai, const VT<float>* af, const VT<float>* ag, VT<float>* ao,
+                        const VT<float>* c0, const VT<float>* po, VT<float>* cn, VT<float>* h) {
+    typedef VT<float> V;
+    const V lim = splat(40.0f), nlim = splat(-40.0f);
+    V e[3 * N], pg[N], qg[N];
+    RNNCORE_EACH(i, N) {
+        V a = ai[i] > lim ? lim : ai[i];
+        e[i] = -(a < nlim ? nlim : a);
+        V f = af[i] > lim ? lim : af[i];
+        e[N + i] = -(f < nlim ? nlim : f);
+    }
+    vexp_n<2 * N>(e);
+    vtanh_pq_n<N>(ag, pg, qg);
+    RNNCORE_EACH(i, N) {
+        const V di = 1.0f + e[i], df = 1.0f + e[N + i];
+        const V dq = di * qg[i];
+        cn[i] = (c0[i] * dq + pg[i] * df) / (df * dq);
+    }
+    if (po) { RNNCORE_EACH(i, N) ao[i] += po[i] * cn[i]; }
+    RNNCORE_EACH(i, N) {
+        const V a = ao[i] > lim ? lim : ao[i];
+        e[2 * N + i] = -(a < nlim ? nlim : a);
+    }
+    vexp_n<N>(e + 2 * N);
+    V pc[N], qc[N];
+    vtanh_pq_n<N>(cn, pc, qc);
+    RNNCORE_EACH(i, N) h[i] = pc[i] / ((1.0f + e[2 * N + i]) * qc[i]);
+}
+
 inline VT<double> vsigmoid(VT<double> x) {
     for (int i = 0; i < VL<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
     return x;
@@ -1484,6 +1565,28 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
                 st(hn + u, relu ? (a > T(0) ? a : V{}) : vtanh(a), H - u);
             }
             continue;
+        }
+        if constexpr (K == FUSED_LSTM && sizeof(T) == 4) {
+            if (!j.coupled) {   // both registers of units at once (see lstm_cell_n)
+                V ci[2], po[2], cn[2], hv[2];
+                for (int s = 0; s < 2; ++s) {
+                    const int64_t u = u0 + s * L, rem = H - u;
+                    ci[s] = rem > 0 ? ld(c + u, rem) : V{};
+                    if (pi && rem > 0) {
+                        acc[s] += ld(pi + u, rem) * ci[s];
+                        acc[2 + s] += ld(pi + H + u, rem) * ci[s];
+                        po[s] = ld(pi + 2 * H + u, rem);
+                    }
+                }
+                lstm_cell_n<2>(acc, acc + 2, acc + 4, acc + 6, ci, pi ? po : nullptr, cn, hv);
+                for (int s = 0; s < 2; ++s) {
+                    const int64_t u = u0 + s * L;
+                    if (u >= H) break;
+                    st(c + u, cn[s], H - u);
+                    st(hn + u, hv[s], H - u);
+                }
+                continue;
+            }
         }
         for (int s = 0; s < 2; ++s) {
             const int64_t u = u0 + s * L;
