@@ -446,6 +446,17 @@ template <int N> inline void vtanh_pq_n(const VT<float>* x, VT<float>* p, VT<flo
     }
 }
 
+template <int N> inline void vsigmoid_n(VT<float>* x) {
+    RNNCORE_EACH(i, N) x[i] = -x[i];
+    vexp_n<N>(x);
+    RNNCORE_EACH(i, N) x[i] = 1.0f / (1.0f + x[i]);
+}
+template <int N> inline void vtanh_n(VT<float>* x) {
+    VT<float> p[N], q[N];
+    vtanh_pq_n<N>(x, p, q);
+    RNNCORE_EACH(i, N) x[i] = p[i] / q[i];
+}
+
 // N registers of LSTM units (float, no coupled gates): c = lstm_c_fused, h = lstm_h_fused.
 template <int N>
 inline void lstm_cell_n(const VT<float>* ai, const VT<float>* af, const VT<float>* ag, VT<float>* ao,
@@ -514,7 +525,47 @@ void lstm_fwd_row(int64_t n, T* gi, T* gf, T* gg, T* go, const T* hi, const T* h
                   const T* ho, const T* cp, T* cn, T* m, const T* pi, const T* pf, const T* po,
                   bool coupled) {
     typedef VT<T> V;
-    for (int64_t k = 0; k < n; k += VL<T>) {
+    constexpr int L = VL<T>;
+    int64_t k0 = 0;
+    if constexpr (sizeof(T) == 4) {   // two registers at a time, chains interleaved (vexp_n)
+        for (; k0 + 2 * L <= n; k0 += 2 * L) {
+            V a[4], g[2], o[2], c0[2], c[2], t[2];   // a: f f i i
+            for (int s = 0; s < 2; ++s) {
+                const int64_t k = k0 + s * L;
+                a[s] = ld(gf + k, L) + ld(hf + k, L);
+                a[2 + s] = ld(gi + k, L) + ld(hi + k, L);
+                g[s] = ld(gg + k, L) + ld(hg + k, L);
+                o[s] = ld(go + k, L) + ld(ho + k, L);
+                c0[s] = ld(cp + k, L);
+                if (pi) {
+                    a[2 + s] += ld(pi + k, L) * c0[s];
+                    a[s] += ld(pf + k, L) * c0[s];
+                }
+            }
+            if (coupled) {
+                vsigmoid_n<2>(a);
+                a[2] = 1.0f - a[0];
+                a[3] = 1.0f - a[1];
+            } else {
+                vsigmoid_n<4>(a);
+            }
+            vtanh_n<2>(g);
+            for (int s = 0; s < 2; ++s) {
+                c[s] = a[s] * c0[s] + a[2 + s] * g[s];
+                if (po) o[s] += ld(po + k0 + s * L, L) * c[s];
+                t[s] = c[s];
+            }
+            vsigmoid_n<2>(o);
+            vtanh_n<2>(t);
+            for (int s = 0; s < 2; ++s) {
+                const int64_t k = k0 + s * L;
+                st(gi + k, a[2 + s], L); st(gf + k, a[s], L); st(gg + k, g[s], L); st(go + k, o[s], L);
+                st(cn + k, c[s], L);
+                st(m + k, o[s] * t[s], L);
+            }
+        }
+    }
+    for (int64_t k = k0; k < n; k += VL<T>) {
         const int64_t r = n - k;
         V ai = ld(gi + k, r) + ld(hi + k, r), af = ld(gf + k, r) + ld(hf + k, r);
         const V ag = ld(gg + k, r) + ld(hg + k, r);
@@ -540,7 +591,30 @@ template <class T>
 void gru_fwd_row(int64_t n, T* gr, T* gz, T* gn, const T* hr, const T* hz, const T* hn,
                  const T* bhn, const T* hp, T* ex, T* hnext) {
     typedef VT<T> V;
-    for (int64_t k = 0; k < n; k += VL<T>) {
+    constexpr int L = VL<T>;
+    int64_t k0 = 0;
+    if constexpr (sizeof(T) == 4) {   // two registers at a time, chains interleaved (vexp_n)
+        for (; k0 + 2 * L <= n; k0 += 2 * L) {
+            V a[4], hv[2], nn[2];   // a: r r z z
+            for (int s = 0; s < 2; ++s) {
+                const int64_t k = k0 + s * L;
+                a[s] = ld(gr + k, L) + ld(hr + k, L);
+                a[2 + s] = ld(gz + k, L) + ld(hz + k, L);
+                hv[s] = ld(hn + k, L);
+                if (bhn) hv[s] += ld(bhn + k, L);
+            }
+            vsigmoid_n<4>(a);
+            for (int s = 0; s < 2; ++s) nn[s] = ld(gn + k0 + s * L, L) + a[s] * hv[s];
+            vtanh_n<2>(nn);
+            for (int s = 0; s < 2; ++s) {
+                const int64_t k = k0 + s * L;
+                st(gr + k, a[s], L); st(gz + k, a[2 + s], L); st(gn + k, nn[s], L);
+                st(ex + k, hv[s], L);
+                st(hnext + k, (1.0f - a[2 + s]) * nn[s] + a[2 + s] * ld(hp + k, L), L);
+            }
+        }
+    }
+    for (int64_t k = k0; k < n; k += VL<T>) {
         const int64_t rem = n - k;
         const V r = vsigmoid(ld(gr + k, rem) + ld(hr + k, rem));
         const V z = vsigmoid(ld(gz + k, rem) + ld(hz + k, rem));
