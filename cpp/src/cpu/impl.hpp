@@ -97,20 +97,35 @@ void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, T* ou
 template <class T>
 void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
     const int64_t panels = ceil_div(M, MR);
+    const int64_t full = M / MR;            // panels with all MR rows
+    if (ta) {
+        // op(A) = A^T: row k of A holds column k of every panel. Read each row once, left to
+        // right, and scatter it to the panels (each written as a sequential stream).
+        for (int64_t k = 0; k < K; ++k) {
+            const T* src = A + k * lda;
+            for (int64_t p = 0; p < full; ++p)
+                for (int r = 0; r < MR; ++r) out[p * K * MR + k * MR + r] = src[p * MR + r];
+            if (full < panels) {
+                const int64_t m0 = full * MR;
+                for (int64_t r = 0; r < MR; ++r)
+                    out[full * K * MR + k * MR + r] = m0 + r < M ? src[m0 + r] : T(0);
+            }
+        }
+        return;
+    }
     for (int64_t p = 0; p < panels; ++p) {
         T* dst = out + p * K * MR;
         const int64_t m0 = p * MR;
         const int64_t mm = M - m0 < MR ? M - m0 : MR;
-        if (!ta) {
-            for (int64_t r = 0; r < mm; ++r) {
-                const T* src = A + (m0 + r) * lda;
-                for (int64_t k = 0; k < K; ++k) dst[k * MR + r] = src[k];
-            }
-        } else {
-            for (int64_t k = 0; k < K; ++k) {
-                const T* src = A + k * lda + m0;
-                for (int64_t r = 0; r < mm; ++r) dst[k * MR + r] = src[r];
-            }
+        if (mm == MR) {          // full panel: fixed-size inner loop (unrolled, contiguous stores)
+            const T* src = A + m0 * lda;
+            for (int64_t k = 0; k < K; ++k)
+                for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[r * lda + k];
+            continue;
+        }
+        for (int64_t r = 0; r < mm; ++r) {
+            const T* src = A + (m0 + r) * lda;
+            for (int64_t k = 0; k < K; ++k) dst[k * MR + r] = src[k];
         }
         for (int64_t r = mm; r < MR; ++r)
             for (int64_t k = 0; k < K; ++k) dst[k * MR + r] = T(0);
@@ -119,9 +134,11 @@ void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
 
 // Kept out of line: inlined into a large caller, GCC may run out of registers for the two B
 // vectors and re-load them from memory for every row (measured 25% slower on AVX2).
-template <class T, int mr>
+// a: packed (element (r, k) at a[k * MR + r]) or, with inplace, a plain row-major block read
+// where it lies (a[r * lda + k]: the per-step products, whose few rows of A are already in L1).
+template <class T, int mr, bool inplace = false>
 __attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __restrict c,
-                  int64_t ldc, int64_t ncols, T alpha, T beta) {
+                  int64_t ldc, int64_t ncols, T alpha, T beta, int64_t lda = 0) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
     V acc0[mr], acc1[mr];
@@ -133,9 +150,8 @@ __attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* 
         __builtin_prefetch(b + (k + 128) * 2 * L, 0, 2);
         std::memcpy(&b0, b + k * 2 * L, sizeof(V));
         std::memcpy(&b1, b + k * 2 * L + L, sizeof(V));
-        const T* ak = a + k * MR;
         for (int r = 0; r < mr; ++r) {
-            const T av = ak[r];
+            const T av = inplace ? a[r * lda + k] : a[k * MR + r];
             acc0[r] += av * b0;
             acc1[r] += av * b1;
         }
@@ -258,6 +274,22 @@ inline void micro_dispatch(int mr, int64_t K, const T* a, const T* b, T* c, int6
     }
 }
 
+template <class T>
+inline void micro_dispatch_inplace(int mr, int64_t K, const T* a, int64_t lda, const T* b, T* c,
+                                   int64_t ldc, int64_t ncols, T beta) {
+    switch (mr) {
+        case 1: micro<T, 1, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+        case 2: micro<T, 2, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+        case 3: micro<T, 3, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+        case 4: micro<T, 4, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+#if RNNCORE_VEC_BYTES >= 32
+        case 5: micro<T, 5, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+        case 6: micro<T, 6, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
+#endif
+        default: break;
+    }
+}
+
 // All tiles of C from packed A and packed B, in the calling thread.
 template <class T>
 void tiles_serial(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T alpha, T beta,
@@ -296,8 +328,17 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
         small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse);
         return;
     }
-    pack_a(false, M, K, A, lda, ap);
-    tiles_serial<T>(M, N, K, ap, Bp, T(1), beta, C, ldc);
+    (void)ap;
+    const int nr = NR<T>;
+    const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
+    for (int64_t j = 0; j < nt; ++j) {
+        const int64_t n0 = j * nr, nc = N - n0 < nr ? N - n0 : nr;
+        for (int64_t i = 0; i < mt; ++i) {
+            const int64_t m0 = i * MR;
+            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
+            micro_dispatch_inplace<T>(mr, K, A + m0 * lda, lda, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc, beta);
+        }
+    }
 }
 
 // ------------------------------------------------------------------ activations
