@@ -1654,6 +1654,7 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
         V acc[8];
         for (int q = 0; q < 8; ++q) std::memcpy(&acc[q], b + q * L, sizeof(V));
         const T* w = b + 8 * L;
+        _Pragma("GCC unroll 4")
         for (int64_t k = 0; k < I; ++k, w += NX * L) {
             const T a = x[k];
             for (int v = 0; v < NX; ++v) {
@@ -1662,6 +1663,7 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
                 acc[MX[v]] += a * wv;
             }
         }
+        _Pragma("GCC unroll 4")
         for (int64_t k = 0; k < P; ++k, w += NH * L) {
             const T a = h[k];
             for (int v = 0; v < NH; ++v) {
