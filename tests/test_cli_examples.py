@@ -23,6 +23,21 @@ def test_help_everywhere():
         assert "usage: rnncore" in out.stdout + out.stderr
 
 
+def test_bench_one_small_shape(tmp_path):
+    out = cli("bench", "--cells", "RNN,GRU", "--shapes", "5,1,8,16;4,2,8,16", "--no-train", "--no-step",
+              "--threads", "1", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("RNN ", "GRU "))]
+    assert len(rows) == 4 and all("rnncore" in r for r in rows)
+    import json
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["shape"] for r in data["rows"]] == [[5, 1, 8, 16], [4, 2, 8, 16]] * 2
+    assert all(r["rnncore"] > 0 for r in data["rows"]) and data["steps"] == []
+    for bad in (["--shapes", "1,2,3"], ["--shapes", "a,b,c,d"], ["--cells", "XYZ"]):
+        out = cli("bench", *bad)
+        assert out.returncode == 2 and ("--shapes" in out.stderr or "--cells" in out.stderr), out.stderr
+
+
 def test_train_on_a_file_then_sample(tmp_path):
     data = tmp_path / "text.txt"
     data.write_text("hello world, hello rnncore. " * 300)

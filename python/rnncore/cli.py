@@ -103,7 +103,19 @@ def _cmd_sample(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .bench import main as bench_main
-    return bench_main(["--quick"] + (["--threads", str(args.threads)] if args.threads else []))
+    argv = [] if args.full else ["--quick"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    for flag, value in (("--cells", args.cells), ("--shapes", args.shapes)):
+        if value:
+            argv += [flag, value]
+    if args.no_train:
+        argv.append("--no-train")
+    if args.no_step:
+        argv.append("--no-step")
+    if args.json:
+        argv += ["--json", args.json]
+    return bench_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="a short benchmark against NumPy, PyTorch and ONNX Runtime when installed")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--full", action="store_true", help="every shape of benchmarks/run.py (slow)")
+    s.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
+    s.add_argument("--shapes", help="semicolon-separated T,B,I,H shapes, e.g. '25,4,1024,1024'")
+    s.add_argument("--no-train", action="store_true", help="inference only")
+    s.add_argument("--no-step", action="store_true", help="skip the one-step-from-Python timing")
+    s.add_argument("--json", help="also write the results to this file")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("info", help="version, SIMD level in use, threads, BLAS, CUDA")
