@@ -22,6 +22,21 @@ def assert_close(got, want, dtype, what=""):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
+def numeric_grad(arr, loss, eps=1e-6):
+    """Central differences of the scalar loss() with respect to every element of arr (changed
+    in place and restored)."""
+    g = np.zeros_like(arr)
+    for i in np.ndindex(arr.shape):
+        old = arr[i]
+        arr[i] = old + eps
+        up = loss()
+        arr[i] = old - eps
+        down = loss()
+        arr[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
 def run_child(code: str, timeout=120):
     """Runs code in a fresh interpreter; returns CompletedProcess. A crash (segfault,
     abort) shows as a negative return code."""

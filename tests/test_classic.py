@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import rnncore as rc
+from conftest import numeric_grad
 
 # ---------------------------------------------------------------- second-order RNN
 
@@ -64,22 +65,10 @@ def test_second_order_gradients_finite_differences(rank):
         yy, hh = m(x, h0, lengths)
         return float((yy * dy).sum() + (hh * dh).sum())
 
-    def fd(a, eps=1e-6):
-        g = np.zeros_like(a)
-        for i in np.ndindex(a.shape):
-            o = a[i]
-            a[i] = o + eps
-            up = loss()
-            a[i] = o - eps
-            dn = loss()
-            a[i] = o
-            g[i] = (up - dn) / (2 * eps)
-        return g
-
     for k, v in m.params.items():
-        np.testing.assert_allclose(m.grads[k], fd(v), atol=1e-8, err_msg=k)
-    np.testing.assert_allclose(dx, fd(x), atol=1e-8)
-    np.testing.assert_allclose(dh0, fd(h0), atol=1e-8)
+        np.testing.assert_allclose(m.grads[k], numeric_grad(v, loss), atol=1e-8, err_msg=k)
+    np.testing.assert_allclose(dx, numeric_grad(x, loss), atol=1e-8)
+    np.testing.assert_allclose(dh0, numeric_grad(h0, loss), atol=1e-8)
 
 
 def tomita4(rng, n, max_len=12):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rnncore
-from conftest import assert_close
+from conftest import assert_close, numeric_grad
 from numpy_ref import ref_forward
 from torch_oracle import torch_twin
 
@@ -98,16 +98,7 @@ def finite_difference_check(layer, x, state, lengths, rng, eps=1e-6, tol=1e-7):
     dx, ds = layer.backward(dy, (dh, dc) if lstm else dh)
 
     def fd(arr):
-        g = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + eps
-            up = loss()
-            arr[i] = old - eps
-            down = loss()
-            arr[i] = old
-            g[i] = (up - down) / (2 * eps)
-        return g
+        return numeric_grad(arr, loss, eps)
 
     def check(got, want, what):
         scale = max(1.0, np.abs(want).max())

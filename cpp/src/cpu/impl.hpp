@@ -258,57 +258,20 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
     }
 }
 
-template <class T>
+// micro<T, mr, inplace> for a run-time row count mr (1..MR).
+template <class T, bool inplace = false>
 inline void micro_dispatch(int mr, int64_t K, const T* a, const T* b, T* c, int64_t ldc,
-                           int64_t ncols, T alpha, T beta) {
+                           int64_t ncols, T alpha, T beta, int64_t lda = 0) {
     switch (mr) {
-        case 1: micro<T, 1>(K, a, b, c, ldc, ncols, alpha, beta); break;
-        case 2: micro<T, 2>(K, a, b, c, ldc, ncols, alpha, beta); break;
-        case 3: micro<T, 3>(K, a, b, c, ldc, ncols, alpha, beta); break;
-        case 4: micro<T, 4>(K, a, b, c, ldc, ncols, alpha, beta); break;
+        case 1: micro<T, 1, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
+        case 2: micro<T, 2, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
+        case 3: micro<T, 3, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
+        case 4: micro<T, 4, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
 #if RNNCORE_VEC_BYTES >= 32
-        case 5: micro<T, 5>(K, a, b, c, ldc, ncols, alpha, beta); break;
-        case 6: micro<T, 6>(K, a, b, c, ldc, ncols, alpha, beta); break;
+        case 5: micro<T, 5, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
+        case 6: micro<T, 6, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda); break;
 #endif
         default: break;
-    }
-}
-
-template <class T>
-inline void micro_dispatch_inplace(int mr, int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                                   int64_t ldc, int64_t ncols, T beta) {
-    switch (mr) {
-        case 1: micro<T, 1, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-        case 2: micro<T, 2, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-        case 3: micro<T, 3, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-        case 4: micro<T, 4, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-#if RNNCORE_VEC_BYTES >= 32
-        case 5: micro<T, 5, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-        case 6: micro<T, 6, true>(K, a, b, c, ldc, ncols, T(1), beta, lda); break;
-#endif
-        default: break;
-    }
-}
-
-// All tiles of C from packed A and packed B, in the calling thread.
-template <class T>
-void tiles_serial(int64_t M, int64_t N, int64_t K, const T* Ap, const T* Bp, T alpha, T beta,
-                  T* C, int64_t ldc) {
-    const int nr = NR<T>;
-    const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
-    const int64_t ps = K * nr;   // panel stride
-    if (M <= 2) {
-        small_rows<T>(M, N, K, Ap, 1, MR, Bp, alpha, beta, C, ldc, false);
-        return;
-    }
-    for (int64_t j = 0; j < nt; ++j) {
-        const int64_t n0 = j * nr;
-        const int64_t nc = N - n0 < nr ? N - n0 : nr;
-        for (int64_t i = 0; i < mt; ++i) {
-            const int64_t m0 = i * MR;
-            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-            micro_dispatch<T>(mr, K, Ap + i * K * MR, Bp + j * ps, C + m0 * ldc + n0, ldc, nc, alpha, beta);
-        }
     }
 }
 
@@ -319,16 +282,15 @@ template <class T> T* alloc(int64_t n) {
     return static_cast<T*>(p);
 }
 
-// C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand;
-// ap: packed_a_size(M, K) scratch (unused for one or two rows, read in place).
+// C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand, A (the few
+// rows of a per-step product, already in L1) read where it lies.
 template <class T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
-                    T beta, T* C, int64_t ldc, T* ap, bool reverse = false) {
+                    T beta, T* C, int64_t ldc, bool reverse = false) {
     if (M <= 2) {
         small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse);
         return;
     }
-    (void)ap;
     const int nr = NR<T>;
     const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
     for (int64_t j = 0; j < nt; ++j) {
@@ -336,7 +298,8 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
         for (int64_t i = 0; i < mt; ++i) {
             const int64_t m0 = i * MR;
             const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-            micro_dispatch_inplace<T>(mr, K, A + m0 * lda, lda, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc, beta);
+            micro_dispatch<T, true>(mr, K, A + m0 * lda, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc,
+                                    T(1), beta, lda);
         }
     }
 }
@@ -351,97 +314,12 @@ typedef int32_t VIf __attribute__((vector_size(VB)));
 
 template <class T> inline VT<T> splat(T s) { return VT<T>{} + s; }
 
-inline VT<float> vexp(VT<float> x) {
-    typedef VT<float> V;
-    const V hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
-    x = x > hi ? hi : x;
-    x = x < lo ? lo : x;
-    // n = round(x / ln 2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa
-    // bits (exact for |x / ln 2| < 2^22), so floor/convert round trips are not needed.
-    const V magic = splat(12582912.0f);
-    const V t = x * 1.44269504088896341f + magic;
-    const V fl = t - magic;
-    x = x - fl * 0.693359375f;
-    x = x + fl * 2.12194440e-4f;
-    const V z = x * x;
-    V y = splat(1.9875691500E-4f);
-    y = y * x + 1.3981999507E-3f;
-    y = y * x + 8.3334519073E-3f;
-    y = y * x + 4.1665795894E-2f;
-    y = y * x + 1.6666665459E-1f;
-    y = y * x + 5.0000001201E-1f;
-    y = y * z + x + 1.0f;
-    VIf ti, mi;
-    std::memcpy(&ti, &t, sizeof ti);
-    std::memcpy(&mi, &magic, sizeof mi);
-    const VIf e = (ti - mi + 127) << 23;
-    V p;
-    std::memcpy(&p, &e, sizeof p);
-    return y * p;
-}
-
-inline VT<float> vsigmoid(VT<float> x) { return 1.0f / (1.0f + vexp(-x)); }
-
-
-// tanh(x) as p / q (the same rational as vtanh, before its division), for fusing divisions.
-inline void vtanh_pq(VT<float> x, VT<float>* pp, VT<float>* qq) {
-    typedef VT<float> V;
-    const V c = splat(7.90531110763549805f), mc = splat(-7.90531110763549805f);
-    V xc = x > c ? c : x;
-    xc = xc < mc ? mc : xc;
-    const V x2 = xc * xc;
-    V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-    p = p * x2 + -8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    p = p * xc;
-    V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    const V ax = x < 0.0f ? -x : x;
-    const auto tiny = ax < 0.0004f;
-    *pp = tiny ? x : p;
-    *qq = tiny ? splat(1.0f) : q;
-}
-
-// Eigen's 13/6 rational approximation (x itself below 4e-4; clamped at +-7.9).
-inline VT<float> vtanh(VT<float> x) {
-    VT<float> p, q;
-    vtanh_pq(x, &p, &q);
-    return p / q;
-}
-
-// One LSTM unit update with two divisions instead of five (float, no coupled gates):
-// with e_g = exp(-a_g) (arguments clamped to +-40, where the sigmoid is within 5e-18 of 0 or 1,
-// so no product below can overflow) and tanh(g) = p_g / q_g,
-//   c = c0 / (1 + e_f) + p_g / ((1 + e_i) q_g),   h = p_c / ((1 + e_o) q_c).
-inline VT<float> lstm_c_fused(VT<float> ai, VT<float> af, VT<float> ag, VT<float> c0) {
-    typedef VT<float> V;
-    const V lim = splat(40.0f), nlim = splat(-40.0f);
-    ai = ai > lim ? lim : ai; ai = ai < nlim ? nlim : ai;
-    af = af > lim ? lim : af; af = af < nlim ? nlim : af;
-    const V di = 1.0f + vexp(-ai), df = 1.0f + vexp(-af);
-    V pg, qg;
-    vtanh_pq(ag, &pg, &qg);
-    const V dq = di * qg;
-    return (c0 * dq + pg * df) / (df * dq);
-}
-inline VT<float> lstm_h_fused(VT<float> ao, VT<float> c) {
-    typedef VT<float> V;
-    const V lim = splat(40.0f), nlim = splat(-40.0f);
-    ao = ao > lim ? lim : ao; ao = ao < nlim ? nlim : ao;
-    V pc, qc;
-    vtanh_pq(c, &pc, &qc);
-    return pc / ((1.0f + vexp(-ao)) * qc);
-}
-
 // N-way versions for float: every statement runs over N independent registers, so the long
 // dependency chains of N unit-vectors interleave in the instruction stream. One chain (exp, a
 // rational, a division) is longer than the out-of-order window covers, so the gate passes are
 // latency-bound when written one register at a time.
 #define RNNCORE_EACH(i, N) _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
+template <int N> struct Regs { static constexpr int n = N; };   // a register count as a type
 template <int N> inline void vexp_n(VT<float>* x) {
     typedef VT<float> V;
     const V hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f), magic = splat(12582912.0f);
@@ -498,10 +376,14 @@ template <int N> inline void vtanh_n(VT<float>* x) {
     RNNCORE_EACH(i, N) x[i] = p[i] / q[i];
 }
 
-// N registers of LSTM units (float, no coupled gates): c = lstm_c_fused, h = lstm_h_fused.
+// N registers of LSTM units (float). With e_g = exp(-a_g) (arguments clamped to +-40, where the
+// sigmoid is within 5e-18 of 0 or 1, so no product below can overflow) and tanh(g) = p_g / q_g:
+//   c = c0 / (1 + e_f) + p_g / ((1 + e_i) q_g),   h = p_c / ((1 + e_o) q_c)
+// (two divisions instead of five); coupled gates: i = 1 - f. po: the o peepholes times c, or null.
 template <int N>
 inline void lstm_cell_n(const VT<float>* ai, const VT<float>* af, const VT<float>* ag, VT<float>* ao,
-                        const VT<float>* c0, const VT<float>* po, VT<float>* cn, VT<float>* h) {
+                        const VT<float>* c0, const VT<float>* po, bool coupled, VT<float>* cn,
+                        VT<float>* h) {
     typedef VT<float> V;
     const V lim = splat(40.0f), nlim = splat(-40.0f);
     V e[3 * N], pg[N], qg[N];
@@ -513,10 +395,17 @@ inline void lstm_cell_n(const VT<float>* ai, const VT<float>* af, const VT<float
     }
     vexp_n<2 * N>(e);
     vtanh_pq_n<N>(ag, pg, qg);
-    RNNCORE_EACH(i, N) {
-        const V di = 1.0f + e[i], df = 1.0f + e[N + i];
-        const V dq = di * qg[i];
-        cn[i] = (c0[i] * dq + pg[i] * df) / (df * dq);
+    if (coupled) {
+        RNNCORE_EACH(i, N) {
+            const V f = 1.0f / (1.0f + e[N + i]);
+            cn[i] = f * c0[i] + (1.0f - f) * (pg[i] / qg[i]);
+        }
+    } else {
+        RNNCORE_EACH(i, N) {
+            const V di = 1.0f + e[i], df = 1.0f + e[N + i];
+            const V dq = di * qg[i];
+            cn[i] = (c0[i] * dq + pg[i] * df) / (df * dq);
+        }
     }
     if (po) { RNNCORE_EACH(i, N) ao[i] += po[i] * cn[i]; }
     RNNCORE_EACH(i, N) {
@@ -529,6 +418,12 @@ inline void lstm_cell_n(const VT<float>* ai, const VT<float>* af, const VT<float
     RNNCORE_EACH(i, N) h[i] = pc[i] / ((1.0f + e[2 * N + i]) * qc[i]);
 }
 
+// One register at a time: the same approximations.
+inline VT<float> vexp(VT<float> x) { vexp_n<1>(&x); return x; }
+inline VT<float> vsigmoid(VT<float> x) { vsigmoid_n<1>(&x); return x; }
+inline VT<float> vtanh(VT<float> x) { vtanh_n<1>(&x); return x; }
+
+// double (the gradient-checking dtype): the C library, lane by lane.
 inline VT<double> vsigmoid(VT<double> x) {
     for (int i = 0; i < VL<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
     return x;
@@ -537,10 +432,20 @@ inline VT<double> vtanh(VT<double> x) {
     for (int i = 0; i < VL<double>; ++i) x[i] = std::tanh(x[i]);
     return x;
 }
-inline VT<double> lstm_c_fused(VT<double> ai, VT<double> af, VT<double> ag, VT<double> c0) {
-    return vsigmoid(af) * c0 + vsigmoid(ai) * vtanh(ag);
+template <int N> inline void vsigmoid_n(VT<double>* x) { for (int i = 0; i < N; ++i) x[i] = vsigmoid(x[i]); }
+template <int N> inline void vtanh_n(VT<double>* x) { for (int i = 0; i < N; ++i) x[i] = vtanh(x[i]); }
+template <int N>
+inline void lstm_cell_n(const VT<double>* ai, const VT<double>* af, const VT<double>* ag, VT<double>* ao,
+                        const VT<double>* c0, const VT<double>* po, bool coupled, VT<double>* cn,
+                        VT<double>* h) {
+    for (int i = 0; i < N; ++i) {
+        const VT<double> f = vsigmoid(af[i]);
+        const VT<double> in = coupled ? 1.0 - f : vsigmoid(ai[i]);
+        cn[i] = f * c0[i] + in * vtanh(ag[i]);
+        if (po) ao[i] += po[i] * cn[i];
+        h[i] = vsigmoid(ao[i]) * vtanh(cn[i]);
+    }
 }
-inline VT<double> lstm_h_fused(VT<double> ao, VT<double> c) { return vsigmoid(ao) * vtanh(c); }
 
 // Loads/stores of up to one register; a short tail is zero filled / partially stored.
 template <class T> inline VT<T> ld(const T* p, int64_t n) {
@@ -567,65 +472,49 @@ void lstm_fwd_row(int64_t n, T* gi, T* gf, T* gg, T* go, const T* hi, const T* h
                   bool coupled) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
-    int64_t k0 = 0;
-    if constexpr (sizeof(T) == 4) {   // two registers at a time, chains interleaved (vexp_n)
-        for (; k0 + 2 * L <= n; k0 += 2 * L) {
-            V a[4], g[2], o[2], c0[2], c[2], t[2];   // a: f f i i
-            for (int s = 0; s < 2; ++s) {
-                const int64_t k = k0 + s * L;
-                a[s] = ld(gf + k, L) + ld(hf + k, L);
-                a[2 + s] = ld(gi + k, L) + ld(hi + k, L);
-                g[s] = ld(gg + k, L) + ld(hg + k, L);
-                o[s] = ld(go + k, L) + ld(ho + k, L);
-                c0[s] = ld(cp + k, L);
-                if (pi) {
-                    a[2 + s] += ld(pi + k, L) * c0[s];
-                    a[s] += ld(pf + k, L) * c0[s];
-                }
-            }
-            if (coupled) {
-                vsigmoid_n<2>(a);
-                a[2] = 1.0f - a[0];
-                a[3] = 1.0f - a[1];
-            } else {
-                vsigmoid_n<4>(a);
-            }
-            vtanh_n<2>(g);
-            for (int s = 0; s < 2; ++s) {
-                c[s] = a[s] * c0[s] + a[2 + s] * g[s];
-                if (po) o[s] += ld(po + k0 + s * L, L) * c[s];
-                t[s] = c[s];
-            }
-            vsigmoid_n<2>(o);
-            vtanh_n<2>(t);
-            for (int s = 0; s < 2; ++s) {
-                const int64_t k = k0 + s * L;
-                st(gi + k, a[2 + s], L); st(gf + k, a[s], L); st(gg + k, g[s], L); st(go + k, o[s], L);
-                st(cn + k, c[s], L);
-                st(m + k, o[s] * t[s], L);
+    // N registers of units from k0 (N = 1: the last may be partial), their chains interleaved.
+    auto block = [&](int64_t k0, auto regs) __attribute__((always_inline)) {
+        constexpr int N = decltype(regs)::n;
+        V a[2 * N], g[N], o[N], c0[N], c[N], t[N];   // a: f (N), then i (N)
+        int64_t r[N];
+        for (int s = 0; s < N; ++s) {
+            const int64_t k = k0 + s * L;
+            r[s] = N > 1 ? L : n - k;   // whole registers except in the one-register tail
+            a[s] = ld(gf + k, r[s]) + ld(hf + k, r[s]);
+            a[N + s] = ld(gi + k, r[s]) + ld(hi + k, r[s]);
+            g[s] = ld(gg + k, r[s]) + ld(hg + k, r[s]);
+            o[s] = ld(go + k, r[s]) + ld(ho + k, r[s]);
+            c0[s] = ld(cp + k, r[s]);
+            if (pi) {
+                a[N + s] += ld(pi + k, r[s]) * c0[s];
+                a[s] += ld(pf + k, r[s]) * c0[s];
             }
         }
-    }
-    for (int64_t k = k0; k < n; k += VL<T>) {
-        const int64_t r = n - k;
-        V ai = ld(gi + k, r) + ld(hi + k, r), af = ld(gf + k, r) + ld(hf + k, r);
-        const V ag = ld(gg + k, r) + ld(hg + k, r);
-        V ao = ld(go + k, r) + ld(ho + k, r);
-        const V c0 = ld(cp + k, r);
-        if (pi) {
-            ai += ld(pi + k, r) * c0;
-            af += ld(pf + k, r) * c0;
+        if (coupled) {
+            vsigmoid_n<N>(a);
+            for (int s = 0; s < N; ++s) a[N + s] = splat<T>(1) - a[s];
+        } else {
+            vsigmoid_n<2 * N>(a);
         }
-        const V f = vsigmoid(af);
-        const V i = coupled ? splat<T>(1) - f : vsigmoid(ai);
-        const V g = vtanh(ag);
-        const V c = f * c0 + i * g;
-        if (po) ao += ld(po + k, r) * c;
-        const V o = vsigmoid(ao);
-        st(gi + k, i, r); st(gf + k, f, r); st(gg + k, g, r); st(go + k, o, r);
-        st(cn + k, c, r);
-        st(m + k, o * vtanh(c), r);
-    }
+        vtanh_n<N>(g);
+        for (int s = 0; s < N; ++s) {
+            c[s] = a[s] * c0[s] + a[N + s] * g[s];
+            if (po) o[s] += ld(po + k0 + s * L, r[s]) * c[s];
+            t[s] = c[s];
+        }
+        vsigmoid_n<N>(o);
+        vtanh_n<N>(t);
+        for (int s = 0; s < N; ++s) {
+            const int64_t k = k0 + s * L;
+            st(gi + k, a[N + s], r[s]); st(gf + k, a[s], r[s]); st(gg + k, g[s], r[s]);
+            st(go + k, o[s], r[s]);
+            st(cn + k, c[s], r[s]);
+            st(m + k, o[s] * t[s], r[s]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 2 * L <= n; k += 2 * L) block(k, Regs<2>{});
+    for (; k < n; k += L) block(k, Regs<1>{});
 }
 
 template <class T>
@@ -633,39 +522,32 @@ void gru_fwd_row(int64_t n, T* gr, T* gz, T* gn, const T* hr, const T* hz, const
                  const T* bhn, const T* hp, T* ex, T* hnext) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
-    int64_t k0 = 0;
-    if constexpr (sizeof(T) == 4) {   // two registers at a time, chains interleaved (vexp_n)
-        for (; k0 + 2 * L <= n; k0 += 2 * L) {
-            V a[4], hv[2], nn[2];   // a: r r z z
-            for (int s = 0; s < 2; ++s) {
-                const int64_t k = k0 + s * L;
-                a[s] = ld(gr + k, L) + ld(hr + k, L);
-                a[2 + s] = ld(gz + k, L) + ld(hz + k, L);
-                hv[s] = ld(hn + k, L);
-                if (bhn) hv[s] += ld(bhn + k, L);
-            }
-            vsigmoid_n<4>(a);
-            for (int s = 0; s < 2; ++s) nn[s] = ld(gn + k0 + s * L, L) + a[s] * hv[s];
-            vtanh_n<2>(nn);
-            for (int s = 0; s < 2; ++s) {
-                const int64_t k = k0 + s * L;
-                st(gr + k, a[s], L); st(gz + k, a[2 + s], L); st(gn + k, nn[s], L);
-                st(ex + k, hv[s], L);
-                st(hnext + k, (1.0f - a[2 + s]) * nn[s] + a[2 + s] * ld(hp + k, L), L);
-            }
+    // N registers of units from k0 (N = 1: the last may be partial), their chains interleaved.
+    auto block = [&](int64_t k0, auto regs) __attribute__((always_inline)) {
+        constexpr int N = decltype(regs)::n;
+        V a[2 * N], hv[N], nn[N];   // a: r (N), then z (N)
+        int64_t r[N];
+        for (int s = 0; s < N; ++s) {
+            const int64_t k = k0 + s * L;
+            r[s] = N > 1 ? L : n - k;   // whole registers except in the one-register tail
+            a[s] = ld(gr + k, r[s]) + ld(hr + k, r[s]);
+            a[N + s] = ld(gz + k, r[s]) + ld(hz + k, r[s]);
+            hv[s] = ld(hn + k, r[s]);
+            if (bhn) hv[s] += ld(bhn + k, r[s]);
         }
-    }
-    for (int64_t k = k0; k < n; k += VL<T>) {
-        const int64_t rem = n - k;
-        const V r = vsigmoid(ld(gr + k, rem) + ld(hr + k, rem));
-        const V z = vsigmoid(ld(gz + k, rem) + ld(hz + k, rem));
-        V h = ld(hn + k, rem);
-        if (bhn) h += ld(bhn + k, rem);
-        const V nn = vtanh(ld(gn + k, rem) + r * h);
-        st(gr + k, r, rem); st(gz + k, z, rem); st(gn + k, nn, rem);
-        st(ex + k, h, rem);
-        st(hnext + k, (splat<T>(1) - z) * nn + z * ld(hp + k, rem), rem);
-    }
+        vsigmoid_n<2 * N>(a);
+        for (int s = 0; s < N; ++s) nn[s] = ld(gn + k0 + s * L, r[s]) + a[s] * hv[s];
+        vtanh_n<N>(nn);
+        for (int s = 0; s < N; ++s) {
+            const int64_t k = k0 + s * L;
+            st(gr + k, a[s], r[s]); st(gz + k, a[N + s], r[s]); st(gn + k, nn[s], r[s]);
+            st(ex + k, hv[s], r[s]);
+            st(hnext + k, (splat<T>(1) - a[N + s]) * nn[s] + a[N + s] * ld(hp + k, r[s]), r[s]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 2 * L <= n; k += 2 * L) block(k, Regs<2>{});
+    for (; k < n; k += L) block(k, Regs<1>{});
 }
 
 // Cho et al.'s GRU, first half: r, z and r * h.
@@ -1058,14 +940,14 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     run_team(nth, [&](int tid, int team) {
         T* Ap = team_scratch<T>(packed_a_size(mc, kc), &failed);
         if (!Ap) return;
+        // Work units: (A block, share of the B panels). Few A blocks, or a count the threads
+        // do not divide: every thread takes its share of the panels of every A block (packing
+        // each A block for itself).
+        const int64_t nsplit = (mblocks % team == 0 || mblocks >= 8 * team) ? 1 : team;
+        const int64_t units = mblocks * nsplit;
         for (int64_t jc = 0; jc < N; jc += nc) {
             const int64_t nn = N - jc < nc ? N - jc : nc;
             const int64_t npan = ceil_div(nn, nr);
-            // Work units: (A block, share of the B panels). Few A blocks, or a count the
-            // threads do not divide: every thread takes its share of the panels of every A
-            // block (packing each A block for itself).
-            const int64_t nsplit = (mblocks % team == 0 || mblocks >= 8 * team) ? 1 : team;
-            const int64_t units = mblocks * nsplit;
             for (int64_t pc = 0; pc < K; pc += kc) {
                 const int64_t kk = K - pc < kc ? K - pc : kc;
                 const T bet = pc == 0 ? beta : T(1);
@@ -1143,14 +1025,13 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
-        const int64_t sizes[6] = {small ? 0 : packed_b_size<T>(K1, Gk * nh), B * Gk * nh,
-                                  small ? 0 : packed_a_size(B, H > P ? H : P),
+        const int64_t sizes[5] = {small ? 0 : packed_b_size<T>(K1, Gk * nh), B * Gk * nh,
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0, gru_orig ? B * nh : 0,
                                   proj && !small ? packed_b_size<T>(H, nq) : 0};
-        T* buf[6];
+        T* buf[5];
         T* mem = team_carve<T>(sizes, buf, &failed);
         if (!mem) return;
-        T *pk = buf[0], *hh = buf[1], *ap = buf[2], *pkn = buf[3], *hnv = buf[4], *pkr = buf[5];
+        T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4];
         const int64_t u0 = U.lo;
         if (nh > 0 && !small) {
             pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
@@ -1173,7 +1054,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 for (int g = 0; g < Gk; ++g)
                     small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
             } else if (nh > 0) {
-                gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, ap, q & 1);
+                gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
             }
             for (int64_t b = 0; b < B && nh > 0; ++b) {
                 T* g = gt + b * GH + u0;
@@ -1212,7 +1093,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 if (nh > 0 && small)
                     small_nt<T>(B, nh, H, j.w.w_hh + (2 * H + u0) * H, H, j.extra + t * B * H, H, hnv, nh);
                 else if (nh > 0)
-                    gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh, ap);
+                    gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     T* g = gt + b * GH + u0;
@@ -1225,7 +1106,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 if (nq > 0 && small)
                     small_nt<T>(B, nq, H, j.w.w_hr + Q.lo * H, H, j.mbuf + t * B * H, H, hnext + Q.lo, P);
                 else if (nq > 0)
-                    gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P, ap);
+                    gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P);
             }
             // Inactive rows carry their state; every row writes its output slice.
             for (int64_t b = 0; b < B && nq > 0; ++b) {
@@ -1262,18 +1143,16 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
-        const int64_t kmax = GH > P ? GH : P;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
-        const int64_t sizes[7] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
-                                  small ? 0 : packed_a_size(B, kmax),
+        const int64_t sizes[6] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
                                   proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
                                   gru ? B * nh : 0};
-        T* buf[7];
+        T* buf[6];
         T* mem = team_carve<T>(sizes, buf, &failed);
         if (!mem) return;
-        T *pk = buf[0], *tmp = buf[1], *ap = buf[2], *pkn = buf[3], *pkr = buf[4], *dmb = buf[5];
-        T* dhd = buf[6];     // dh * z (+ d(r*h) * r), own units
+        T *pk = buf[0], *tmp = buf[1], *pkn = buf[2], *pkr = buf[3], *dmb = buf[4];
+        T* dhd = buf[5];     // dh * z (+ d(r*h) * r), own units
         if (nq > 0 && !small) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
@@ -1305,7 +1184,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 if (nh > 0 && small)
                     small_nn<T>(B, P, nh, j.w.w_hr + u0, H, bj.dhs + t * B * P, P, dmb, nh);
                 else if (nh > 0)
-                    gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh, ap);
+                    gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh);
             }
             // B. gate gradients of the own units
             for (int64_t b = 0; b < B && nh > 0; ++b) {
@@ -1340,7 +1219,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 if (nh > 0 && small)
                     small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, GH, tmp, nh);
                 else if (nh > 0)
-                    gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh, ap);
+                    gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     gru_orig_r_row<T>(nh, gt + b * GH + u0, hprev + b * P + u0, tmp + b * nh,
@@ -1352,7 +1231,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             if (nq > 0 && small)
                 small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, GH, tmp, nq);
             else if (nq > 0)
-                gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, ap, q & 1);
+                gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, q & 1);
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 T* dhb = dh + b * P + q0;
@@ -1552,11 +1431,31 @@ template <class T> inline int fused_kind(const StepJob<T>& j) {
 }
 
 // Vectors per weight row on the x side / the h side, units per group.
+// The accumulator each stored vector of a row feeds, x side (AX) and h side (AH): the GRU's
+// n_x (accumulators 4, 5) is fed by the x side only, its n_h (6, 7) by the h side only.
 template <class T, int K> struct Fused {
     static constexpr int VX = K == FUSED_GRU ? 6 : 8;
     static constexpr int VH = VX;
     static constexpr int64_t UG = K == FUSED_RNN ? 8 * VL<T> : 2 * VL<T>;
+    static constexpr int AX[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    static constexpr int AH[8] = {0, 1, 2, 3, K == FUSED_GRU ? 6 : 4, K == FUSED_GRU ? 7 : 5, 6, 7};
 };
+
+// acc[map[v]] += v_k * (vector v of row k of w) for K rows of NV vectors; returns the end of them.
+template <class T, int NV>
+inline const T* fused_rows(int64_t K, const T* vin, const T* w, const int (&map)[8], VT<T>* acc) {
+    constexpr int L = VL<T>;
+    _Pragma("GCC unroll 4")
+    for (int64_t k = 0; k < K; ++k, w += NV * L) {
+        const T a = vin[k];
+        for (int v = 0; v < NV; ++v) {
+            VT<T> wv;
+            std::memcpy(&wv, w + v * L, sizeof wv);
+            acc[map[v]] += a * wv;
+        }
+    }
+    return w;
+}
 
 template <class T, int K> inline int64_t fused_block(int64_t I, int64_t P) {
     return (8 + I * Fused<T, K>::VX + P * Fused<T, K>::VH) * (int64_t)VL<T>;
@@ -1602,12 +1501,9 @@ template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
         if (K == FUSED_GRU && gate == 2 && hside && q / 2 == 2) return -1;      // n_x: x only
         return gate * H + unit;
     };
-    // The accumulator vectors each side feeds, in stored order.
-    int qx[8], qh[8], nx = 0, nh = 0;
-    for (int q = 0; q < 8; ++q) {
-        if (!(K == FUSED_GRU && q / 2 == 3)) qx[nx++] = q;
-        if (!(K == FUSED_GRU && q / 2 == 2)) qh[nh++] = q;
-    }
+    constexpr int nx = Fused<T, K>::VX, nh = Fused<T, K>::VH;
+    const int* qx = Fused<T, K>::AX;
+    const int* qh = Fused<T, K>::AH;
     for (int64_t g = 0; g < ngroups; ++g) {
         T* b = out + g * blk;
         for (int q = 0; q < 8; ++q)
@@ -1644,34 +1540,14 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
     constexpr int64_t UG = Fused<T, K>::UG;
     const int64_t I = j.in, H = j.hid, P = j.out, ngroups = ceil_div(H, UG);
     const int64_t blk = fused_block<T, K>(I, P);
-    // accumulator fed by stored vector v of each side
-    constexpr int MX[8] = {0, 1, 2, 3, 4, 5, K == FUSED_GRU ? 0 : 6, K == FUSED_GRU ? 0 : 7};
-    constexpr int MH[8] = {0, 1, 2, 3, K == FUSED_GRU ? 6 : 4, K == FUSED_GRU ? 7 : 5, 6, 7};
     const T* pi = K == FUSED_LSTM && j.peephole ? j.w.w_peep : nullptr;
     for (int64_t gi = 0; gi < ngroups; ++gi) {
         const int64_t g = rv ? ngroups - 1 - gi : gi;
         const T* b = pk + g * blk;
         V acc[8];
         for (int q = 0; q < 8; ++q) std::memcpy(&acc[q], b + q * L, sizeof(V));
-        const T* w = b + 8 * L;
-        _Pragma("GCC unroll 4")
-        for (int64_t k = 0; k < I; ++k, w += NX * L) {
-            const T a = x[k];
-            for (int v = 0; v < NX; ++v) {
-                V wv;
-                std::memcpy(&wv, w + v * L, sizeof(V));
-                acc[MX[v]] += a * wv;
-            }
-        }
-        _Pragma("GCC unroll 4")
-        for (int64_t k = 0; k < P; ++k, w += NH * L) {
-            const T a = h[k];
-            for (int v = 0; v < NH; ++v) {
-                V wv;
-                std::memcpy(&wv, w + v * L, sizeof(V));
-                acc[MH[v]] += a * wv;
-            }
-        }
+        const T* w = fused_rows<T, NX>(I, x, b + 8 * L, Fused<T, K>::AX, acc);
+        fused_rows<T, NH>(P, h, w, Fused<T, K>::AH, acc);
         const int64_t u0 = g * UG;
         if (K == FUSED_RNN) {
             const bool relu = j.cell == (int)CellType::RNN_RELU;
@@ -1683,56 +1559,35 @@ void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T
             }
             continue;
         }
-        if constexpr (K == FUSED_LSTM && sizeof(T) == 4) {
-            if (!j.coupled) {   // both registers of units at once (see lstm_cell_n)
-                V ci[2], po[2], cn[2], hv[2];
-                for (int s = 0; s < 2; ++s) {
-                    const int64_t u = u0 + s * L, rem = H - u;
-                    ci[s] = rem > 0 ? ld(c + u, rem) : V{};
-                    if (pi && rem > 0) {
-                        acc[s] += ld(pi + u, rem) * ci[s];
-                        acc[2 + s] += ld(pi + H + u, rem) * ci[s];
-                        po[s] = ld(pi + 2 * H + u, rem);
-                    }
+        if (K == FUSED_LSTM) {   // both registers of units at once (see lstm_cell_n)
+            V ci[2], po[2], cn[2], hv[2];
+            for (int s = 0; s < 2; ++s) {
+                const int64_t u = u0 + s * L, rem = H - u;
+                ci[s] = rem > 0 ? ld(c + u, rem) : V{};
+                po[s] = V{};
+                if (pi && rem > 0) {
+                    acc[s] += ld(pi + u, rem) * ci[s];
+                    acc[2 + s] += ld(pi + H + u, rem) * ci[s];
+                    po[s] = ld(pi + 2 * H + u, rem);
                 }
-                lstm_cell_n<2>(acc, acc + 2, acc + 4, acc + 6, ci, pi ? po : nullptr, cn, hv);
-                for (int s = 0; s < 2; ++s) {
-                    const int64_t u = u0 + s * L;
-                    if (u >= H) break;
-                    st(c + u, cn[s], H - u);
-                    st(hn + u, hv[s], H - u);
-                }
-                continue;
             }
+            lstm_cell_n<2>(acc, acc + 2, acc + 4, acc + 6, ci, pi ? po : nullptr, j.coupled, cn, hv);
+            for (int s = 0; s < 2; ++s) {
+                const int64_t u = u0 + s * L;
+                if (u >= H) break;
+                st(c + u, cn[s], H - u);
+                st(hn + u, hv[s], H - u);
+            }
+            continue;
         }
-        for (int s = 0; s < 2; ++s) {
+        for (int s = 0; s < 2; ++s) {   // GRU, linear_before_reset
             const int64_t u = u0 + s * L;
             if (u >= H) break;
             const int64_t rem = H - u;
-            if (K == FUSED_LSTM) {
-                V ai = acc[s], af = acc[2 + s], ao = acc[6 + s];
-                const V ag = acc[4 + s];
-                const V c0 = ld(c + u, rem);
-                if (pi) {
-                    ai += ld(pi + u, rem) * c0;
-                    af += ld(pi + H + u, rem) * c0;
-                }
-                V cn;
-                if (j.coupled) {
-                    const V f = vsigmoid(af);
-                    cn = f * c0 + (splat<T>(1) - f) * vtanh(ag);
-                } else {
-                    cn = lstm_c_fused(ai, af, ag, c0);
-                }
-                if (pi) ao += ld(pi + 2 * H + u, rem) * cn;
-                st(c + u, cn, rem);
-                st(hn + u, lstm_h_fused(ao, cn), rem);
-            } else {   // GRU, linear_before_reset
-                const V r = vsigmoid(acc[s]);
-                const V z = vsigmoid(acc[2 + s]);
-                const V nn = vtanh(acc[4 + s] + r * acc[6 + s]);
-                st(hn + u, (splat<T>(1) - z) * nn + z * ld(h + u, rem), rem);
-            }
+            const V r = vsigmoid(acc[s]);
+            const V z = vsigmoid(acc[2 + s]);
+            const V nn = vtanh(acc[4 + s] + r * acc[6 + s]);
+            st(hn + u, (splat<T>(1) - z) * nn + z * ld(h + u, rem), rem);
         }
     }
 }
