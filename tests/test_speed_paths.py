@@ -51,8 +51,9 @@ def test_every_isa_and_thread_count_against_reference(cell, threads_n, each_isa,
 
 
 def test_parameter_changes_are_always_seen():
-    """Nothing derived from the weights outlives a call, so a change made through params,
-    load_state_dict, an optimizer or in place is seen by the very next call, on every path."""
+    """Kept packed weights are checked against the weights' content at every call, so a
+    change made through params, load_state_dict, an optimizer or in place is seen by the
+    very next call, on every path."""
     rng = np.random.default_rng(0)
     layer = rc.LSTM(8, 16, seed=0)
     x_long = rng.standard_normal((40, 2, 8)).astype(np.float32)
@@ -85,6 +86,86 @@ def test_parameter_changes_are_always_seen():
     assert changed(before)
     y = layer(x_long)[0]
     np.testing.assert_allclose(y, ref_forward(layer, x_long)[0], rtol=1e-4, atol=1e-5)
+
+
+KEPT_PACK_LAYERS = {
+    "lstm": lambda dt: rc.LSTM(20, 128, num_layers=2, bidirectional=True, dtype=dt),
+    "gru": lambda dt: rc.GRU(20, 128, dtype=dt),
+    "gru_orig": lambda dt: rc.GRU(20, 128, linear_before_reset=False, dtype=dt),
+    "rnn": lambda dt: rc.RNN(20, 128, dtype=dt),
+    "lstm_proj": lambda dt: rc.LSTM(20, 128, proj_size=40, peephole=True, dtype=dt),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(KEPT_PACK_LAYERS))
+def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
+    """The recurrent weights are packed once and kept (layer._packed) while their content is
+    unchanged; a one-bit in-place edit anywhere in W_hh or W_hr, a thread-count change or an
+    ISA switch makes the next call repack, and every result matches the reference."""
+    rng = np.random.default_rng(1)
+    layer = KEPT_PACK_LAYERS[cell](dtype)
+    x = rng.standard_normal((30, 4, 20)).astype(dtype)   # T > 16: the packed path
+
+    def check(what):
+        y, _ = layer(x)
+        assert_close(y, ref_forward(layer, x)[0], dtype, f"{cell} {what}")
+        return y
+
+    threads(2)
+    y0 = check("first call")
+    packs = layer._packed.packs
+    assert packs > 0 and layer._packed.nbytes > 0
+    assert np.array_equal(layer(x)[0], y0) and layer._packed.packs == packs   # reused as is
+
+    # The same content in a new array: still valid (the check is by content, not identity).
+    layer.params["weight_hh_l0"] = layer.params["weight_hh_l0"].copy()
+    assert np.array_equal(layer(x)[0], y0) and layer._packed.packs == packs
+
+    names = ["weight_hh_l0"] + (["weight_hr_l0"] if cell == "lstm_proj" else [])
+    for name in names:
+        w = layer.params[name]
+        bits = w.view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
+        for flat in (0, bits.size // 2 + 7, bits.size - 1):
+            before = layer._packed.packs
+            bits[flat] ^= 1                       # the lowest mantissa bit, in place
+            layer(x)
+            assert layer._packed.packs > before, f"{name}[{flat}] one-bit edit not seen"
+            bits[flat] ^= 1
+        w.reshape(-1)[5] += 0.5                   # a visible edit, checked against the reference
+        check(f"after editing {name} in place")
+
+    for n in (1, 2):                              # another team: other slices
+        threads(n)
+        before = layer._packed.packs
+        check(f"{n} threads")
+        assert layer._packed.packs > before
+    old = _core.isa()
+    try:
+        for isa in _core.available_isas().split(","):
+            _core.set_isa(isa)
+            check(f"isa {isa}")
+    finally:
+        _core.set_isa(old)
+    layer._packed.clear()
+    assert layer._packed.nbytes == 0
+    check("after clear")
+
+
+def test_kept_packed_weights_under_concurrent_calls(threads):
+    """Calls on one layer from several Python threads at once (the GIL is released): the
+    one that holds the kept packed weights uses them, the others pack for themselves."""
+    import concurrent.futures as cf
+    threads(2)
+    layer = rc.LSTM(16, 64, seed=0)
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((40, 2, 16)).astype(np.float32) for _ in range(6)]
+    want = [ref_forward(layer, x)[0] for x in xs]
+    with cf.ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda x: layer(x)[0], xs))
+            for g, w in zip(got, want):
+                assert_close(g, w, np.float32, "concurrent")
 
 
 def test_streaming_fast_path_updates_state_in_place():

@@ -15,6 +15,26 @@
 
 namespace rnncore {
 
+// Packed recurrent weights of one direction of one layer, kept across calls by a
+// PackedWeights (layer.cpp). Slot t belongs to thread t of the recurrence: its slice of
+// W_hh (and W_hr), packed by that thread into memory it allocated (std::aligned_alloc; the
+// owner frees it with std::free). `hash` covers the layout (ISA, dtype, team, slice) and,
+// unless `trusted`, the content of the rows it was packed from; a thread repacks its slot
+// whenever the hash it computes differs.
+constexpr int MAX_TEAM = 64;
+struct PackSlot {
+    void* data;
+    int64_t bytes;
+    uint64_t hash;
+    bool valid;
+};
+struct PackSet {
+    PackSlot slot[MAX_TEAM];
+    bool trusted;                   // the weights never change (a loaded Model): hash the
+                                    // layout and the weights' address, not their content
+    int64_t packs;                  // slots (re)packed so far (tests and statistics)
+};
+
 // One direction of one layer over a whole sequence.
 // Slot convention for hbuf [T+1, B, P] and cbuf [T+1, B, H]:
 //   forward:  slot t = state entering time step t, slot T = final state;
@@ -34,6 +54,7 @@ template <class T> struct DirJob {
     T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
     T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
+    PackSet* packed;                // kept packed weights, or null: pack per call
 };
 
 template <class T> struct DirBackJob {

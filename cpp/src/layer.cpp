@@ -1,7 +1,9 @@
 // The layer-stack driver: argument checks, buffers, layers and directions, dropout between
 // layers. The per-direction recurrences run in the ISA kernels (cpu/impl.hpp).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -56,6 +58,42 @@ std::vector<ParamInfo> param_info(const LayerSpec& spec) {
                              W_PEEP});
     }
     return v;
+}
+
+struct PackedWeights::Impl {
+    bool trusted;
+    mutable std::mutex mu;
+    std::vector<PackSet> sets;   // one per layer direction
+    int64_t packs = 0;           // of sets since freed
+    void free_all() {
+        for (PackSet& ps : sets) {
+            packs += ps.packs;
+            for (PackSlot& sl : ps.slot) std::free(sl.data);
+        }
+        sets.clear();
+    }
+};
+
+PackedWeights::PackedWeights(bool trusted) : impl_(new Impl{trusted, {}, {}, 0}) {}
+PackedWeights::~PackedWeights() { impl_->free_all(); }
+int64_t PackedWeights::bytes() const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    int64_t n = 0;
+    for (const PackSet& ps : impl_->sets)
+        for (const PackSlot& sl : ps.slot) n += sl.bytes;
+    return n;
+}
+int64_t PackedWeights::packs() const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    return impl_->packs + [&] {
+        int64_t n = 0;
+        for (const PackSet& ps : impl_->sets) n += ps.packs;
+        return n;
+    }();
+}
+void PackedWeights::clear() {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    impl_->free_all();
 }
 
 template <class T> struct StackCache {
@@ -176,6 +214,23 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     c->inputs.resize(L);
     c->dirs.resize(keep ? L * D : 1);
 
+    // Kept packed weights, when given and not in use by another call.
+    std::unique_lock<std::mutex> packed_lock;
+    std::vector<PackSet>* packed = nullptr;
+    if (a.packed) {
+        PackedWeights::Impl& pw = a.packed->impl();
+        packed_lock = std::unique_lock<std::mutex>(pw.mu, std::try_to_lock);
+        if (packed_lock.owns_lock()) {
+            if ((int64_t)pw.sets.size() != L * D) {
+                pw.free_all();
+                PackSet empty{};
+                empty.trusted = pw.trusted;
+                pw.sets.assign(L * D, empty);
+            }
+            packed = &pw.sets;
+        }
+    }
+
     const T* layer_in = a.x;
     if (keep) {
         c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
@@ -207,6 +262,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             const int64_t idx = l * D + d;
             auto& buf = c->dirs[keep ? idx : 0];
             DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
+            j.packed = packed ? &(*packed)[idx] : nullptr;
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
             if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);

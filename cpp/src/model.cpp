@@ -68,6 +68,8 @@ struct Block {
     LayerSpec spec;
     std::vector<std::vector<float>> params;
     std::vector<DirParams<float>> dp;
+    // predict: the recurrent weights packed at the first call and kept (they never change)
+    std::shared_ptr<PackedWeights> seq_packed = std::make_shared<PackedWeights>(true);
     // streaming: each layer's weights packed once at load by (and for) this kernel table
     const KernelTable* table = nullptr;
     std::vector<std::vector<float>> step_packs;   // over-allocated by 16: see packed()
@@ -483,6 +485,7 @@ void Model::predict(const float* x, int64_t T, int64_t B, float* y, const int64_
                 std::vector<float> hn(s.num_layers * s.dirs() * B * s.out_size()), cn(s.is_lstm() ? s.num_layers * s.dirs() * B * s.hidden_size : 1);
                 ForwardArgs<float> a;
                 a.steps = T; a.batch = B; a.x = cur.data(); a.lengths = lengths;
+                a.packed = b.seq_packed.get();
                 ForwardOut<float> o;
                 o.y = nxt.data(); o.h_n = hn.data(); o.c_n = s.is_lstm() ? cn.data() : nullptr;
                 stack_forward<float>(s, b.dp, a, o, nullptr);

@@ -85,7 +85,7 @@ std::vector<py::array_t<T>> take_params(const LayerSpec& s, const py::list& para
 template <class T>
 py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array& x_any,
                     const py::object& h0, const py::object& c0, const py::object& lengths,
-                    const py::object& masks, bool keep) {
+                    const py::object& masks, bool keep, PackedWeights* packed) {
     std::vector<DirParams<T>> dp;
     auto keep_params = take_params<T>(s, params, &dp);
     if (x_any.ndim() != 3)
@@ -97,6 +97,7 @@ py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array&
     if (B < 1) throw py::value_error("x: expected a batch of at least one, got shape " + shape_str(shape_of(x)));
     ForwardArgs<T> a;
     a.steps = TT; a.batch = B; a.x = x.data();
+    a.packed = packed;
     py::array_t<T> h0a, c0a;
     py::array_t<int64_t> lena;
     if (!h0.is_none()) { h0a = checked<T>(h0, "h0", {L * D, B, P}); a.h0 = h0a.data(); }
@@ -295,21 +296,35 @@ void register_layers(py::module_& m) {
             return out;
         });
 
+    py::class_<PackedWeights>(m, "PackedWeights",
+                              "Packed recurrent weights kept across forward calls; every call "
+                              "checks them against a content hash of the weights and repacks "
+                              "what changed.")
+        .def(py::init([]() { return new PackedWeights(false); }))
+        .def_property_readonly("nbytes", &PackedWeights::bytes, "memory held, in bytes")
+        .def_property_readonly("packs", &PackedWeights::packs,
+                               "thread slices packed so far; a call that reuses them adds none")
+        .def("clear", &PackedWeights::clear, "frees the packed copies (the next call packs again)");
+
     py::class_<Cache, std::shared_ptr<Cache>>(m, "ForwardCache")
         .def_property_readonly("steps", &Cache::steps)
         .def_property_readonly("batch", &Cache::batch);
 
     m.def("forward",
           [](const LayerSpec& s, const py::list& params, const py::array& x, const py::object& h0,
-             const py::object& c0, const py::object& lengths, const py::object& masks, bool keep) {
+             const py::object& c0, const py::object& lengths, const py::object& masks, bool keep,
+             PackedWeights* packed) {
               if (std::string(py::str(x.dtype())) == "float64")
-                  return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep);
-              return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep);
+                  return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep, packed);
+              return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep, packed);
           },
           py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("h0") = py::none(),
           py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
           py::arg("dropout_masks") = py::none(), py::arg("keep") = false,
-          "Run the stack. x: (T, B, I). Returns (y, h_n, c_n or None, cache or None).");
+          py::arg("packed") = nullptr,
+          "Run the stack. x: (T, B, I). Returns (y, h_n, c_n or None, cache or None). packed: a "
+          "PackedWeights kept by the caller, so the recurrent weights are packed once and "
+          "reused while their content is unchanged.");
 
     m.def("backward",
           [](const LayerSpec& s, const py::list& params, const Cache& c, const py::object& dy,

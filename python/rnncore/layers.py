@@ -80,6 +80,9 @@ class _Recurrent(Module):
                                self.dtype)
         self.training = True
         self._ctx = None
+        # The recurrent weights packed for the kernels, kept from call to call and checked
+        # against a content hash of the weights at each call (so in-place edits are seen).
+        self._packed = _core.PackedWeights()
         self._stepper = None if self.bidirectional else _core.Stepper(
             self._spec, self._param_list(), self.dtype == np.float64)
 
@@ -239,7 +242,8 @@ class _Recurrent(Module):
     def _run(self, x, state, lengths, keep):
         x, h0, c0, lens, unbatched = self._prepare(x, state, lengths)
         masks = self._masks(x.shape[0], x.shape[1])
-        y, hn, cn, ctx = _core.forward(self._spec, self._param_list(), x, h0, c0, lens, masks, keep)
+        y, hn, cn, ctx = _core.forward(self._spec, self._param_list(), x, h0, c0, lens, masks, keep,
+                                       self._packed)
         return self._outputs(y, hn, cn, unbatched), ctx, unbatched, x.shape
 
     # ------------------------------------------------------------------ public calls
@@ -342,7 +346,7 @@ class _Recurrent(Module):
                               self.proj_size or self.hidden_size, unbatched and not squeeze)
         c = self._state_array(c, "state[1]", B, self.hidden_size, unbatched and not squeeze)
         y, hn, cn, _ = _core.forward(self._spec, self._param_list(), xs, h, c, None,
-                                     self._masks(1, B), False)
+                                     self._masks(1, B), False, self._packed)
         y = y[0, 0] if unbatched else y[0]
         if unbatched and not squeeze:
             hn = hn[:, 0, :]

@@ -67,6 +67,34 @@ int main(int argc, char** argv) {
             std::vector<float> y(m.predict_size(T, B));
             m.predict(x.data(), T, B, y.data());
             check(close(y, read_f32(base + ".predict")), "predict " + n);
+            {
+                // the batch repeated 3 times (B > 4: the packed-weights path, kept by the
+                // model), predicted twice by each of three threads at once
+                const long R = 3, I = (long)m.input_size();
+                std::vector<float> xr(T * R * B * I);
+                for (long t = 0; t < T; ++t)
+                    for (long k = 0; k < R; ++k)
+                        for (long b = 0; b < B; ++b)
+                            for (long i = 0; i < I; ++i)
+                                xr[((t * R + k) * B + b) * I + i] = x[(t * B + b) * I + i];
+                std::vector<std::vector<float>> yr(3, std::vector<float>(m.predict_size(T, R * B)));
+                std::vector<std::thread> ts;
+                for (int k = 0; k < 3; ++k)
+                    ts.emplace_back([&, k] {
+                        m.predict(xr.data(), T, R * B, yr[k].data());
+                        m.predict(xr.data(), T, R * B, yr[k].data());
+                    });
+                for (auto& t : ts) t.join();
+                const long rows = m.many_to_one() ? 1 : T, O = (long)m.output_size();
+                for (int k = 0; k < 3; ++k) {
+                    std::vector<float> back(y.size());
+                    for (long r = 0; r < rows; ++r)
+                        for (long b = 0; b < B; ++b)
+                            for (long o = 0; o < O; ++o)
+                                back[(r * B + b) * O + o] = yr[k][((r * R + 1) * B + b) * O + o];
+                    check(close(back, y), "predict repeated batch " + n + " thread " + std::to_string(k));
+                }
+            }
             if (m.streamable()) {
                 const auto want = read_f32(base + ".step");
                 // four threads share the model, each with its own state

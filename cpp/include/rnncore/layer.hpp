@@ -81,6 +81,30 @@ template <class Ptrs, class T> inline void set_param(Ptrs& p, int kind, T* ptr) 
 // What forward keeps for backward (opaque to callers).
 template <class T> struct StackCache;
 
+// Packed copies of a stack's recurrent weights, kept from call to call by whoever passes
+// the same object (ForwardArgs::packed): a Python layer keeps one, a loaded Model one per
+// block. Each thread of the recurrence checks its packed slice against a 64-bit content
+// hash of the rows it was packed from (read at about memory speed, a third of what
+// packing costs) and repacks on any difference, so a change made in any way, in place
+// included, is seen by the very next call. `trusted` skips the content check for weights
+// that never change (a Model's). One call uses it at a time; a concurrent call that finds
+// it busy packs for itself, as it would without it. Memory: about the size of W_hh (+W_hr).
+class PackedWeights {
+  public:
+    explicit PackedWeights(bool trusted = false);
+    ~PackedWeights();
+    PackedWeights(const PackedWeights&) = delete;
+    PackedWeights& operator=(const PackedWeights&) = delete;
+    int64_t bytes() const;   // memory held
+    int64_t packs() const;   // thread slices packed so far (a reuse adds none)
+    void clear();            // frees it (the next call packs again)
+    struct Impl;
+    Impl& impl() { return *impl_; }
+
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
 // Inputs of a stack call. Shapes (batched form; callers add B = 1 for unbatched input):
 //   x [T, B, I]; h0 [L*D, B, P] or null (zeros); c0 [L*D, B, H] or null (LSTM);
 //   lengths [B] or null (all T), each in 1..T;
@@ -92,6 +116,7 @@ template <class T> struct ForwardArgs {
     const T* c0 = nullptr;
     const int64_t* lengths = nullptr;
     const T* const* dropout_masks = nullptr;
+    PackedWeights* packed = nullptr;   // kept packed weights (see above), or null
 };
 // Outputs: y [T, B, D*P]; h_n [L*D, B, P]; c_n [L*D, B, H] (LSTM, else unused).
 template <class T> struct ForwardOut {
