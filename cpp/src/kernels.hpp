@@ -55,7 +55,8 @@ template <class T> struct DirJob {
     T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
     PackSet* packed;                // kept packed weights, or null: pack per call
-};
+    bool zero_start;                // the entering state h is all zeros: the first step
+};                                  // skips its recurrent products (they are zero)
 
 template <class T> struct DirBackJob {
     DirJob<T> f;                    // the forward job whose buffers hold the activations

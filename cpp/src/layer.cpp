@@ -263,6 +263,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             auto& buf = c->dirs[keep ? idx : 0];
             DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
             j.packed = packed ? &(*packed)[idx] : nullptr;
+            j.zero_start = a.h0 == nullptr;
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
             if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);

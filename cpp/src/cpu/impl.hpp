@@ -777,6 +777,9 @@ constexpr int64_t SMALL_B = 4;
 // ... but only for short sequences: from L3 the packed panels stream faster, so over a long
 // sequence packing once per call pays for itself.
 constexpr int64_t SMALL_T = 16;
+// With packed weights kept across calls (PackSet) a call pays only the hash of W_hh, one
+// read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
+constexpr int64_t SMALL_T_KEPT = 7;
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for n < N, b < NB (W row-major, rows of length K).
 // Each row of W against NB rows of X, K unrolled KU times: NB*KU = 8 independent
@@ -1129,7 +1132,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
+        // row-major weights read in place (a kept packed copy costs only its hash per call)
+        const bool small = B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
         const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
@@ -1213,7 +1217,10 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* gt = j.gates + t * B * GH;
             T* yt = j.y + t * B * j.ldy;
-            if (nh > 0 && small) {
+            const bool zero_h = q == 0 && j.zero_start;   // h @ W_hh^T = 0
+            if (nh > 0 && zero_h) {
+                std::memset(hh, 0, sizeof(T) * B * Gk * nh);
+            } else if (nh > 0 && small) {
                 for (int g = 0; g < Gk; ++g)
                     small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
             } else if (nh > 0) {
@@ -1253,7 +1260,9 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             }
             if (gru_orig) {
                 barrier();   // r * h complete
-                if (nh > 0 && small)
+                if (nh > 0 && zero_h)
+                    std::memset(hnv, 0, sizeof(T) * B * nh);
+                else if (nh > 0 && small)
                     small_nt<T>(B, nh, H, j.w.w_hh + (2 * H + u0) * H, H, j.extra + t * B * H, H, hnv, nh);
                 else if (nh > 0)
                     gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh);
