@@ -683,7 +683,17 @@ void gru_orig_n_row(int64_t n, const T* gz, T* gn, const T* hnv, const T* hp, T*
 template <class T>
 void rnn_fwd_row(int64_t n, const T* g, const T* hh, T* hnext, bool relu) {
     typedef VT<T> V;
-    for (int64_t k = 0; k < n; k += VL<T>) {
+    constexpr int L = VL<T>;
+    int64_t k0 = 0;
+    if (!relu) {   // four registers at a time, their tanh chains interleaved
+        for (; k0 + 4 * L <= n; k0 += 4 * L) {
+            V a[4];
+            for (int s = 0; s < 4; ++s) a[s] = ld(g + k0 + s * L, L) + ld(hh + k0 + s * L, L);
+            vtanh_n<4>(a);
+            for (int s = 0; s < 4; ++s) st(hnext + k0 + s * L, a[s], L);
+        }
+    }
+    for (int64_t k = k0; k < n; k += VL<T>) {
         const int64_t rem = n - k;
         const V a = ld(g + k, rem) + ld(hh + k, rem);
         st(hnext + k, relu ? (a > T(0) ? a : V{}) : vtanh(a), rem);
