@@ -42,7 +42,8 @@ def test_every_isa_and_thread_count_against_reference(cell, threads_n, each_isa,
         "lstm_proj_peep": lambda: rc.LSTM(20, 48, proj_size=16, peephole=True, coupled_gates=True),
     }[cell]
     layer = make()
-    for T, B in ((30, 1), (6, 3), (25, 7)):          # long and short small-batch paths, packed path
+    # long and short small-batch paths, packed path, input projected inside the recurrence
+    for T, B in ((30, 1), (6, 3), (25, 7), (13, 9)):
         x = rng.standard_normal((T, B, 20)).astype(np.float32)
         lengths = rng.integers(1, T + 1, B)
         y, _ = layer(x, lengths=lengths)
@@ -100,12 +101,13 @@ KEPT_PACK_LAYERS = {
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", sorted(KEPT_PACK_LAYERS))
 def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
-    """The recurrent weights are packed once and kept (layer._packed) while their content is
-    unchanged; a one-bit in-place edit anywhere in W_hh or W_hr, a thread-count change or an
-    ISA switch makes the next call repack, and every result matches the reference."""
+    """The weights are packed once and kept (layer._packed) while their content is unchanged;
+    a one-bit in-place edit anywhere in W_hh, W_ih or W_hr, a thread-count change or an ISA
+    switch makes the next call repack, and every result matches the reference."""
     rng = np.random.default_rng(1)
     layer = KEPT_PACK_LAYERS[cell](dtype)
-    x = rng.standard_normal((30, 4, 20)).astype(dtype)   # T > 16: the packed path
+    # T > 7: the packed path; B >= 8: W_ih packed and kept too (input projected per block)
+    x = rng.standard_normal((30, 9, 20)).astype(dtype)
 
     def check(what):
         y, _ = layer(x)
@@ -122,7 +124,7 @@ def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
     layer.params["weight_hh_l0"] = layer.params["weight_hh_l0"].copy()
     assert np.array_equal(layer(x)[0], y0) and layer._packed.packs == packs
 
-    names = ["weight_hh_l0"] + (["weight_hr_l0"] if cell == "lstm_proj" else [])
+    names = ["weight_hh_l0", "weight_ih_l0"] + (["weight_hr_l0"] if cell == "lstm_proj" else [])
     for name in names:
         w = layer.params[name]
         bits = w.view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)

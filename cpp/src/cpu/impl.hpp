@@ -790,6 +790,9 @@ constexpr int64_t SMALL_T = 16;
 // With packed weights kept across calls (PackSet) a call pays only the hash of W_hh, one
 // read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
 constexpr int64_t SMALL_T_KEPT = 7;
+// Batches of FUSE_B rows and more project the input inside the recurrence, FUSE_ROWS rows
+// (steps * batch) at a time (see dir_forward).
+constexpr int64_t FUSE_B = 8, FUSE_ROWS = 64;
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for n < N, b < NB (W row-major, rows of length K).
 // Each row of W against NB rows of X, K unrolled KU times: NB*KU = 8 independent
@@ -1121,19 +1124,30 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     const int rev = j.reverse ? 1 : 0;
     const int Gk = gru_orig ? 2 : G;          // gates computed by the first recurrent product
 
-    // 1. Input projection of every step at once: gates = x @ W_ih^T + biases.
-    gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
+    // row-major weights read in place (a kept packed copy costs only its hash per call)
+    const bool small = B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
+    // Input projection gates = x @ W_ih^T + biases (b_hh folds in except for the n gate of
+    // the reset-after GRU). From FUSE_B rows on, each thread projects its own gate columns a
+    // block of steps ahead, inside the recurrence (its packed W_ih slice kept with W_hh's):
+    // the block stays in its cache, with no pass of the whole gates array through memory
+    // and no separate parallel region. Otherwise every step at once, as one GEMM.
+    const bool fuse = !small && B >= FUSE_B && I <= KC;
+    const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
+    T* bias = nullptr;
     if (j.w.b_ih) {
-        // b_hh folds in here except for the n gate of the reset-after GRU.
-        const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
-        T* bias = alloc<T>(GH);
+        bias = alloc<T>(GH);
         for (int64_t k = 0; k < GH; ++k) bias[k] = j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
-        for (int64_t r = 0; r < TT * B; ++r) {
-            T* g = j.gates + r * GH;
-            for (int64_t k = 0; k < GH; ++k) g[k] += bias[k];
-        }
-        std::free(bias);
     }
+    if (!fuse) {
+        gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
+        if (bias) {
+            for (int64_t r = 0; r < TT * B; ++r) {
+                T* g = j.gates + r * GH;
+                for (int64_t k = 0; k < GH; ++k) g[k] += bias[k];
+            }
+        }
+    }
+    const int64_t SB = fuse ? (FUSE_ROWS + B - 1) / B : 0;   // steps per projected block
 
     const int nth = rec_threads(B, G, H, P);
     int failed = 0;
@@ -1142,14 +1156,13 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        // row-major weights read in place (a kept packed copy costs only its hash per call)
-        const bool small = B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
         const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
+        const int64_t npi1 = fuse ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
         // this thread packs from matches the one stored with them.
-        const int64_t sizes[5] = {npk, B * Gk * nh, npn, gru_orig ? B * nh : 0, npr};
+        const int64_t sizes[6] = {npk, B * Gk * nh, npn, gru_orig ? B * nh : 0, npr, G * npi1};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
@@ -1157,7 +1170,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             const uint64_t layout[] = {(uint64_t)VB, sizeof(T), (uint64_t)team, (uint64_t)tid,
                                        (uint64_t)j.cell, (uint64_t)gru_orig, (uint64_t)H,
                                        (uint64_t)P, (uint64_t)U.lo, (uint64_t)nh,
-                                       (uint64_t)Q.lo, (uint64_t)nq,
+                                       (uint64_t)Q.lo, (uint64_t)nq, (uint64_t)fuse, (uint64_t)I,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hh : 0,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1};
             key = content_hash(layout, sizeof layout, 0x5EED);
@@ -1166,6 +1179,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     key = content_hash(j.w.w_hh + (g * H + U.lo) * K1, nh * K1 * (int64_t)sizeof(T), key);
                 if (gru_orig) key = content_hash(j.w.w_hh + (2 * H + U.lo) * H, nh * H * (int64_t)sizeof(T), key);
                 if (proj) key = content_hash(j.w.w_hr + Q.lo * H, nq * H * (int64_t)sizeof(T), key);
+                for (int g = 0; fuse && g < G; ++g)
+                    key = content_hash(j.w.w_ih + (g * H + U.lo) * I, nh * I * (int64_t)sizeof(T), key);
             }
             // The slot holds the per-step scratch too (next to the packed weights, as per call).
             int64_t need = 0;
@@ -1187,20 +1202,23 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 }
             }
         }
-        T* buf[5];
-        const int64_t none[5] = {0, 0, 0, 0, 0};
+        T* buf[6];
+        const int64_t none[6] = {0, 0, 0, 0, 0, 0};
         T* mem = team_carve<T>(ps ? none : sizes, buf, &failed);   // (all agree on failure)
         if (!mem) return;
         if (ps) {   // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
-            for (int i : {0, 2, 4, 1, 3}) {
+            for (int i : {0, 2, 4, 5, 1, 3}) {
                 buf[i] = sizes[i] > 0 ? p : nullptr;
                 p += round16(sizes[i]);
             }
         }
-        T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4];
+        T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4], *pki = buf[5];
         const int64_t u0 = U.lo;
         if (!fresh) {
+            for (int g = 0; fuse && nh > 0 && g < G; ++g)
+                pack_b_rows<T>(I, nh, j.w.w_ih, I, [&](int64_t n) { return g * H + u0 + n; },
+                               pki + g * npi1);
             if (nh > 0 && !small) {
                 pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                                [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
@@ -1223,6 +1241,19 @@ template <class T> void dir_forward(const DirJob<T>& j) {
 
         for (int64_t q = 0; q < TT; ++q) {
             const int64_t t = rev ? TT - 1 - q : q;
+            if (fuse && nh > 0 && q % SB == 0) {   // this thread's gate columns, SB steps ahead
+                const int64_t ns = TT - q < SB ? TT - q : SB;
+                const int64_t ta = rev ? TT - q - ns : q;     // first time index of the block
+                T* gb = j.gates + ta * B * GH + u0;
+                for (int g = 0; g < G; ++g)
+                    gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * H, GH);
+                for (int64_t r = 0; r < ns * B && bias; ++r)
+                    for (int g = 0; g < G; ++g) {
+                        T* row = gb + r * GH + g * H;
+                        const T* bg = bias + g * H + u0;
+                        for (int64_t k = 0; k < nh; ++k) row[k] += bg[k];
+                    }
+            }
             const T* hprev = j.hbuf + (t + rev) * B * P;
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* gt = j.gates + t * B * GH;
@@ -1305,6 +1336,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         }
         std::free(mem);
     });
+    std::free(bias);
     if (failed) throw std::bad_alloc();
 }
 
