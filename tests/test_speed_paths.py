@@ -42,13 +42,18 @@ def test_every_isa_and_thread_count_against_reference(cell, threads_n, each_isa,
         "lstm_proj_peep": lambda: rc.LSTM(20, 48, proj_size=16, peephole=True, coupled_gates=True),
     }[cell]
     layer = make()
-    # long and short small-batch paths, packed path, input projected inside the recurrence
-    for T, B in ((30, 1), (6, 3), (25, 7), (13, 9)):
-        x = rng.standard_normal((T, B, 20)).astype(np.float32)
-        lengths = rng.integers(1, T + 1, B)
-        y, _ = layer(x, lengths=lengths)
-        yr, _, _ = ref_forward(layer, x, None, lengths)
-        assert_close(y, yr, np.float32, f"{cell} T={T} B={B}")
+    kept = layer._packed
+    # packed path at batch 1, short small-batch path (row-major weights in place), packed
+    # path at B = 7 and 9; with kept packed weights (the input projected inside the
+    # recurrence) and without (packing per call: one GEMM for the input below 8 rows)
+    for packed in (kept, None):
+        layer._packed = packed
+        for T, B in ((30, 1), (6, 3), (25, 7), (13, 9)):
+            x = rng.standard_normal((T, B, 20)).astype(np.float32)
+            lengths = rng.integers(1, T + 1, B)
+            y, _ = layer(x, lengths=lengths)
+            yr, _, _ = ref_forward(layer, x, None, lengths)
+            assert_close(y, yr, np.float32, f"{cell} T={T} B={B} kept={packed is not None}")
 
 
 def test_parameter_changes_are_always_seen():
@@ -106,7 +111,7 @@ def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
     switch makes the next call repack, and every result matches the reference."""
     rng = np.random.default_rng(1)
     layer = KEPT_PACK_LAYERS[cell](dtype)
-    # T > 7: the packed path; B >= 8: W_ih packed and kept too (input projected per block)
+    # T > 7: the packed path, W_ih packed and kept too (the input is projected per block)
     x = rng.standard_normal((30, 9, 20)).astype(dtype)
 
     def check(what):

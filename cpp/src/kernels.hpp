@@ -56,7 +56,9 @@ template <class T> struct DirJob {
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
     PackSet* packed;                // kept packed weights, or null: pack per call
     bool zero_start;                // the entering state h is all zeros: the first step
-};                                  // skips its recurrent products (they are zero)
+                                    // skips its recurrent products (they are zero)
+    bool infer;                     // no backward follows: the gate activations need not
+};                                  // be kept in `gates`
 
 template <class T> struct DirBackJob {
     DirJob<T> f;                    // the forward job whose buffers hold the activations

@@ -264,6 +264,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
             j.packed = packed ? &(*packed)[idx] : nullptr;
             j.zero_start = a.h0 == nullptr;
+            j.infer = !keep;
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
             if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);

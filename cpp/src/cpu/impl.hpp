@@ -563,6 +563,13 @@ template <class T> inline void st(T* p, VT<T> v, int64_t n) {
     else std::memcpy(p, &v, sizeof(T) * n);
 }
 
+// y[k] += x[k], k < n (a bias added to a row of gates).
+template <class T> inline void add_row(int64_t n, const T* __restrict x, T* __restrict y) {
+    int64_t k = 0;
+    for (; k + VL<T> <= n; k += VL<T>) st(y + k, ld(y + k, VL<T>) + ld(x + k, VL<T>), VL<T>);
+    for (; k < n; ++k) y[k] += x[k];
+}
+
 inline bool active(const int64_t* lengths, int64_t b, int64_t t) {
     return lengths == nullptr || t < lengths[b];
 }
@@ -790,8 +797,8 @@ constexpr int64_t SMALL_T = 16;
 // With packed weights kept across calls (PackSet) a call pays only the hash of W_hh, one
 // read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
 constexpr int64_t SMALL_T_KEPT = 7;
-// Batches of FUSE_B rows and more project the input inside the recurrence, FUSE_ROWS rows
-// (steps * batch) at a time (see dir_forward).
+// The packed path projects the input inside the recurrence, FUSE_ROWS rows (steps * batch)
+// at a time, with kept weights or from FUSE_B batch rows on (see dir_forward).
 constexpr int64_t FUSE_B = 8, FUSE_ROWS = 64;
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for n < N, b < NB (W row-major, rows of length K).
@@ -1127,11 +1134,13 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     // row-major weights read in place (a kept packed copy costs only its hash per call)
     const bool small = B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
     // Input projection gates = x @ W_ih^T + biases (b_hh folds in except for the n gate of
-    // the reset-after GRU). From FUSE_B rows on, each thread projects its own gate columns a
-    // block of steps ahead, inside the recurrence (its packed W_ih slice kept with W_hh's):
-    // the block stays in its cache, with no pass of the whole gates array through memory
-    // and no separate parallel region. Otherwise every step at once, as one GEMM.
-    const bool fuse = !small && B >= FUSE_B && I <= KC;
+    // the reset-after GRU). On the packed path each thread projects its own gate columns a
+    // block of FUSE_ROWS rows (steps * batch) ahead, inside the recurrence, from its packed
+    // slice of W_ih (kept and hash-checked with W_hh's): the block stays in its cache, there
+    // is no separate parallel region and, for inference, no [T, B, G*H] array at all.
+    // Without kept weights and for small batches (where packing W_ih at every call would
+    // cost more than it saves) every step is projected at once, as one GEMM.
+    const bool fuse = !small && (j.packed || B >= FUSE_B);
     const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
     T* bias = nullptr;
     if (j.w.b_ih) {
@@ -1140,14 +1149,12 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     }
     if (!fuse) {
         gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
-        if (bias) {
-            for (int64_t r = 0; r < TT * B; ++r) {
-                T* g = j.gates + r * GH;
-                for (int64_t k = 0; k < GH; ++k) g[k] += bias[k];
-            }
-        }
+        for (int64_t r = 0; r < TT * B && bias; ++r) add_row<T>(GH, bias, j.gates + r * GH);
     }
     const int64_t SB = fuse ? (FUSE_ROWS + B - 1) / B : 0;   // steps per projected block
+    // Inference needs no gate activations afterwards: the block is projected into a small
+    // buffer of the thread's own (its gate columns, SB steps), not the [T, B, G*H] array.
+    const bool local_g = fuse && j.infer;
 
     const int nth = rec_threads(B, G, H, P);
     int failed = 0;
@@ -1162,7 +1169,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const int64_t npi1 = fuse ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
         // this thread packs from matches the one stored with them.
-        const int64_t sizes[6] = {npk, B * Gk * nh, npn, gru_orig ? B * nh : 0, npr, G * npi1};
+        const int64_t sizes[7] = {npk, B * Gk * nh, npn, gru_orig ? B * nh : 0, npr, G * npi1,
+                                  local_g ? SB * B * G * nh : 0};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
@@ -1202,18 +1210,20 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 }
             }
         }
-        T* buf[6];
-        const int64_t none[6] = {0, 0, 0, 0, 0, 0};
+        T* buf[7];
+        const int64_t none[7] = {0, 0, 0, 0, 0, 0, 0};
         T* mem = team_carve<T>(ps ? none : sizes, buf, &failed);   // (all agree on failure)
         if (!mem) return;
         if (ps) {   // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
-            for (int i : {0, 2, 4, 5, 1, 3}) {
+            for (int i : {0, 2, 4, 5, 1, 3, 6}) {
                 buf[i] = sizes[i] > 0 ? p : nullptr;
                 p += round16(sizes[i]);
             }
         }
         T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4], *pki = buf[5];
+        T* gblk = buf[6];
+        int64_t ta_blk = 0;                               // first time index of the block
         const int64_t u0 = U.lo;
         if (!fresh) {
             for (int g = 0; fuse && nh > 0 && g < G; ++g)
@@ -1244,15 +1254,14 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             if (fuse && nh > 0 && q % SB == 0) {   // this thread's gate columns, SB steps ahead
                 const int64_t ns = TT - q < SB ? TT - q : SB;
                 const int64_t ta = rev ? TT - q - ns : q;     // first time index of the block
-                T* gb = j.gates + ta * B * GH + u0;
+                ta_blk = ta;
+                T* gb = local_g ? gblk : j.gates + ta * B * GH + u0;
+                const int64_t ldg = local_g ? G * nh : GH, gs = local_g ? nh : H;
                 for (int g = 0; g < G; ++g)
-                    gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * H, GH);
+                    gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg);
                 for (int64_t r = 0; r < ns * B && bias; ++r)
-                    for (int g = 0; g < G; ++g) {
-                        T* row = gb + r * GH + g * H;
-                        const T* bg = bias + g * H + u0;
-                        for (int64_t k = 0; k < nh; ++k) row[k] += bg[k];
-                    }
+                    for (int g = 0; g < G; ++g)
+                        add_row<T>(nh, bias + g * H + u0, gb + r * ldg + g * gs);
             }
             const T* hprev = j.hbuf + (t + rev) * B * P;
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
@@ -1267,8 +1276,12 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             } else if (nh > 0) {
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
             }
+            const int64_t gs = local_g ? nh : H;          // gate stride within a row
+            auto grow = [&](int64_t b) {                   // the row of pre-activations of b
+                return local_g ? gblk + ((t - ta_blk) * B + b) * (G * nh) : gt + b * GH + u0;
+            };
             for (int64_t b = 0; b < B && nh > 0; ++b) {
-                T* g = gt + b * GH + u0;
+                T* g = grow(b);
                 const T* hb = hh + b * Gk * nh;
                 const bool act = active(j.lengths, b, t);
                 if (lstm) {
@@ -1280,7 +1293,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                         if (proj) std::memset(m, 0, sizeof(T) * nh);
                         continue;
                     }
-                    lstm_fwd_row<T>(nh, g, g + H, g + 2 * H, g + 3 * H, hb, hb + nh, hb + 2 * nh,
+                    lstm_fwd_row<T>(nh, g, g + gs, g + 2 * gs, g + 3 * gs, hb, hb + nh, hb + 2 * nh,
                                     hb + 3 * nh, cp, cn, m, pi ? pi + u0 : nullptr,
                                     pi ? pi + H + u0 : nullptr, pi ? pi + 2 * H + u0 : nullptr,
                                     j.coupled);
@@ -1291,9 +1304,9 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                         continue;
                     }
                     if (gru_orig)
-                        gru_orig_rz_row<T>(nh, g, g + H, hb, hb + nh, hprev + b * P + u0, ex);
+                        gru_orig_rz_row<T>(nh, g, g + gs, hb, hb + nh, hprev + b * P + u0, ex);
                     else
-                        gru_fwd_row<T>(nh, g, g + H, g + 2 * H, hb, hb + nh, hb + 2 * nh, bhn,
+                        gru_fwd_row<T>(nh, g, g + gs, g + 2 * gs, hb, hb + nh, hb + 2 * nh, bhn,
                                        hprev + b * P + u0, ex, hnext + b * P + u0);
                 } else if (act) {
                     rnn_fwd_row<T>(nh, g, hb, hnext + b * P + u0, relu);
@@ -1309,8 +1322,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
-                    T* g = gt + b * GH + u0;
-                    gru_orig_n_row<T>(nh, g + H, g + 2 * H, hnv + b * nh, hprev + b * P + u0,
+                    T* g = grow(b);
+                    gru_orig_n_row<T>(nh, g + gs, g + 2 * gs, hnv + b * nh, hprev + b * P + u0,
                                       hnext + b * P + u0);
                 }
             }
