@@ -377,3 +377,36 @@ def test_cuda_device_says_why():
         pytest.skip("built with CUDA")
     with pytest.raises(RuntimeError, match="CUDA"):
         rnncore.LSTM(3, 4, device="cuda")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rnncore.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, seed=1),
+    lambda: rnncore.LSTM(3, 6, peephole=True, coupled_gates=True, dtype="float64", seed=2),
+    lambda: rnncore.GRU(3, 6, linear_before_reset=False, batch_first=True, seed=3),
+    lambda: rnncore.RNN(3, 6, nonlinearity="relu", num_layers=2, dropout=0.5, seed=4),
+])
+def test_deepcopy_and_pickle_make_independent_equal_layers(make):
+    """copy.deepcopy and pickle keep configuration, parameters, gradients and mode; the
+    copy shares nothing with the original (kept packed weights included)."""
+    import copy
+    import pickle
+    layer = make()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 3, 3)).astype(layer.dtype)   # T > 7: kept packed weights
+    first = list(layer.params)[1]
+    layer.params[first][0, 0] += 1.0                           # not the seed's weights any more
+    for g in layer.grads.values():
+        g[...] = rng.standard_normal(g.shape)
+    layer.eval()
+    y = layer(x)[0]
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(other) is type(layer) and other.config() == layer.config()
+        assert other.training is False
+        assert other._packed is not layer._packed and other.params is not layer.params
+        for k in layer.params:
+            np.testing.assert_array_equal(other.params[k], layer.params[k])
+            np.testing.assert_array_equal(other.grads[k], layer.grads[k])
+        np.testing.assert_array_equal(other(x)[0], y)
+        for v in other.params.values():
+            v[...] = 0.0                                       # the original is untouched
+        np.testing.assert_array_equal(layer(x)[0], y)

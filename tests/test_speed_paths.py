@@ -125,7 +125,7 @@ def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
     assert packs > 0 and layer._packed.nbytes > 0
     assert np.array_equal(layer(x)[0], y0) and layer._packed.packs == packs   # reused as is
 
-    # The same content in a new array: still valid (the check is by content, not identity).
+    # The same content written through params (a change of version, not of content): reused.
     layer.params["weight_hh_l0"] = layer.params["weight_hh_l0"].copy()
     assert np.array_equal(layer(x)[0], y0) and layer._packed.packs == packs
 

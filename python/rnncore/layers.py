@@ -96,6 +96,25 @@ class _Recurrent(Module):
         """Features of each output step: D * (proj_size or hidden_size)."""
         return self.num_directions * (self.proj_size or self.hidden_size)
 
+    # ------------------------------------------------------------------ copying, pickling
+    def __getstate__(self):
+        """What copy.deepcopy and pickle keep: the configuration, parameters, gradients, mode
+        and dropout generator. The core objects (layer spec, kept packed weights, stepper)
+        are rebuilt by __setstate__, never shared between copies."""
+        return {"config": self.config(), "seed": self.seed, "training": self.training,
+                "params": {k: np.array(v) for k, v in self.params.items()},
+                "grads": {k: np.array(v) for k, v in self.grads.items()},
+                "drop_rng": self._drop_rng.bit_generator.state}
+
+    def __setstate__(self, state):
+        type(self).__init__(self, seed=state["seed"], **state["config"])
+        for k, v in state["params"].items():
+            self.params[k] = v
+        for k, v in state["grads"].items():
+            self.grads[k] = v
+        self.training = state["training"]
+        self._drop_rng.bit_generator.state = state["drop_rng"]
+
     def _param_list(self):
         return list(self.params.values())
 
