@@ -85,11 +85,9 @@ int64_t PackedWeights::bytes() const {
 }
 int64_t PackedWeights::packs() const {
     std::lock_guard<std::mutex> lk(impl_->mu);
-    return impl_->packs + [&] {
-        int64_t n = 0;
-        for (const PackSet& ps : impl_->sets) n += ps.packs;
-        return n;
-    }();
+    int64_t n = impl_->packs;
+    for (const PackSet& ps : impl_->sets) n += ps.packs;
+    return n;
 }
 void PackedWeights::clear() {
     std::lock_guard<std::mutex> lk(impl_->mu);

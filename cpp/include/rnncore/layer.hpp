@@ -84,11 +84,12 @@ template <class T> struct StackCache;
 // Packed copies of a stack's recurrent weights, kept from call to call by whoever passes
 // the same object (ForwardArgs::packed): a Python layer keeps one, a loaded Model one per
 // block. Each thread of the recurrence checks its packed slice against a 64-bit content
-// hash of the rows it was packed from (read at about memory speed, a third of what
-// packing costs) and repacks on any difference, so a change made in any way, in place
-// included, is seen by the very next call. `trusted` skips the content check for weights
-// that never change (a Model's). One call uses it at a time; a concurrent call that finds
-// it busy packs for itself, as it would without it. Memory: about the size of W_hh (+W_hr).
+// hash of the rows it was packed from (one read at about memory speed; about half of what
+// packing cost at T=25 B=1 H=1024) and repacks on any difference, so a change made in any
+// way, in place included, is seen by the very next call. `trusted` skips the content check
+// for weights that never change (a Model's). One call uses it at a time; a concurrent call
+// that finds it busy packs for itself, as it would without it. Memory: about the size of
+// W_ih and W_hh (and W_hr).
 class PackedWeights {
   public:
     explicit PackedWeights(bool trusted = false);

@@ -1011,18 +1011,24 @@ template <class F> void run_team(int nth, F&& body) {
     body(0, 1);
 }
 
-// Per-thread scratch: allocated inside the region; if any thread fails, every thread gets
-// nullptr after the same barrier (so all skip the work together) and the caller throws.
-template <class T> T* team_scratch(int64_t need, int* failed) {
-    T* mem = static_cast<T*>(aligned_buffer((size_t)need * sizeof(T)));
-    if (!mem) {
+// A thread of the team whose allocation failed raises the flag; after one barrier every
+// thread sees whether any did (so all skip the work together) and the caller throws.
+inline void raise_failure(int* failed) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-        *failed = 1;
-    }
+    *failed = 1;
+}
+inline bool team_failed(int* failed) {
     barrier();
-    if (*failed) {
+    return *failed != 0;
+}
+
+// Per-thread scratch allocated inside the region: nullptr for every thread if any failed.
+template <class T> T* team_scratch(int64_t need, int* failed) {
+    T* mem = static_cast<T*>(aligned_buffer((size_t)need * sizeof(T)));
+    if (!mem) raise_failure(failed);
+    if (team_failed(failed)) {
         std::free(mem);
         return nullptr;
     }
@@ -1033,12 +1039,12 @@ template <class T> T* team_scratch(int64_t need, int* failed) {
 // team_scratch allocation; returns the allocation (to free), or nullptr if any thread failed.
 template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N], int* failed) {
     int64_t total = 0;
-    for (int i = 0; i < N; ++i) total += (sizes[i] + 15) / 16 * 16;
+    for (int i = 0; i < N; ++i) total += round16(sizes[i]);
     T* mem = team_scratch<T>(total > 0 ? total : 16, failed);
     int64_t off = 0;
     for (int i = 0; i < N; ++i) {
         out[i] = mem && sizes[i] > 0 ? mem + off : nullptr;
-        off += (sizes[i] + 15) / 16 * 16;
+        off += round16(sizes[i]);
     }
     return mem;
 }
@@ -1193,7 +1199,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                                        (uint64_t)P, (uint64_t)U.lo, (uint64_t)nh,
                                        (uint64_t)Q.lo, (uint64_t)nq, (uint64_t)fuse, (uint64_t)I,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hh : 0,
-                                       j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1};
+                                       j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
+                                       j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
                 for (int g = 0; g < Gk; ++g)
@@ -1214,20 +1221,18 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     std::free(ps->data);
                     ps->data = aligned_buffer((size_t)need);
                     ps->bytes = ps->data ? need : 0;
-                    if (!ps->data) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-                        failed = 1;
-                    }
+                    if (!ps->data) raise_failure(&failed);
                 }
             }
         }
         T* buf[7];
-        const int64_t none[7] = {0, 0, 0, 0, 0, 0, 0};
-        T* mem = team_carve<T>(ps ? none : sizes, buf, &failed);   // (all agree on failure)
-        if (!mem) return;
-        if (ps) {   // packed parts first, so their offsets do not depend on the batch
+        T* mem = nullptr;                                 // per-call scratch (no kept slot)
+        if (!ps) {
+            mem = team_carve<T>(sizes, buf, &failed);
+            if (!mem) return;
+        } else if (team_failed(&failed)) {
+            return;
+        } else {    // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
             for (int i : {0, 2, 4, 5, 1, 3, 6}) {
                 buf[i] = sizes[i] > 0 ? p : nullptr;
@@ -1237,6 +1242,11 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4], *pki = buf[5];
         T* gblk = buf[6];
         int64_t ta_blk = 0;                               // first time index of the block
+        // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
+        const int64_t gs = local_g ? nh : H, ldg = local_g ? G * nh : GH;
+        auto grow = [&](int64_t t, int64_t b) {
+            return local_g ? gblk + ((t - ta_blk) * B + b) * ldg : j.gates + (t * B + b) * GH + U.lo;
+        };
         const int64_t u0 = U.lo;
         if (!fresh) {
             for (int g = 0; fuse && nh > 0 && g < G; ++g)
@@ -1268,8 +1278,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 const int64_t ns = TT - q < SB ? TT - q : SB;
                 const int64_t ta = rev ? TT - q - ns : q;     // first time index of the block
                 ta_blk = ta;
-                T* gb = local_g ? gblk : j.gates + ta * B * GH + u0;
-                const int64_t ldg = local_g ? G * nh : GH, gs = local_g ? nh : H;
+                T* gb = grow(ta, 0);
                 for (int g = 0; g < G; ++g)
                     gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg);
                 for (int64_t r = 0; r < ns * B && bias; ++r)
@@ -1278,7 +1287,6 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             }
             const T* hprev = j.hbuf + (t + rev) * B * P;
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
-            T* gt = j.gates + t * B * GH;
             T* yt = j.y + t * B * j.ldy;
             const bool zero_h = q == 0 && j.zero_start;   // h @ W_hh^T = 0
             if (nh > 0 && zero_h) {
@@ -1289,12 +1297,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             } else if (nh > 0) {
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
             }
-            const int64_t gs = local_g ? nh : H;          // gate stride within a row
-            auto grow = [&](int64_t b) {                   // the row of pre-activations of b
-                return local_g ? gblk + ((t - ta_blk) * B + b) * (G * nh) : gt + b * GH + u0;
-            };
             for (int64_t b = 0; b < B && nh > 0; ++b) {
-                T* g = grow(b);
+                T* g = grow(t, b);
                 const T* hb = hh + b * Gk * nh;
                 const bool act = active(j.lengths, b, t);
                 if (lstm) {
@@ -1335,7 +1339,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
-                    T* g = grow(b);
+                    T* g = grow(t, b);
                     gru_orig_n_row<T>(nh, g + gs, g + 2 * gs, hnv + b * nh, hprev + b * P + u0,
                                       hnext + b * P + u0);
                 }
