@@ -244,3 +244,30 @@ def test_random_configurations_match_reference(threads):
             y, _ = layer(x, lengths=lengths)
             yr, _, _ = ref_forward(layer, x, None, lengths)
             assert_close(y, yr, dt, f"{cell} I={I} H={H} L={L} bi={bi} T={T} B={B} {kw} {dt} rep={rep}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_orig", "rnn", "lstm_proj_peep"])
+def test_step_on_every_isa_against_reference(cell, dtype, each_isa):
+    """The streaming step's products sum a register's worth of rows at once (hsum_rows):
+    sizes with whole register rows, row and column remnants, on every ISA, against the
+    NumPy reference run over the same steps."""
+    rng = np.random.default_rng(3)
+    for I, H in ((32, 64), (37, 20), (16, 9)):
+        make = {
+            "lstm": lambda: rc.LSTM(I, H, num_layers=2, dtype=dtype),
+            "gru": lambda: rc.GRU(I, H, dtype=dtype),
+            "gru_orig": lambda: rc.GRU(I, H, linear_before_reset=False, dtype=dtype),
+            "rnn": lambda: rc.RNN(I, H, dtype=dtype),
+            "lstm_proj_peep": lambda: rc.LSTM(I, H, proj_size=H // 2 + 1, peephole=True, dtype=dtype),
+        }[cell]
+        layer = make()
+        layer.eval()
+        x = rng.standard_normal((5, 3, I)).astype(dtype)
+        state = layer.initial_state(3)
+        ys = []
+        for t in range(5):
+            yt, state = layer.step(x[t], state)
+            ys.append(yt)
+        yr, hr, _ = ref_forward(layer, x, None, None)
+        assert_close(np.stack(ys), yr, dtype, f"{cell} I={I} H={H} {each_isa}")

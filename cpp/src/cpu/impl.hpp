@@ -426,6 +426,43 @@ typedef int32_t VIf __attribute__((vector_size(VB)));
 
 template <class T> inline VT<T> splat(T s) { return VT<T>{} + s; }
 
+// Horizontal sums of L = VL<T> vectors at once: out lane r = sum of the lanes of v[r]. A tree
+// of log2(L) levels, each halving the vectors with two shuffles and an add (L - 1 adds in all
+// instead of L scalar reductions of L - 1 dependent adds each). Feeding the vectors in bit-
+// reversed order makes the tree's output land in natural order.
+template <int... Q> struct ISeq {};
+template <int N, int... Q> struct MkSeq : MkSeq<N - 1, N - 1, Q...> {};
+template <int... Q> struct MkSeq<0, Q...> { typedef ISeq<Q...> type; };
+template <class T> struct IVec;
+template <> struct IVec<float> { typedef int32_t type __attribute__((vector_size(VB))); };
+template <> struct IVec<double> { typedef int64_t type __attribute__((vector_size(VB))); };
+constexpr int tree_lo(int L, int w, int q) { return q % (2 * w) < w ? q : L + q - w; }
+constexpr int tree_hi(int L, int w, int q) { return q % (2 * w) < w ? q + w : L + q; }
+constexpr int bit_reverse(int j, int L) {
+    int r = 0;
+    for (int b = 1; b < L; b <<= 1, j >>= 1) r = (r << 1) | (j & 1);
+    return r;
+}
+template <class IV, int L, int W, int... Q> inline IV tree_mask(bool hi, ISeq<Q...>) {
+    return hi ? IV{tree_hi(L, W, Q)...} : IV{tree_lo(L, W, Q)...};
+}
+template <class T, int W> inline void tree_level(VT<T>* cur, int n) {
+    typedef typename IVec<T>::type IV;
+    constexpr int L = VL<T>;
+    const IV lo = tree_mask<IV, L, W>(false, typename MkSeq<L>::type{});
+    const IV hi = tree_mask<IV, L, W>(true, typename MkSeq<L>::type{});
+    for (int j = 0; j < n / 2; ++j)
+        cur[j] = __builtin_shuffle(cur[2 * j], cur[2 * j + 1], lo) + __builtin_shuffle(cur[2 * j], cur[2 * j + 1], hi);
+    if constexpr (W > 1) tree_level<T, W / 2>(cur, n / 2);
+}
+template <class T> inline VT<T> hsum_rows(const VT<T>* v) {
+    constexpr int L = VL<T>;
+    VT<T> cur[L];
+    for (int j = 0; j < L; ++j) cur[j] = v[bit_reverse(j, L)];
+    if constexpr (L > 1) tree_level<T, L / 2>(cur, L);
+    return cur[0];
+}
+
 // N-way versions for float: every statement runs over N independent registers, so the long
 // dependency chains of N unit-vectors interleave in the instruction stream. One chain (exp, a
 // rational, a division) is longer than the out-of-order window covers, so the gate passes are
@@ -1535,6 +1572,30 @@ void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta
     const int64_t K8 = K / L * L;
     int64_t n = 0;
     auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
+    // L rows at a time, summed across lanes together (hsum_rows): the step's short rows
+    // (I, H of a few dozen) spent most of their time in per-row horizontal sums (perf: 79%
+    // of an LSTM step at I=32 H=64; 2.9 -> 2.1 us a call from Python).
+    if (K8 > 0)
+    for (; n + L <= N; n += L) {
+        V acc[L];
+        for (int r = 0; r < L; ++r) acc[r] = V{};
+        for (int64_t k = 0; k < K8; k += L) {
+            const V xv = ld(x + k, L);
+            for (int r = 0; r < L; ++r) acc[r] += ld(W + (n + r) * ldw + k, L) * xv;
+        }
+        V s = hsum_rows<T>(acc);
+        if (K8 < K) {
+            T tail[L];
+            for (int r = 0; r < L; ++r) {
+                T t = 0;
+                for (int64_t k = K8; k < K; ++k) t += W[(n + r) * ldw + k] * x[k];
+                tail[r] = t;
+            }
+            s += ld(tail, L);
+        }
+        if (beta != T(0)) s += beta * ld(y + n, L);
+        st(y + n, s, L);
+    }
     for (; n + 4 <= N; n += 4) {
         const T* w0 = W + n * ldw;
         const T* w1 = w0 + ldw;
