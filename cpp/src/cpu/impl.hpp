@@ -18,6 +18,8 @@
 #include <cstring>
 #include <new>
 #include <time.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include "kernels.hpp"
 
@@ -1032,6 +1034,38 @@ inline void barrier() {
 #endif
 }
 
+// A sense-reversing barrier for the per-step synchronisation of a recurrence team: one
+// shared counter and one flag on their own cache lines, spinning with pause, then yielding
+// (a team larger than the cores must not spin away the time slice of the thread it waits
+// for). GCC atomics on plain ints: no standard library template in these per-ISA units.
+struct StepBarrier {
+    alignas(64) int count = 0;
+    alignas(64) int sense = 0;
+    int n = 1;
+    int spins = 4000;   // pauses before yielding; few when the team outnumbers the CPUs
+    char pad[64 - 2 * sizeof(int)];
+    void set_team(int team) {
+        n = team;
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        spins = cpus > 0 && team > cpus ? 16 : 4000;
+    }
+    void wait(int& local) {
+        if (n <= 1) return;
+        local ^= 1;
+        if (__atomic_add_fetch(&count, 1, __ATOMIC_ACQ_REL) == n) {
+            __atomic_store_n(&count, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&sense, local, __ATOMIC_RELEASE);
+            return;
+        }
+        for (int spin = 0; __atomic_load_n(&sense, __ATOMIC_ACQUIRE) != local; ++spin) {
+#if defined(__SSE2__)
+            _mm_pause();
+#endif
+            if (spin > spins) sched_yield();
+        }
+    }
+};
+
 template <class F> void run_team(int nth, F&& body) {
 #ifdef _OPENMP
     if (nth > 1) {
@@ -1209,7 +1243,11 @@ template <class T> void dir_forward(const DirJob<T>& j) {
 
     const int nth = rec_threads(B, G, H, P);
     int failed = 0;
+    StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
+        if (tid == 0) sbar.set_team(team);
+        int bsense = 0;
+        barrier();
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
@@ -1362,7 +1400,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 }
             }
             if (gru_orig) {
-                barrier();   // r * h complete
+                sbar.wait(bsense);   // r * h complete
                 if (nh > 0 && zero_h)
                     std::memset(hnv, 0, sizeof(T) * B * nh);
                 else if (nh > 0 && small)
@@ -1377,7 +1415,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 }
             }
             if (proj) {
-                barrier();   // o * tanh(c) complete
+                sbar.wait(bsense);   // o * tanh(c) complete
                 if (nq > 0 && small)
                     small_nt<T>(B, nq, H, j.w.w_hr + Q.lo * H, H, j.mbuf + t * B * H, H, hnext + Q.lo, P);
                 else if (nq > 0)
@@ -1394,7 +1432,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     std::memcpy(yb, hn, sizeof(T) * nq);
                 }
             }
-            barrier();       // the new state is complete before the next step reads it
+            sbar.wait(bsense);   // the new state is complete before the next step reads it
         }
         std::free(mem);
     });
@@ -1415,7 +1453,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
 
     const int nth = rec_threads(B, G, H, P);
     int failed = 0;
+    StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
+        if (tid == 0) sbar.set_team(team);
+        int bsense = 0;
+        barrier();
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
@@ -1456,7 +1498,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 }
             }
             if (proj) {
-                barrier();   // dh of the step complete: dm = dh @ W_hr (own units)
+                sbar.wait(bsense);   // dh of the step complete: dm = dh @ W_hr (own units)
                 if (nh > 0 && small)
                     small_nn<T>(B, P, nh, j.w.w_hr + u0, H, bj.dhs + t * B * P, P, dmb, nh);
                 else if (nh > 0)
@@ -1490,7 +1532,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     rnn_bwd_row<T>(nh, hnext + b * P + u0, dh + b * P + u0, da, relu);
                 }
             }
-            barrier();       // the step's gate gradients complete
+            sbar.wait(bsense);       // the step's gate gradients complete
             if (gru_orig) {
                 if (nh > 0 && small)
                     small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, GH, tmp, nh);
@@ -1501,7 +1543,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     gru_orig_r_row<T>(nh, gt + b * GH + u0, hprev + b * P + u0, tmp + b * nh,
                                       dgt + b * GH + u0, dhd + b * nh);
                 }
-                barrier();   // the r gate gradients complete
+                sbar.wait(bsense);   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
             if (nq > 0 && small)
