@@ -1121,8 +1121,13 @@ template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N],
 // across the MR-row panels of A). A is read from memory once per B block instead of once
 // per B panel, and both packings run in parallel.
 constexpr int64_t MC = 16 * MR;                                 // rows of A per L2 block
-template <class T> constexpr int64_t gemm_nc() {                // columns of B per block:
-    return (int64_t)(2u << 20) / (int64_t)(KC * sizeof(T)) / NR<T> * NR<T>;   // ~2 MB packed
+// K block when A is read in place (no A block to keep in L2, so only the B panel and the
+// passes over C matter): on the AVX-512 Xeon 1024 against 384, M=1600 K=1024 N=128 259 -> 303
+// GFLOP/s, M=6400 N=256 K=2048 279 -> 299, 1536^3 295 -> 299; with a packed (transposed) A
+// 384 stays best (M=1024 N=256 K=1600: 265 against 248).
+constexpr int64_t KC_INPLACE = VB >= 64 ? 1024 : KC;
+template <class T> inline int64_t gemm_nc(int64_t kc) {        // columns of B per block:
+    return (int64_t)(2u << 20) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;   // ~2 MB packed
 }
 
 template <class T>
@@ -1139,8 +1144,16 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
         return;
     }
     const int nr = NR<T>;
-    const int64_t kc = K < KC ? K : KC;
-    const int64_t nc = N < gemm_nc<T>() ? ceil_div(N, nr) * nr : gemm_nc<T>();
+    // A not transposed is read where it lies (the micro-kernel's in-place mode: MR row
+    // streams) instead of packed: measured on the AVX-512 Xeon, M=1600 K=1024 N=128 (the
+    // input gradient of a training step) 198 -> 273 GFLOP/s, N=32 87 -> 142, N=1024 283 -> 294,
+    // 1536^3 282 -> 288. Packing A only pays when its panels are read by many B panels and
+    // the row streams are too many for the prefetchers; neither is the case here.
+    const bool inplace_a = !ta;
+    const int64_t kcap = inplace_a ? KC_INPLACE : KC;
+    const int64_t kc = K < kcap ? K : kcap;
+    const int64_t ncap = gemm_nc<T>(kc);
+    const int64_t nc = N < ncap ? ceil_div(N, nr) * nr : ncap;
     // Equal A blocks of at most MC rows (a multiple of MR), so no thread gets a remnant.
     const int64_t mblocks = ceil_div(M, MC);
     const int64_t mc = ceil_div(ceil_div(M, mblocks), MR) * MR;
@@ -1149,12 +1162,6 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     if (2.0 * (double)M * (double)N * (double)K > 2.0e5 && !omp_in_parallel()) nth = threads_for_kernels();
 #endif
     T* Bp = alloc<T>(packed_b_size<T>(kc, nc));
-    // A not transposed is read where it lies (the micro-kernel's in-place mode: MR row
-    // streams) instead of packed: measured on the AVX-512 Xeon, M=1600 K=1024 N=128 (the
-    // input gradient of a training step) 198 -> 273 GFLOP/s, N=32 87 -> 142, N=1024 283 -> 294,
-    // 1536^3 282 -> 288. Packing A only pays when its panels are read by many B panels and
-    // the row streams are too many for the prefetchers; neither is the case here.
-    const bool inplace_a = !ta;
     int failed = 0;
     run_team(nth, [&](int tid, int team) {
         T* Ap = team_scratch<T>(inplace_a ? 16 : packed_a_size(mc, kc), &failed);
