@@ -1068,7 +1068,7 @@ struct StepBarrier {
     char pad[64 - 2 * sizeof(int)];
     void set_team(int team) {
         n = team;
-        const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);   // reads a /sys file: once
         spins = cpus > 0 && team > cpus ? 16 : 4000;
     }
     void wait(int& local) {
