@@ -265,9 +265,9 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // cache resident for the next step, instead of evicting everything in LRU order.
 template <class T>
 void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
-                const T* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse) {
+                const T* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel = 0) {
     const int nr = NR<T>;
-    const int64_t nt = ceil_div(N, nr), ps = K * nr;
+    const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
     const int np = M == 1 ? 4 : 2;
     const int64_t groups = ceil_div(nt, np);
     for (int64_t gi = 0; gi < groups; ++gi) {
@@ -422,11 +422,14 @@ inline uint64_t content_hash(const void* data, int64_t bytes, uint64_t seed) {
 // rows of a per-step product, already in L1) read where it lies.
 template <class T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
-                    T beta, T* C, int64_t ldc, bool reverse = false) {
+                    T beta, T* C, int64_t ldc, bool reverse = false, int64_t kpanel = 0) {
+    // kpanel: rows of each packed panel when only K of them are used (a part of the inner
+    // dimension: Bp and A then point at its first row and column)
     if (M <= 2) {
-        small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse);
+        small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse, kpanel);
         return;
     }
+    const int64_t KP = kpanel ? kpanel : K;
     const int nr = NR<T>;
     const int64_t mt = ceil_div(M, MR), nt = ceil_div(N, nr);
     for (int64_t j = 0; j < nt; ++j) {
@@ -434,7 +437,7 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
         for (int64_t i = 0; i < mt; ++i) {
             const int64_t m0 = i * MR;
             const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-            micro_dispatch<T, true>(mr, K, A + m0 * lda, Bp + j * K * nr, C + m0 * ldc + n0, ldc, nc,
+            micro_dispatch<T, true>(mr, K, A + m0 * lda, Bp + j * KP * nr, C + m0 * ldc + n0, ldc, nc,
                                     T(1), beta, lda);
         }
     }
@@ -1072,13 +1075,20 @@ struct StepBarrier {
         spins = cpus > 0 && team > cpus ? 16 : 4000;
     }
     void wait(int& local) {
+        arrive(local);
+        await(local);
+    }
+    // Split phase: arrive, do work that needs nobody else, then await the others.
+    void arrive(int& local) {
         if (n <= 1) return;
         local ^= 1;
         if (__atomic_add_fetch(&count, 1, __ATOMIC_ACQ_REL) == n) {
             __atomic_store_n(&count, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&sense, local, __ATOMIC_RELEASE);
-            return;
         }
+    }
+    void await(int local) {
+        if (n <= 1) return;
         for (int spin = 0; __atomic_load_n(&sense, __ATOMIC_ACQUIRE) != local; ++spin) {
 #if defined(__SSE2__)
             _mm_pause();
@@ -1291,6 +1301,9 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
+        // Split-phase step barrier (see the product below): cells whose step has no barrier
+        // but the last, on the packed path.
+        const bool split = !small && team > 1 && !gru_orig && !proj;
         const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
@@ -1403,8 +1416,23 @@ template <class T> void dir_forward(const DirJob<T>& j) {
             } else if (nh > 0 && small) {
                 for (int g = 0; g < Gk; ++g)
                     small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
+            } else if (nh > 0 && split && q > 0) {
+                // The previous step's barrier was only arrived at: first the part of the
+                // product over this thread's own slice of h (written by itself), then, once the
+                // others have arrived, the rest. The wait overlaps the first part.
+                const int64_t nr = NR<T>;
+                gemm_pb<T>(B, Gk * nh, nq, hprev + Q.lo, P, pk + Q.lo * nr, T(0), hh, Gk * nh, q & 1, K1);
+                sbar.await(bsense);
+                if (Q.lo > 0)
+                    gemm_pb<T>(B, Gk * nh, Q.lo, hprev, P, pk, T(1), hh, Gk * nh, q & 1, K1);
+                if (Q.hi < P)
+                    gemm_pb<T>(B, Gk * nh, P - Q.hi, hprev + Q.hi, P, pk + Q.hi * nr, T(1), hh, Gk * nh,
+                               q & 1, K1);
             } else if (nh > 0) {
+                if (split && q > 0) sbar.await(bsense);
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
+            } else if (split && q > 0) {
+                sbar.await(bsense);
             }
             for (int64_t b = 0; b < B && nh > 0; ++b) {
                 T* g = grow(t, b);
@@ -1471,8 +1499,12 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     std::memcpy(yb, hn, sizeof(T) * nq);
                 }
             }
-            sbar.wait(bsense);   // the new state is complete before the next step reads it
+            // the new state is complete before the next step reads it (with split, the next
+            // step awaits the others after the product over its own slice)
+            if (split) sbar.arrive(bsense);
+            else sbar.wait(bsense);
         }
+        if (split && TT > 0) sbar.await(bsense);
         std::free(mem);
     });
     std::free(bias);
