@@ -1063,16 +1063,17 @@ inline void barrier() {
 // shared counter and one flag on their own cache lines, spinning with pause, then yielding
 // (a team larger than the cores must not spin away the time slice of the thread it waits
 // for). GCC atomics on plain ints: no standard library template in these per-ISA units.
+// Every thread of the team calls join(team) before its first arrive: they all store the
+// same values, so no thread has to wait for another to set the barrier up.
 struct StepBarrier {
     alignas(64) int count = 0;
     alignas(64) int sense = 0;
     int n = 1;
     int spins = 4000;   // pauses before yielding; few when the team outnumbers the CPUs
-    char pad[64 - 2 * sizeof(int)];
-    void set_team(int team) {
-        n = team;
+    void join(int team) {
         static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);   // reads a /sys file: once
-        spins = cpus > 0 && team > cpus ? 16 : 4000;
+        __atomic_store_n(&n, team, __ATOMIC_RELAXED);
+        __atomic_store_n(&spins, cpus > 0 && team > cpus ? 16 : 4000, __ATOMIC_RELAXED);
     }
     void wait(int& local) {
         arrive(local);
@@ -1080,20 +1081,22 @@ struct StepBarrier {
     }
     // Split phase: arrive, do work that needs nobody else, then await the others.
     void arrive(int& local) {
-        if (n <= 1) return;
+        const int team = __atomic_load_n(&n, __ATOMIC_RELAXED);
+        if (team <= 1) return;
         local ^= 1;
-        if (__atomic_add_fetch(&count, 1, __ATOMIC_ACQ_REL) == n) {
+        if (__atomic_add_fetch(&count, 1, __ATOMIC_ACQ_REL) == team) {
             __atomic_store_n(&count, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&sense, local, __ATOMIC_RELEASE);
         }
     }
     void await(int local) {
-        if (n <= 1) return;
+        if (__atomic_load_n(&n, __ATOMIC_RELAXED) <= 1) return;
+        const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
         for (int spin = 0; __atomic_load_n(&sense, __ATOMIC_ACQUIRE) != local; ++spin) {
 #if defined(__SSE2__)
             _mm_pause();
 #endif
-            if (spin > spins) sched_yield();
+            if (spin > limit) sched_yield();
         }
     }
 };
@@ -1229,12 +1232,13 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                         const int64_t n0 = jc + p * nr, w = N - n0 < nr ? N - n0 : nr;
                         for (int64_t i = 0; i < mt; ++i) {
                             const int mr = (int)(mm - i * MR < MR ? mm - i * MR : MR);
+                            T* ct = C + (m0 + i * MR) * ldc + n0;
+                            const T* bt = Bp + p * kk * nr;
                             if (inplace_a)
-                                micro_dispatch<T, true>(mr, kk, A + (m0 + i * MR) * lda + pc, Bp + p * kk * nr,
-                                                        C + (m0 + i * MR) * ldc + n0, ldc, w, alpha, bet, lda);
+                                micro_dispatch<T, true>(mr, kk, A + (m0 + i * MR) * lda + pc, bt, ct, ldc, w,
+                                                        alpha, bet, lda);
                             else
-                            micro_dispatch<T>(mr, kk, Ap + i * kk * MR, Bp + p * kk * nr,
-                                              C + (m0 + i * MR) * ldc + n0, ldc, w, alpha, bet);
+                                micro_dispatch<T>(mr, kk, Ap + i * kk * MR, bt, ct, ldc, w, alpha, bet);
                         }
                     }
                 }
@@ -1294,9 +1298,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
-        if (tid == 0) sbar.set_team(team);
+        sbar.join(team);
         int bsense = 0;
-        barrier();
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
@@ -1429,7 +1432,6 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                     gemm_pb<T>(B, Gk * nh, P - Q.hi, hprev + Q.hi, P, pk + Q.hi * nr, T(1), hh, Gk * nh,
                                q & 1, K1);
             } else if (nh > 0) {
-                if (split && q > 0) sbar.await(bsense);
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
             } else if (split && q > 0) {
                 sbar.await(bsense);
@@ -1526,9 +1528,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
-        if (tid == 0) sbar.set_team(team);
+        sbar.join(team);
         int bsense = 0;
-        barrier();
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
