@@ -7,7 +7,8 @@
 //   GRU:  alpha = [W | b0] [x; 1], beta = [U | b1] [h; 1] (3H rows, z r c order);
 //         gamma = sigmoid(alpha[:2H] + beta[:2H]); c = tanh(alpha_c + r * beta_c);
 //         h = c + z (h - c).
-// This file is compiled with -O3 -march=native (RTNeural's recommended flags), unlike
+// run.sh compiles this file with -O3 -march=native (RTNeural's recommended flags; opt-in
+// through EIGEN_REF_NATIVE=ON, which run.sh passes), unlike
 // rnncore, which is the portable build with run-time ISA dispatch. Weights are random at
 // PyTorch's init scale (the time of a step does not depend on their values).
 // The layers are heap-allocated (new), so fixed-size members may exceed Eigen's stack limit.

@@ -1,7 +1,7 @@
 // One streaming step at batch 1, one thread, fp32, through rnncore's C++ API (Model::step,
 // the default portable build with run-time ISA dispatch), against, in the same run, the same
 // step written with Eigen fixed-size matrices the way RTNeural's compile-time API computes it
-// (eigen_ref.cpp, -O3 -march=native; built when Eigen 3 is found), and next to the RTNeural
+// (eigen_ref.cpp, -O3, -march=native with EIGEN_REF_NATIVE=ON as run.sh sets; built when Eigen 3 is found), and next to the RTNeural
 // figures quoted in the speed issue.
 //   bash benchmarks/cpp/run.sh      (saves the layers from Python, builds, runs)
 // Arguments: MODEL_FILE:lstm|gru:I:H:QUOTED_US ...
