@@ -8,6 +8,7 @@ import rnncore as rc
 from rnncore import _core
 from conftest import assert_close
 from numpy_ref import ref_forward
+from torch_oracle import compare_with_torch
 
 # Stated maximum errors of the float32 fast activations (absolute; both are bounded by 1).
 SIGMOID_MAX_ERR = 2e-7
@@ -271,3 +272,54 @@ def test_step_on_every_isa_against_reference(cell, dtype, each_isa):
             ys.append(yt)
         yr, hr, _ = ref_forward(layer, x, None, None)
         assert_close(np.stack(ys), yr, dtype, f"{cell} I={I} H={H} {each_isa}")
+
+
+# Training on the packed path keeps the gate activations blocked by the forward's team
+# (one contiguous piece per thread and block of steps); the backward reads them with that
+# team, or converts them back to row-major when the thread count changed in between.
+# B = 9 (8 steps per projected block: T = 19 is two whole blocks and a partial one),
+# H = 96: teams of 2 and 3 with unequal slices.
+TRAIN_THREADS = [(2, 2), (3, 3), (3, 2), (2, 1), (1, 3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fwd_bwd", TRAIN_THREADS)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm_proj"])
+def test_packed_path_training_against_torch(cell, fwd_bwd, dtype, threads):
+    rng = np.random.default_rng(7)
+    make = {"lstm": lambda: rc.LSTM(24, 96, bidirectional=True, dtype=dtype),
+            "gru": lambda: rc.GRU(24, 96, bidirectional=True, dtype=dtype),
+            "rnn": lambda: rc.RNN(24, 96, num_layers=2, dtype=dtype),
+            "lstm_proj": lambda: rc.LSTM(24, 96, proj_size=40, bidirectional=True, dtype=dtype)}
+    layer = make[cell]()
+    x = rng.standard_normal((19, 9, 24)).astype(dtype)
+    threads(fwd_bwd[0])
+    compare_with_torch(layer, x, lengths=[19, 3, 11, 19, 1, 8, 16, 19, 9], rng=rng,
+                       between=lambda: threads(fwd_bwd[1]))
+
+
+@pytest.mark.parametrize("fwd_bwd", TRAIN_THREADS[1:])
+@pytest.mark.parametrize("cell", ["gru_orig", "lstm_peep_coupled"])
+def test_packed_path_training_variants_across_teams(cell, fwd_bwd, threads):
+    """Variants PyTorch lacks: the same gradients as with one thread (whose gate layout is
+    row-major; these cells' gradients are checked by finite differences in test_variants)."""
+    make = {"gru_orig": lambda: rc.GRU(24, 96, linear_before_reset=False, bidirectional=True,
+                                       dtype=np.float64, seed=3),
+            "lstm_peep_coupled": lambda: rc.LSTM(24, 96, peephole=True, coupled_gates=True,
+                                                 bidirectional=True, dtype=np.float64, seed=3)}
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((19, 9, 24))
+    dy = rng.standard_normal((19, 9, 192))
+    lengths = [19, 3, 11, 19, 1, 8, 16, 19, 9]
+    results = []
+    for f, b in ((1, 1), fwd_bwd):
+        layer = make[cell]()
+        threads(f)
+        layer.forward(x, lengths=lengths)
+        threads(b)
+        dx, _ = layer.backward(dy)
+        results.append((dx, {k: v.copy() for k, v in layer.grads.items()}))
+    (dx1, g1), (dx2, g2) = results
+    np.testing.assert_allclose(dx2, dx1, rtol=1e-10, atol=1e-12)
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12, err_msg=k)

@@ -23,9 +23,11 @@ def torch_twin(layer):
     return t
 
 
-def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_grads=True):
+def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_grads=True,
+                       between=None):
     """Forward + backward (gradients on y and on the final state) in both; asserts that
-    outputs, final states, dx, dstate0 and every weight gradient agree."""
+    outputs, final states, dx, dstate0 and every weight gradient agree. `between` is called
+    after rnncore's forward, before its backward."""
     rng = rng or np.random.default_rng(0)
     dt = layer.dtype.type
     t = torch_twin(layer)
@@ -41,6 +43,8 @@ def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_
     state = (h0, c0) if lstm else h0
     layer.zero_grad()
     y, st = layer.forward(x, state, lengths=lengths)
+    if between:
+        between()
 
     xt = torch.from_numpy(x.copy()).requires_grad_()
     tstate = None

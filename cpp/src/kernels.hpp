@@ -58,7 +58,10 @@ template <class T> struct DirJob {
     bool zero_start;                // the entering state h is all zeros: the first step
                                     // skips its recurrent products (they are zero)
     bool infer;                     // no backward follows: the gate activations need not
-};                                  // be kept in `gates`
+                                    // be kept in `gates`
+    int* gate_team;                 // null: `gates` is row-major [T, B, G*H]. Else forward
+};                                  // stores the team whose blocked layout it wrote (0: none;
+                                    // see gate_offset in cpu/impl.hpp), backward reads it
 
 template <class T> struct DirBackJob {
     DirJob<T> f;                    // the forward job whose buffers hold the activations

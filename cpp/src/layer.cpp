@@ -100,7 +100,10 @@ template <class T> struct StackCache {
     std::vector<int64_t> lengths;             // empty: every sequence has T steps
     std::vector<std::vector<T>> inputs;       // per layer [T, B, I_k] (after dropout)
     std::vector<std::vector<T>> masks;        // L-1 dropout masks [T, B, D*P]
-    struct Dir { std::vector<T> gates, hbuf, cbuf, mbuf, extra; };
+    struct Dir {
+        std::vector<T> gates, hbuf, cbuf, mbuf, extra;
+        int gate_team = 0;                    // layout of `gates` (DirJob::gate_team)
+    };
     std::vector<Dir> dirs;                    // L*D
 };
 
@@ -147,6 +150,7 @@ DirJob<T> make_job(const LayerSpec& s, int64_t layer, int d, int64_t TT, int64_t
     if (s.is_lstm() && P != H) buf.mbuf.resize(TT * B * H);
     if (s.cell == CellType::GRU) buf.extra.resize(TT * B * H);
     j.gates = buf.gates.data();
+    j.gate_team = &buf.gate_team;
     j.hbuf = buf.hbuf.data();
     j.cbuf = buf.cbuf.empty() ? nullptr : buf.cbuf.data();
     j.mbuf = buf.mbuf.empty() ? nullptr : buf.mbuf.data();

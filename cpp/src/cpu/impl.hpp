@@ -1263,6 +1263,24 @@ inline CellDims cell_dims(int cell, int64_t H, int64_t P, bool lbr) {
 }
 
 // ------------------------------------------------------------------ forward
+// Training keeps the gate activations for backward. Written row-major ([T, B, G*H]), each
+// thread's share of a step is G pieces of its units per batch row, 4 KB apart for H = 256:
+// every row a new page, so the stores' reads for ownership miss the prefetchers (LSTM T=100
+// B=16 H=256: the projection took 1.5 times as long as with a thread-local block). The
+// packed path therefore writes them blocked as it projects them: per block of SB steps (as
+// projected, in the direction of the recurrence) one contiguous [steps * B, G, nh] piece per
+// thread, in thread order. Offset of batch row b at step t for the thread of units
+// [u0, u0 + nh); gate stride nh.
+inline int64_t gate_offset(int64_t TT, int64_t B, int64_t GH, int G, int64_t SB, bool rev,
+                           int64_t t, int64_t b, int64_t u0, int64_t nh) {
+    const int64_t q = rev ? TT - 1 - t : t;            // position in the recurrence
+    const int64_t q0 = q / SB * SB;                    // first position of its block
+    const int64_t ns = TT - q0 < SB ? TT - q0 : SB;    // steps in the block
+    const int64_t ta = rev ? TT - q0 - ns : q0;        // first time index of the block
+    return q0 * B * GH + ns * B * G * u0 + ((t - ta) * B + b) * G * nh;
+}
+inline int64_t fuse_steps(int64_t B) { return (FUSE_ROWS + B - 1) / B; }   // SB
+
 template <class T> void dir_forward(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
     const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
@@ -1289,16 +1307,21 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
         for (int64_t r = 0; r < TT * B && bias; ++r) add_row<T>(GH, bias, j.gates + r * GH);
     }
-    const int64_t SB = fuse ? (FUSE_ROWS + B - 1) / B : 0;   // steps per projected block
-    // Inference needs no gate activations afterwards: the block is projected into a small
-    // buffer of the thread's own (its gate columns, SB steps), not the [T, B, G*H] array.
-    const bool local_g = fuse && j.infer;
+    const int64_t SB = fuse ? fuse_steps(B) : 0;   // steps per projected block
+    // Inference (and the plain RNN's backward, which reads only h) needs no gate activations
+    // afterwards: the block is projected into a small buffer of the thread's own (its gate
+    // columns, SB steps), not the [T, B, G*H] array. Training projects into its blocked
+    // layout in that array (gate_offset), with the same strides.
+    const bool rnn = !lstm && !gru;
+    const bool local_g = fuse && (j.infer || rnn);
+    const bool blocked = fuse && !local_g && j.gate_team;
 
     const int nth = rec_threads(B, G, H, P);
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
         sbar.join(team);
+        if (tid == 0 && j.gate_team) *j.gate_team = blocked ? team : 0;
         int bsense = 0;
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
@@ -1368,9 +1391,10 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         T* gblk = buf[6];
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
-        const int64_t gs = local_g ? nh : H, ldg = local_g ? G * nh : GH;
+        const bool blockwise = local_g || blocked;
+        const int64_t gs = blockwise ? nh : H, ldg = blockwise ? G * nh : GH;
         auto grow = [&](int64_t t, int64_t b) {
-            return local_g ? gblk + ((t - ta_blk) * B + b) * ldg : j.gates + (t * B + b) * GH + U.lo;
+            return blockwise ? gblk + ((t - ta_blk) * B + b) * ldg : j.gates + (t * B + b) * GH + U.lo;
         };
         const int64_t u0 = U.lo;
         if (!fresh) {
@@ -1403,6 +1427,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 const int64_t ns = TT - q < SB ? TT - q : SB;
                 const int64_t ta = rev ? TT - q - ns : q;     // first time index of the block
                 ta_blk = ta;
+                if (blocked) gblk = j.gates + gate_offset(TT, B, GH, G, SB, rev, ta, 0, u0, nh);
                 T* gb = grow(ta, 0);
                 for (int g = 0; g < G; ++g)
                     gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg);
@@ -1514,6 +1539,26 @@ template <class T> void dir_forward(const DirJob<T>& j) {
 }
 
 // ------------------------------------------------------------------ backward
+// The gates blocked by a team of gteam (gate_offset) back to row-major, in place.
+template <class T> void unblock_gates(const DirJob<T>& j, int gteam) {
+    const int64_t TT = j.steps, B = j.batch, H = j.hid;
+    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, j.out, j.lbr);
+    const int64_t SB = fuse_steps(B);
+    T* tmp = alloc<T>(TT * B * GH);
+    for (int tid = 0; tid < gteam; ++tid) {
+        const Part U = part(H, gteam, tid, VL<T>);
+        for (int64_t t = 0; t < TT; ++t)
+            for (int64_t b = 0; b < B; ++b) {
+                const T* src = j.gates + gate_offset(TT, B, GH, G, SB, j.reverse, t, b, U.lo, U.size());
+                for (int g = 0; g < G; ++g)
+                    std::memcpy(tmp + (t * B + b) * GH + g * H + U.lo, src + g * U.size(),
+                                sizeof(T) * U.size());
+            }
+    }
+    std::memcpy(j.gates, tmp, sizeof(T) * TT * B * GH);
+    std::free(tmp);
+}
+
 template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
@@ -1523,11 +1568,20 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     T* dc = bj.dc;
     T* dgh = (gru && j.lbr) ? bj.dgh : bj.dgx;
     const int64_t Kc = gru_orig ? 2 * H : GH;   // rows of W_hh in the dh product
-
-    const int nth = rec_threads(B, G, H, P);
-    int failed = 0;
+    // Gate activations blocked by the forward's team (gate_offset): the same team reads them.
+    int gteam = j.gate_team ? *j.gate_team : 0;
+    const int64_t SB = fuse_steps(B);
+    if (gteam > 0 && gteam != rec_threads(B, G, H, P)) {   // the thread count changed since
+        unblock_gates<T>(j, gteam);
+        gteam = 0;
+    }
+    int failed = 0, mismatch = 0;
     StepBarrier sbar;
-    run_team(nth, [&](int tid, int team) {
+    auto body = [&](int tid, int team) {
+        if (gteam > 0 && team != gteam) {   // fewer threads than asked for (nested, limits)
+            if (tid == 0) mismatch = 1;
+            return;
+        }
         sbar.join(team);
         int bsense = 0;
         const Part U = part(H, team, tid, VL<T>);
@@ -1552,7 +1606,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             const int64_t t = rev ? TT - 1 - q : q;
             const T* hprev = j.hbuf + (t + rev) * B * P;
             const T* hnext = j.hbuf + (t + 1 - rev) * B * P;
-            const T* gt = j.gates + t * B * GH;
+            auto grow = [&](int64_t b) {   // gate stride gs
+                return gteam > 0 ? j.gates + gate_offset(TT, B, GH, G, SB, rev, t, b, u0, nh)
+                                 : j.gates + (t * B + b) * GH + u0;
+            };
+            const int64_t gs = gteam > 0 ? nh : H;
             T* dgt = bj.dgx + t * B * GH;
             T* dght = dgh + t * B * GH;
             // A. dh += dy on the rows that produced an output (own output slice)
@@ -1587,24 +1645,29 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     }
                     continue;
                 }
-                const T* g = gt + b * GH + u0;
+                const T* g = grow(b);
                 if (lstm) {
                     const T* dm = proj ? dmb + b * nh : dh + b * P + u0;
-                    lstm_bwd_row<T>(nh, g, g + H, g + 2 * H, g + 3 * H, dm,
+                    lstm_bwd_row<T>(nh, g, g + gs, g + 2 * gs, g + 3 * gs, dm,
                                     j.cbuf + (t + rev) * B * H + b * H + u0,
                                     j.cbuf + (t + 1 - rev) * B * H + b * H + u0, dc + b * H + u0,
                                     pi ? pi + u0 : nullptr, pi ? pi + H + u0 : nullptr,
                                     pi ? pi + 2 * H + u0 : nullptr, j.coupled,
                                     da, da + H, da + 2 * H, da + 3 * H);
                 } else if (gru) {
-                    gru_bwd_row<T>(nh, g, g + H, g + 2 * H, j.extra + (t * B + b) * H + u0,
+                    gru_bwd_row<T>(nh, g, g + gs, g + 2 * gs, j.extra + (t * B + b) * H + u0,
                                    hprev + b * P + u0, dh + b * P + u0, j.lbr, da, da + H,
                                    da + 2 * H, dah, dah + H, dah + 2 * H, dhd + b * nh);
                 } else {
                     rnn_bwd_row<T>(nh, hnext + b * P + u0, dh + b * P + u0, da, relu);
                 }
             }
-            sbar.wait(bsense);       // the step's gate gradients complete
+            // The step's gate gradients complete. Split phase (cells with one barrier a step,
+            // packed weights): arrive, take the part of the dh product over the own units' gate
+            // columns (written by this thread), then await the others for the rest.
+            const bool split = !small && team > 1 && !gru_orig && !proj;
+            if (split) sbar.arrive(bsense);
+            else sbar.wait(bsense);
             if (gru_orig) {
                 if (nh > 0 && small)
                     small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, GH, tmp, nh);
@@ -1612,16 +1675,30 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
-                    gru_orig_r_row<T>(nh, gt + b * GH + u0, hprev + b * P + u0, tmp + b * nh,
+                    gru_orig_r_row<T>(nh, grow(b), hprev + b * P + u0, tmp + b * nh,
                                       dgt + b * GH + u0, dhd + b * nh);
                 }
                 sbar.wait(bsense);   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
-            if (nq > 0 && small)
+            if (nq > 0 && small) {
                 small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, GH, tmp, nq);
-            else if (nq > 0)
+            } else if (split) {
+                // own segments [g H + u0, g H + u0 + nh) first, then the G + 1 gaps between them
+                const int64_t nr = NR<T>;
+                for (int g = 0; g < G && nq > 0; ++g)
+                    gemm_pb<T>(B, nq, nh, dght + g * H + u0, GH, pk + (g * H + u0) * nr,
+                               T(g > 0), tmp, nq, q & 1, Kc);
+                sbar.await(bsense);
+                for (int g = 0; g <= G && nq > 0; ++g) {
+                    const int64_t k0 = g == 0 ? 0 : (g - 1) * H + u0 + nh;
+                    const int64_t k1 = g == G ? GH : g * H + u0;
+                    if (k1 > k0)
+                        gemm_pb<T>(B, nq, k1 - k0, dght + k0, GH, pk + k0 * nr, T(1), tmp, nq, q & 1, Kc);
+                }
+            } else if (nq > 0) {
                 gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, q & 1);
+            }
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 T* dhb = dh + b * P + q0;
@@ -1635,11 +1712,18 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
         }
         std::free(mem);
-    });
+    };
+    run_team(gteam > 0 ? gteam : rec_threads(B, G, H, P), body);
+    if (mismatch) {   // the team differs from the forward's: row-major gates, any team
+        unblock_gates<T>(j, gteam);
+        gteam = 0;
+        run_team(rec_threads(B, G, H, P), body);
+    }
     if (failed) throw std::bad_alloc();
 
     // Weight gradients: one GEMM each over all steps.
     const int64_t R = TT * B;
+    if (getenv("XP_NOWG")) return;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
     gemm<T>(true, false, GH, I, R, T(1), bj.dgx, GH, j.x, I, T(1), bj.g.w_ih, I);
     if (gru_orig) {
