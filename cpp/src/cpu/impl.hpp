@@ -1723,7 +1723,6 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
 
     // Weight gradients: one GEMM each over all steps.
     const int64_t R = TT * B;
-    if (getenv("XP_NOWG")) return;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
     gemm<T>(true, false, GH, I, R, T(1), bj.dgx, GH, j.x, I, T(1), bj.g.w_ih, I);
     if (gru_orig) {
