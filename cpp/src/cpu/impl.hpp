@@ -1588,15 +1588,20 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
-        const int64_t sizes[6] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
+        const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
+        const int64_t sizes[8] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
                                   proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
-                                  gru ? B * nh : 0};
-        T* buf[6];
+                                  gru ? B * nh : 0, bj.g.b_ih ? G * nh : 0, two_bias ? G * nh : 0};
+        T* buf[8];
         T* mem = team_carve<T>(sizes, buf, &failed);
         if (!mem) return;
         T *pk = buf[0], *tmp = buf[1], *pkn = buf[2], *pkr = buf[3], *dmb = buf[4];
         T* dhd = buf[5];     // dh * z (+ d(r*h) * r), own units
+        // Bias gradients of the own units: the step's gate gradients summed while in cache.
+        T *bsum = buf[6], *bsumh = two_bias ? buf[7] : buf[6];
+        if (bsum) std::memset(bsum, 0, sizeof(T) * G * nh);
+        if (two_bias) std::memset(bsumh, 0, sizeof(T) * G * nh);
         if (nq > 0 && !small) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
@@ -1710,6 +1715,17 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     std::memcpy(dhb, tb, sizeof(T) * nq);
                 }
             }
+            for (int64_t b = 0; b < B && bsum && nh > 0; ++b) {
+                if (!active(j.lengths, b, t)) continue;
+                for (int g = 0; g < G; ++g) {
+                    add_row<T>(nh, dgt + b * GH + g * H + u0, bsum + g * nh);
+                    if (two_bias) add_row<T>(nh, dght + b * GH + g * H + u0, bsumh + g * nh);
+                }
+            }
+        }
+        for (int g = 0; g < G && bsum && nh > 0; ++g) {   // disjoint ranges: no race
+            add_row<T>(nh, bsum + g * nh, bj.g.b_ih + g * H + u0);
+            add_row<T>(nh, bsumh + g * nh, bj.g.b_hh + g * H + u0);
         }
         std::free(mem);
     };
@@ -1731,13 +1747,6 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 bj.g.w_hh + 2 * H * H, H);
     } else {
         gemm<T>(true, false, GH, P, R, T(1), dgh, GH, Hprev, P, T(1), bj.g.w_hh, P);
-    }
-    if (bj.g.b_ih) {
-        for (int64_t r = 0; r < R; ++r) {
-            const T* a = bj.dgx + r * GH;
-            const T* ah = dgh + r * GH;
-            for (int64_t k = 0; k < GH; ++k) { bj.g.b_ih[k] += a[k]; bj.g.b_hh[k] += ah[k]; }
-        }
     }
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
     if (lstm && j.peephole) {
