@@ -7,7 +7,9 @@ import pytest
 from rnncore import _core
 
 SHAPES = [(1, 1, 1), (13, 37, 5), (33, 17, 3), (50, 33, 400), (97, 70, 769),
-          (200, 1400, 390), (25, 4096, 64), (1600, 128, 1024)]
+          (200, 1400, 390), (25, 4096, 64), (1600, 128, 1024),
+          # several A blocks per thread from an equal share of the row tiles, a remnant tile
+          (1030, 70, 500), (3100, 33, 50)]
 
 
 @pytest.mark.parametrize("ta", [False, True])

@@ -1199,13 +1199,19 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     T* Bp = alloc<T>(packed_b_size<T>(kc, nc));
     int failed = 0;
     run_team(nth, [&](int tid, int team) {
-        T* Ap = team_scratch<T>(inplace_a ? 16 : packed_a_size(mc, kc), &failed);
+        const int64_t mcap = ceil_div(M, MR) * MR < MC ? ceil_div(M, MR) * MR : MC;   // >= mc
+        T* Ap = team_scratch<T>(inplace_a ? 16 : packed_a_size(mcap, kc), &failed);
         if (!Ap) return;
         // Work units: (A block, share of the B panels). Few A blocks, or a count the threads
         // do not divide: every thread takes its share of the panels of every A block (packing
         // each A block for itself).
+        // Many A blocks: each thread takes an equal share of the row tiles (blocks of at most
+        // MC rows; round robin over equal blocks left one thread 10% more rows at M = 1024).
         const int64_t nsplit = (mblocks % team == 0 || mblocks >= 8 * team) ? 1 : team;
-        const int64_t units = mblocks * nsplit;
+        const Part tiles = part(ceil_div(M, MR), team, tid, 1);
+        const int64_t nbl = ceil_div(tiles.size(), MC / MR);
+        const Part own = nsplit == 1 ? Part{0, nbl} : Part{tid, mblocks * nsplit};
+        const int64_t ustep = nsplit == 1 ? 1 : team;
         for (int64_t jc = 0; jc < N; jc += nc) {
             const int64_t nn = N - jc < nc ? N - jc : nc;
             const int64_t npan = ceil_div(nn, nr);
@@ -1219,9 +1225,21 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                 }
                 barrier();   // the B block is complete
                 int64_t packed_ib = -1;
-                for (int64_t u = tid; u < units; u += team) {
-                    const int64_t ib = u / nsplit, part_i = u % nsplit;
-                    const int64_t m0 = ib * mc, mm = M - m0 < mc ? M - m0 : mc;
+                for (int64_t u = own.lo; u < own.hi; u += ustep) {
+                    int64_t ib, part_i, m0, mm;
+                    if (nsplit == 1) {   // the thread's own rows, in blocks of at most MC rows
+                        ib = u;
+                        part_i = 0;
+                        const int64_t t0 = tiles.lo + tiles.size() * (u - own.lo) / nbl;
+                        const int64_t t1 = tiles.lo + tiles.size() * (u - own.lo + 1) / nbl;
+                        m0 = t0 * MR;
+                        mm = (t1 * MR < M ? t1 * MR : M) - m0;
+                    } else {
+                        ib = u / nsplit;
+                        part_i = u % nsplit;
+                        m0 = ib * mc;
+                        mm = M - m0 < mc ? M - m0 : mc;
+                    }
                     if (ib != packed_ib && !inplace_a) {
                         pack_a(ta, mm, kk, ta ? A + pc * lda + m0 : A + m0 * lda + pc, lda, Ap);
                         packed_ib = ib;
