@@ -45,11 +45,11 @@ def test_every_isa_and_thread_count_against_reference(cell, threads_n, each_isa,
     layer = make()
     kept = layer._packed
     # packed path at batch 1, short small-batch path (row-major weights in place), packed
-    # path at B = 7 and 9; with kept packed weights (the input projected inside the
+    # path at B = 4 and 6 (a few rows against several weight panels at once), 7 and 9; with kept packed weights (the input projected inside the
     # recurrence) and without (packing per call: one GEMM for the input below 8 rows)
     for packed in (kept, None):
         layer._packed = packed
-        for T, B in ((30, 1), (6, 3), (25, 7), (13, 9)):
+        for T, B in ((30, 1), (6, 3), (17, 4), (11, 6), (25, 7), (13, 9)):
             x = rng.standard_normal((T, B, 20)).astype(np.float32)
             lengths = rng.integers(1, T + 1, B)
             y, _ = layer(x, lengths=lengths)
@@ -277,24 +277,26 @@ def test_step_on_every_isa_against_reference(cell, dtype, each_isa):
 # Training on the packed path keeps the gate activations blocked by the forward's team
 # (one contiguous piece per thread and block of steps); the backward reads them with that
 # team, or converts them back to row-major when the thread count changed in between.
-# B = 9 (8 steps per projected block: T = 19 is two whole blocks and a partial one),
-# H = 96: teams of 2 and 3 with unequal slices.
+# B = 9 (8 steps per projected block: T = 19 is two whole blocks and a partial one) and
+# B = 5 (a few rows: the per-step products take several weight panels at once), H = 96:
+# teams of 2 and 3 with unequal slices.
 TRAIN_THREADS = [(2, 2), (3, 3), (3, 2), (2, 1), (1, 3)]
 
 
+@pytest.mark.parametrize("batch", [9, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("fwd_bwd", TRAIN_THREADS)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm_proj"])
-def test_packed_path_training_against_torch(cell, fwd_bwd, dtype, threads):
+def test_packed_path_training_against_torch(cell, fwd_bwd, dtype, batch, threads):
     rng = np.random.default_rng(7)
     make = {"lstm": lambda: rc.LSTM(24, 96, bidirectional=True, dtype=dtype),
             "gru": lambda: rc.GRU(24, 96, bidirectional=True, dtype=dtype),
             "rnn": lambda: rc.RNN(24, 96, num_layers=2, dtype=dtype),
             "lstm_proj": lambda: rc.LSTM(24, 96, proj_size=40, bidirectional=True, dtype=dtype)}
     layer = make[cell]()
-    x = rng.standard_normal((19, 9, 24)).astype(dtype)
+    x = rng.standard_normal((19, batch, 24)).astype(dtype)
     threads(fwd_bwd[0])
-    compare_with_torch(layer, x, lengths=[19, 3, 11, 19, 1, 8, 16, 19, 9], rng=rng,
+    compare_with_torch(layer, x, lengths=[19, 3, 11, 19, 1, 8, 16, 19, 9][:batch], rng=rng,
                        between=lambda: threads(fwd_bwd[1]))
 
 
