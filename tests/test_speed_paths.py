@@ -325,3 +325,15 @@ def test_packed_path_training_variants_across_teams(cell, fwd_bwd, threads):
     np.testing.assert_allclose(dx2, dx1, rtol=1e-10, atol=1e-12)
     for k in g1:
         np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_weight_gradients_of_w_ih_and_w_hh_in_one_gemm(cell, threads):
+    """dW_ih and dW_hh come from one GEMM over dG^T with the columns of both: here a partial
+    last panel of W_ih's part (I = 1000), more panels than one packed B block holds (1400
+    columns against 672 per block at a K block of 384) and two K blocks (T * B = 400),
+    against PyTorch."""
+    threads(2)
+    rng = np.random.default_rng(11)
+    layer = (rc.LSTM if cell == "lstm" else rc.RNN)(1000, 400, dtype=np.float64)
+    compare_with_torch(layer, rng.standard_normal((200, 2, 1000)), rng=rng)

@@ -1180,20 +1180,48 @@ template <class T> inline int64_t gemm_nc(int64_t kc) {        // columns of B p
     return (int64_t)(2u << 20) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;   // ~2 MB packed
 }
 
+// One part of the columns of a GEMM: C[:, part] = op(A) @ op(B_part). Several parts share
+// one pass over A (the weight gradients of W_ih and W_hh against one packing of dG^T).
+template <class T> struct GemmPart {
+    const T* B; int64_t ldb;
+    T* C; int64_t ldc;
+    int64_t n;                 // columns
+};
+
 template <class T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int64_t lda,
+                const GemmPart<T>* parts, int nparts, T beta) {
+    int64_t N = 0;
+    for (int i = 0; i < nparts; ++i) N += parts[i].n;
     if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
-        return;
-    }
-    if (!ta && M <= SMALL_M && alpha == T(1)) {
-        gemm_small_m<T>(tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    if (K <= 0 || (!ta && M <= SMALL_M && alpha == T(1))) {
+        for (int i = 0; i < nparts; ++i) {
+            const GemmPart<T>& q = parts[i];
+            if (q.n <= 0) continue;
+            if (K > 0) {
+                gemm_small_m<T>(tb, M, q.n, K, A, lda, q.B, q.ldb, beta, q.C, q.ldc);
+                continue;
+            }
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = 0; n < q.n; ++n)
+                    q.C[m * q.ldc + n] = beta == T(0) ? T(0) : beta * q.C[m * q.ldc + n];
+        }
         return;
     }
     const int nr = NR<T>;
+    // B panels of every part in sequence (a part's last panel may be partial).
+    constexpr int MAXP = 4;
+    int64_t pstart[MAXP + 1] = {0};
+    for (int i = 0; i < nparts; ++i) pstart[i + 1] = pstart[i] + ceil_div(parts[i].n > 0 ? parts[i].n : 0, nr);
+    const int64_t npt = pstart[nparts];
+    struct Pan { const T* B; T* C; int64_t ldb, ldc, n0, w; };
+    auto panel = [&](int64_t p) {
+        int i = 0;
+        while (p >= pstart[i + 1]) ++i;
+        const GemmPart<T>& q = parts[i];
+        const int64_t n0 = (p - pstart[i]) * nr;
+        return Pan{q.B, q.C, q.ldb, q.ldc, n0, q.n - n0 < nr ? q.n - n0 : nr};
+    };
     // A not transposed is read where it lies (the micro-kernel's in-place mode: MR row
     // streams) instead of packed: measured on the AVX-512 Xeon, M=1600 K=1024 N=128 (the
     // input gradient of a training step) 198 -> 273 GFLOP/s, N=32 87 -> 142, N=1024 283 -> 294,
@@ -1202,8 +1230,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     const bool inplace_a = !ta;
     const int64_t kcap = inplace_a ? KC_INPLACE : KC;
     const int64_t kc = K < kcap ? K : kcap;
-    const int64_t ncap = gemm_nc<T>(kc);
-    const int64_t nc = N < ncap ? ceil_div(N, nr) * nr : ncap;
+    const int64_t npb_cap = gemm_nc<T>(kc) / nr;              // B panels per packed block
+    const int64_t npb = npt < npb_cap ? npt : npb_cap;
     // Equal A blocks of at most MC rows (a multiple of MR), so no thread gets a remnant.
     const int64_t mblocks = ceil_div(M, MC);
     const int64_t mc = ceil_div(ceil_div(M, mblocks), MR) * MR;
@@ -1211,7 +1239,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
 #ifdef _OPENMP
     if (2.0 * (double)M * (double)N * (double)K > 2.0e5 && !omp_in_parallel()) nth = threads_for_kernels();
 #endif
-    T* Bp = alloc<T>(packed_b_size<T>(kc, nc));
+    T* Bp = alloc<T>(packed_b_size<T>(kc, npb * nr));
     int failed = 0;
     run_team(nth, [&](int tid, int team) {
         const int64_t mcap = ceil_div(M, MR) * MR < MC ? ceil_div(M, MR) * MR : MC;   // >= mc
@@ -1227,16 +1255,16 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
         const int64_t nbl = ceil_div(tiles.size(), MC / MR);
         const Part own = nsplit == 1 ? Part{0, nbl} : Part{tid, mblocks * nsplit};
         const int64_t ustep = nsplit == 1 ? 1 : team;
-        for (int64_t jc = 0; jc < N; jc += nc) {
-            const int64_t nn = N - jc < nc ? N - jc : nc;
-            const int64_t npan = ceil_div(nn, nr);
+        for (int64_t pb = 0; pb < npt; pb += npb) {
+            const int64_t npan = npt - pb < npb ? npt - pb : npb;
             for (int64_t pc = 0; pc < K; pc += kc) {
                 const int64_t kk = K - pc < kc ? K - pc : kc;
                 const T bet = pc == 0 ? beta : T(1);
                 barrier();   // every thread is done with the previous B block
                 for (int64_t p = tid; p < npan; p += team) {
-                    const int64_t n0 = jc + p * nr, w = N - n0 < nr ? N - n0 : nr;
-                    pack_b(tb, kk, w, tb ? B + n0 * ldb + pc : B + pc * ldb + n0, ldb, Bp + p * kk * nr);
+                    const Pan q = panel(pb + p);
+                    pack_b(tb, kk, q.w, tb ? q.B + q.n0 * q.ldb + pc : q.B + pc * q.ldb + q.n0, q.ldb,
+                           Bp + p * kk * nr);
                 }
                 barrier();   // the B block is complete
                 int64_t packed_ib = -1;
@@ -1262,16 +1290,16 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                     const int64_t p0 = npan * part_i / nsplit, p1 = npan * (part_i + 1) / nsplit;
                     const int64_t mt = ceil_div(mm, MR);
                     for (int64_t p = p0; p < p1; ++p) {
-                        const int64_t n0 = jc + p * nr, w = N - n0 < nr ? N - n0 : nr;
+                        const Pan q = panel(pb + p);
                         for (int64_t i = 0; i < mt; ++i) {
                             const int mr = (int)(mm - i * MR < MR ? mm - i * MR : MR);
-                            T* ct = C + (m0 + i * MR) * ldc + n0;
+                            T* ct = q.C + (m0 + i * MR) * q.ldc + q.n0;
                             const T* bt = Bp + p * kk * nr;
                             if (inplace_a)
-                                micro_dispatch<T, true>(mr, kk, A + (m0 + i * MR) * lda + pc, bt, ct, ldc, w,
-                                                        alpha, bet, lda);
+                                micro_dispatch<T, true>(mr, kk, A + (m0 + i * MR) * lda + pc, bt, ct, q.ldc,
+                                                        q.w, alpha, bet, lda);
                             else
-                                micro_dispatch<T>(mr, kk, Ap + i * kk * MR, bt, ct, ldc, w, alpha, bet);
+                                micro_dispatch<T>(mr, kk, Ap + i * kk * MR, bt, ct, q.ldc, q.w, alpha, bet);
                         }
                     }
                 }
@@ -1281,6 +1309,13 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     });
     std::free(Bp);
     if (failed) throw std::bad_alloc();
+}
+
+template <class T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+    const GemmPart<T> one{B, ldb, C, ldc, N};
+    gemm_parts<T>(ta, tb, M, K, alpha, A, lda, &one, 1, beta);
 }
 
 // What a cell type implies, derived once: gates G, G*H, the variant flags.
@@ -1773,12 +1808,17 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // Weight gradients: one GEMM each over all steps.
     const int64_t R = TT * B;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
-    gemm<T>(true, false, GH, I, R, T(1), bj.dgx, GH, j.x, I, T(1), bj.g.w_ih, I);
+    if (!gru_orig && dgh == bj.dgx) {   // one pass over dG^T for both: [dW_ih | dW_hh]
+        const GemmPart<T> wg[2] = {{j.x, I, bj.g.w_ih, I, I}, {Hprev, P, bj.g.w_hh, P, P}};
+        gemm_parts<T>(true, false, GH, R, T(1), bj.dgx, GH, wg, 2, T(1));
+    } else {
+        gemm<T>(true, false, GH, I, R, T(1), bj.dgx, GH, j.x, I, T(1), bj.g.w_ih, I);
+    }
     if (gru_orig) {
         gemm<T>(true, false, 2 * H, H, R, T(1), bj.dgx, GH, Hprev, P, T(1), bj.g.w_hh, H);
         gemm<T>(true, false, H, H, R, T(1), bj.dgx + 2 * H, GH, j.extra, H, T(1),
                 bj.g.w_hh + 2 * H * H, H);
-    } else {
+    } else if (dgh != bj.dgx) {
         gemm<T>(true, false, GH, P, R, T(1), dgh, GH, Hprev, P, T(1), bj.g.w_hh, P);
     }
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
