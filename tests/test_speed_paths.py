@@ -337,3 +337,18 @@ def test_weight_gradients_of_w_ih_and_w_hh_in_one_gemm(cell, threads):
     rng = np.random.default_rng(11)
     layer = (rc.LSTM if cell == "lstm" else rc.RNN)(1000, 400, dtype=np.float64)
     compare_with_torch(layer, rng.standard_normal((200, 2, 1000)), rng=rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
+def test_training_with_padded_gradient_rows_against_torch(cell, dtype, threads):
+    """Gate-gradient rows a multiple of 1 KB long are padded by a cache line (G*H = 256 and
+    768 here): every reader of them (per-step products, bias sums, weight and input
+    gradients) uses the padded stride."""
+    threads(2)
+    rng = np.random.default_rng(5)
+    layer = {"lstm": lambda: rc.LSTM(24, 64, bidirectional=True, dtype=dtype),
+             "rnn": lambda: rc.RNN(24, 256, dtype=dtype),
+             "gru": lambda: rc.GRU(24, 256, dtype=dtype)}[cell]()
+    x = rng.standard_normal((19, 9, 24)).astype(dtype)
+    compare_with_torch(layer, x, lengths=[19, 3, 11, 19, 1, 8, 16, 19, 9], rng=rng)

@@ -70,6 +70,7 @@ template <class T> struct DirBackJob {
     T* dc;                          // [B, H] same for the cell state (LSTM)
     T* dgx;                         // [T, B, G*H] gradient of the x-side pre-activations
     T* dgh;                         // [T, B, G*H] hidden side (GRU lbr only; else null)
+    int64_t ldg;                    // row stride of dgx and dgh (>= G*H; 0: G*H)
     T* dhs;                         // [T, B, P] LSTM projection: dh of each step
     DirGrads<T> g;                  // accumulated (+=)
     T* dx; bool dx_accumulate;      // [T*B, I]

@@ -304,8 +304,13 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     // Per-thread scratch reused from call to call (every element is written before it is read).
     thread_local std::vector<T> dgx, dgh, dhs, dlayer[2];
     std::vector<T> dh(B * P), dc(s.is_lstm() ? B * H : 1);
-    dgx.resize(TT * B * GH);
-    if (s.cell == CellType::GRU && s.linear_before_reset) dgh.resize(TT * B * GH);
+    // Rows of the gate gradients a multiple of 1 KB apart would put the rows that a per-step
+    // product reads together (the A operand of dh = dG @ W_hh) in the same few L1 sets: one
+    // cache line of padding (LSTM T=100 B=16 H=256 training 15.76 -> 15.38 ms; B=64 H=512
+    // 234.9 -> 233.1).
+    const int64_t LD = GH * (int64_t)sizeof(T) % 1024 == 0 ? GH + 64 / (int64_t)sizeof(T) : GH;
+    dgx.resize(TT * B * LD);
+    if (s.cell == CellType::GRU && s.linear_before_reset) dgh.resize(TT * B * LD);
     if (s.is_lstm() && P != H) dhs.resize(TT * B * P);
     const bool use_dgh = s.cell == CellType::GRU && s.linear_before_reset;
     const bool use_dhs = s.is_lstm() && P != H;
@@ -333,6 +338,7 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             bj.dh = dh.data();
             bj.dc = dc.data();
             bj.dgx = dgx.data();
+            bj.ldg = LD;
             bj.dgh = use_dgh ? dgh.data() : nullptr;
             bj.dhs = use_dhs ? dhs.data() : nullptr;
             bj.g = grads[idx];

@@ -1636,6 +1636,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     T* dc = bj.dc;
     T* dgh = (gru && j.lbr) ? bj.dgh : bj.dgx;
     const int64_t Kc = gru_orig ? 2 * H : GH;   // rows of W_hh in the dh product
+    const int64_t LD = bj.ldg ? bj.ldg : GH;    // row stride of dgx and dgh
     // Gate activations blocked by the forward's team (gate_offset): the same team reads them.
     int gteam = j.gate_team ? *j.gate_team : 0;
     const int64_t SB = fuse_steps(B);
@@ -1684,8 +1685,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                                  : j.gates + (t * B + b) * GH + u0;
             };
             const int64_t gs = gteam > 0 ? nh : H;
-            T* dgt = bj.dgx + t * B * GH;
-            T* dght = dgh + t * B * GH;
+            T* dgt = bj.dgx + t * B * LD;
+            T* dght = dgh + t * B * LD;
             // A. dh += dy on the rows that produced an output (own output slice)
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 const bool act = active(j.lengths, b, t);
@@ -1709,8 +1710,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
             // B. gate gradients of the own units
             for (int64_t b = 0; b < B && nh > 0; ++b) {
-                T* da = dgt + b * GH + u0;
-                T* dah = dght + b * GH + u0;
+                T* da = dgt + b * LD + u0;
+                T* dah = dght + b * LD + u0;
                 if (!active(j.lengths, b, t)) {
                     for (int g = 0; g < G; ++g) {
                         std::memset(da + g * H, 0, sizeof(T) * nh);
@@ -1743,34 +1744,34 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             else sbar.wait(bsense);
             if (gru_orig) {
                 if (nh > 0 && small)
-                    small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, GH, tmp, nh);
+                    small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, LD, tmp, nh);
                 else if (nh > 0)
-                    gemm_pb<T>(B, nh, H, dgt + 2 * H, GH, pkn, T(0), tmp, nh);
+                    gemm_pb<T>(B, nh, H, dgt + 2 * H, LD, pkn, T(0), tmp, nh);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     gru_orig_r_row<T>(nh, grow(b), hprev + b * P + u0, tmp + b * nh,
-                                      dgt + b * GH + u0, dhd + b * nh);
+                                      dgt + b * LD + u0, dhd + b * nh);
                 }
                 sbar.wait(bsense);   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
             if (nq > 0 && small) {
-                small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, GH, tmp, nq);
+                small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, LD, tmp, nq);
             } else if (split) {
                 // own segments [g H + u0, g H + u0 + nh) first, then the G + 1 gaps between them
                 const int64_t nr = NR<T>;
                 for (int g = 0; g < G && nq > 0; ++g)
-                    gemm_pb<T>(B, nq, nh, dght + g * H + u0, GH, pk + (g * H + u0) * nr,
+                    gemm_pb<T>(B, nq, nh, dght + g * H + u0, LD, pk + (g * H + u0) * nr,
                                T(g > 0), tmp, nq, q & 1, Kc);
                 sbar.await(bsense);
                 for (int g = 0; g <= G && nq > 0; ++g) {
                     const int64_t k0 = g == 0 ? 0 : (g - 1) * H + u0 + nh;
                     const int64_t k1 = g == G ? GH : g * H + u0;
                     if (k1 > k0)
-                        gemm_pb<T>(B, nq, k1 - k0, dght + k0, GH, pk + k0 * nr, T(1), tmp, nq, q & 1, Kc);
+                        gemm_pb<T>(B, nq, k1 - k0, dght + k0, LD, pk + k0 * nr, T(1), tmp, nq, q & 1, Kc);
                 }
             } else if (nq > 0) {
-                gemm_pb<T>(B, nq, Kc, dght, GH, pk, T(0), tmp, nq, q & 1);
+                gemm_pb<T>(B, nq, Kc, dght, LD, pk, T(0), tmp, nq, q & 1);
             }
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
@@ -1786,8 +1787,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             for (int64_t b = 0; b < B && bsum && nh > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 for (int g = 0; g < G; ++g) {
-                    add_row<T>(nh, dgt + b * GH + g * H + u0, bsum + g * nh);
-                    if (two_bias) add_row<T>(nh, dght + b * GH + g * H + u0, bsumh + g * nh);
+                    add_row<T>(nh, dgt + b * LD + g * H + u0, bsum + g * nh);
+                    if (two_bias) add_row<T>(nh, dght + b * LD + g * H + u0, bsumh + g * nh);
                 }
             }
         }
@@ -1810,16 +1811,16 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
     if (!gru_orig && dgh == bj.dgx) {   // one pass over dG^T for both: [dW_ih | dW_hh]
         const GemmPart<T> wg[2] = {{j.x, I, bj.g.w_ih, I, I}, {Hprev, P, bj.g.w_hh, P, P}};
-        gemm_parts<T>(true, false, GH, R, T(1), bj.dgx, GH, wg, 2, T(1));
+        gemm_parts<T>(true, false, GH, R, T(1), bj.dgx, LD, wg, 2, T(1));
     } else {
-        gemm<T>(true, false, GH, I, R, T(1), bj.dgx, GH, j.x, I, T(1), bj.g.w_ih, I);
+        gemm<T>(true, false, GH, I, R, T(1), bj.dgx, LD, j.x, I, T(1), bj.g.w_ih, I);
     }
     if (gru_orig) {
-        gemm<T>(true, false, 2 * H, H, R, T(1), bj.dgx, GH, Hprev, P, T(1), bj.g.w_hh, H);
-        gemm<T>(true, false, H, H, R, T(1), bj.dgx + 2 * H, GH, j.extra, H, T(1),
+        gemm<T>(true, false, 2 * H, H, R, T(1), bj.dgx, LD, Hprev, P, T(1), bj.g.w_hh, H);
+        gemm<T>(true, false, H, H, R, T(1), bj.dgx + 2 * H, LD, j.extra, H, T(1),
                 bj.g.w_hh + 2 * H * H, H);
     } else if (dgh != bj.dgx) {
-        gemm<T>(true, false, GH, P, R, T(1), dgh, GH, Hprev, P, T(1), bj.g.w_hh, P);
+        gemm<T>(true, false, GH, P, R, T(1), dgh, LD, Hprev, P, T(1), bj.g.w_hh, P);
     }
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
     if (lstm && j.peephole) {
@@ -1828,7 +1829,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             const T* cprev = j.cbuf + (t + rev) * B * H;
             const T* cnext = j.cbuf + (t + 1 - rev) * B * H;
             for (int64_t b = 0; b < B; ++b) {
-                const T* da = bj.dgx + (t * B + b) * GH;
+                const T* da = bj.dgx + (t * B + b) * LD;
                 for (int64_t k = 0; k < H; ++k) {
                     gp[k] += da[k] * cprev[b * H + k];
                     gp[H + k] += da[H + k] * cprev[b * H + k];
@@ -1837,7 +1838,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
         }
     }
-    gemm<T>(false, false, R, I, GH, T(1), bj.dgx, GH, j.w.w_ih, I,
+    gemm<T>(false, false, R, I, GH, T(1), bj.dgx, LD, j.w.w_ih, I,
             bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
 }
 
