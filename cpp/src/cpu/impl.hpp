@@ -259,8 +259,8 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
     }
 }
 
-// A few rows (1 to 4) of A (read in place) times all panels of Bp: NP panels at a time, so
-// several B streams are in flight (a large weight slice streams from L3 at batch 1-4). With
+// A few rows (1 to SMALL_ROWS) of A (read in place) times all panels of Bp: NP panels at a
+// time, so several B streams are in flight (a large weight slice streams from L3). With
 // reverse the panels are visited last to first: alternating the direction step after step
 // ("snake" order) keeps the most recently used part of a weight slice that is a little larger
 // than the cache resident for the next step, instead of evicting everything in LRU order.
@@ -288,7 +288,7 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
 // AVX-512 Xeon against the 12-row kernel, T=25 B=4 I=H=1024 LSTM 14.7 -> 12.6 ms, GRU B=5
 // 11.4 -> 9.8, T=100 B=4 H=256 LSTM 1.46-1.59 -> 1.36 (training 4.75 -> 4.38).
 constexpr int64_t SMALL_ROWS = VB >= 64 ? 6 : 2;
-template <class T>
+template <class T>   // 1 <= M <= SMALL_ROWS
 void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
                 const T* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel = 0) {
     if (M == 1) {
@@ -1191,6 +1191,12 @@ template <class T> struct GemmPart {
 template <class T>
 void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int64_t lda,
                 const GemmPart<T>* parts, int nparts, T beta) {
+    constexpr int MAXP = 4;   // parts per pass
+    if (nparts > MAXP) {
+        gemm_parts<T>(ta, tb, M, K, alpha, A, lda, parts, MAXP, beta);
+        gemm_parts<T>(ta, tb, M, K, alpha, A, lda, parts + MAXP, nparts - MAXP, beta);
+        return;
+    }
     int64_t N = 0;
     for (int i = 0; i < nparts; ++i) N += parts[i].n;
     if (M <= 0 || N <= 0) return;
@@ -1210,7 +1216,6 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
     }
     const int nr = NR<T>;
     // B panels of every part in sequence (a part's last panel may be partial).
-    constexpr int MAXP = 4;
     int64_t pstart[MAXP + 1] = {0};
     for (int i = 0; i < nparts; ++i) pstart[i + 1] = pstart[i] + ceil_div(parts[i].n > 0 ? parts[i].n : 0, nr);
     const int64_t npt = pstart[nparts];
@@ -1806,7 +1811,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     }
     if (failed) throw std::bad_alloc();
 
-    // Weight gradients: one GEMM each over all steps.
+    // Weight gradients: GEMMs over all steps (dW_ih and dW_hh in one where they share dG).
     const int64_t R = TT * B;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
     if (!gru_orig && dgh == bj.dgx) {   // one pass over dG^T for both: [dW_ih | dW_hh]
