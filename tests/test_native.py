@@ -241,6 +241,40 @@ def test_c_api_refuses_bad_files_and_arguments(tmp_path):
     assert "lengths" in rest[4][1]
 
 
+TEAM_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(team_change CXX)
+set(CMAKE_CXX_STANDARD 17)
+find_package(rnncore REQUIRED)
+find_package(OpenMP REQUIRED)
+add_executable(test_team_change {src})
+target_link_libraries(test_team_change PRIVATE rnncore::rnncore OpenMP::OpenMP_CXX)
+"""
+
+
+def test_backward_with_a_smaller_team_than_the_forward(tmp_path):
+    """The C++ layer API: a training forward with two threads, then the backward from inside
+    an active OpenMP region (its team: one thread). The gate activations the forward kept
+    blocked for two threads are converted back and every gradient equals the one of a
+    backward called outside (tests/cpp/test_team_change.cpp)."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not available")
+    if not rc.info()["openmp"]:
+        pytest.skip("rnncore built without OpenMP: one thread, no teams")
+    src = (ROOT / "tests" / "cpp" / "test_team_change.cpp").as_posix()
+    (tmp_path / "CMakeLists.txt").write_text(TEAM_CMAKE.format(src=src))
+    b = tmp_path / "build"
+    cfg = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(b), f"-Drnncore_DIR={rc.get_cmake_dir()}",
+                          "-DCMAKE_BUILD_TYPE=Release"], capture_output=True, text=True)
+    if cfg.returncode != 0 and "OpenMP" in cfg.stdout + cfg.stderr:
+        pytest.skip("no OpenMP for the C++ compiler")
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    bld = subprocess.run(["cmake", "--build", str(b)], capture_output=True, text=True)
+    assert bld.returncode == 0, bld.stdout + bld.stderr
+    run = subprocess.run([str(b / "test_team_change")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "checked 24" in run.stdout, run.stdout
+
+
 def test_cmake_dir_command():
     out = subprocess.run([sys.executable, "-m", "rnncore", "--cmake-dir"], capture_output=True, text=True)
     assert out.returncode == 0

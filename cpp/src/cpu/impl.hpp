@@ -1068,9 +1068,15 @@ inline int rec_threads(int64_t B, int G, int64_t H, int64_t P) {
     return (int)n;
 }
 
-inline void barrier() {
+// The barrier of a run_team team. A team of one has none: run_team then calls the body
+// directly, and an `omp barrier` there would bind to an enclosing parallel region of the
+// caller's (a C++ program calling rnncore from one of its OpenMP threads), where the other
+// threads never meet it: a deadlock.
+inline void barrier(int team) {
 #ifdef _OPENMP
+    if (team > 1) {
 #pragma omp barrier
+    }
 #endif
 }
 
@@ -1135,16 +1141,16 @@ inline void raise_failure(int* failed) {
 #endif
     *failed = 1;
 }
-inline bool team_failed(int* failed) {
-    barrier();
+inline bool team_failed(int* failed, int team) {
+    barrier(team);
     return *failed != 0;
 }
 
 // Per-thread scratch allocated inside the region: nullptr for every thread if any failed.
-template <class T> T* team_scratch(int64_t need, int* failed) {
+template <class T> T* team_scratch(int64_t need, int* failed, int team) {
     T* mem = static_cast<T*>(aligned_buffer((size_t)need * sizeof(T)));
     if (!mem) raise_failure(failed);
-    if (team_failed(failed)) {
+    if (team_failed(failed, team)) {
         std::free(mem);
         return nullptr;
     }
@@ -1153,10 +1159,10 @@ template <class T> T* team_scratch(int64_t need, int* failed) {
 
 // Carves the per-thread scratch into N buffers of the given sizes (0: nullptr) from one
 // team_scratch allocation; returns the allocation (to free), or nullptr if any thread failed.
-template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N], int* failed) {
+template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N], int* failed, int team) {
     int64_t total = 0;
     for (int i = 0; i < N; ++i) total += round16(sizes[i]);
-    T* mem = team_scratch<T>(total > 0 ? total : 16, failed);
+    T* mem = team_scratch<T>(total > 0 ? total : 16, failed, team);
     int64_t off = 0;
     for (int i = 0; i < N; ++i) {
         out[i] = mem && sizes[i] > 0 ? mem + off : nullptr;
@@ -1248,7 +1254,7 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
     int failed = 0;
     run_team(nth, [&](int tid, int team) {
         const int64_t mcap = ceil_div(M, MR) * MR < MC ? ceil_div(M, MR) * MR : MC;   // >= mc
-        T* Ap = team_scratch<T>(inplace_a ? 16 : packed_a_size(mcap, kc), &failed);
+        T* Ap = team_scratch<T>(inplace_a ? 16 : packed_a_size(mcap, kc), &failed, team);
         if (!Ap) return;
         // Work units: (A block, share of the B panels). Few A blocks, or a count the threads
         // do not divide: every thread takes its share of the panels of every A block (packing
@@ -1265,13 +1271,13 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
             for (int64_t pc = 0; pc < K; pc += kc) {
                 const int64_t kk = K - pc < kc ? K - pc : kc;
                 const T bet = pc == 0 ? beta : T(1);
-                barrier();   // every thread is done with the previous B block
+                barrier(team);   // every thread is done with the previous B block
                 for (int64_t p = tid; p < npan; p += team) {
                     const Pan q = panel(pb + p);
                     pack_b(tb, kk, q.w, tb ? q.B + q.n0 * q.ldb + pc : q.B + pc * q.ldb + q.n0, q.ldb,
                            Bp + p * kk * nr);
                 }
-                barrier();   // the B block is complete
+                barrier(team);   // the B block is complete
                 int64_t packed_ib = -1;
                 for (int64_t u = own.lo; u < own.hi; u += ustep) {
                     int64_t ib, part_i, m0, mm;
@@ -1449,9 +1455,9 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         T* buf[7];
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
         if (!ps) {
-            mem = team_carve<T>(sizes, buf, &failed);
+            mem = team_carve<T>(sizes, buf, &failed, team);
             if (!mem) return;
-        } else if (team_failed(&failed)) {
+        } else if (team_failed(&failed, team)) {
             return;
         } else {    // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
@@ -1668,7 +1674,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                                   proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
                                   gru ? B * nh : 0, bj.g.b_ih ? G * nh : 0, two_bias ? G * nh : 0};
         T* buf[8];
-        T* mem = team_carve<T>(sizes, buf, &failed);
+        T* mem = team_carve<T>(sizes, buf, &failed, team);
         if (!mem) return;
         T *pk = buf[0], *tmp = buf[1], *pkn = buf[2], *pkr = buf[3], *dmb = buf[4];
         T* dhd = buf[5];     // dh * z (+ d(r*h) * r), own units
