@@ -66,6 +66,20 @@ static Result train_step(const LayerSpec& s, const std::vector<std::vector<doubl
     return r;
 }
 
+static std::vector<std::vector<double>> random_params(const std::vector<ParamInfo>& info,
+                                                      std::mt19937_64& gen) {
+    std::normal_distribution<double> nd(0.0, 1.0);
+    std::vector<std::vector<double>> values;
+    for (const ParamInfo& p : info) {
+        int64_t n = 1;
+        for (int64_t d : p.shape) n *= d;
+        std::vector<double> v(n);
+        for (double& e : v) e = 0.2 * nd(gen);
+        values.push_back(v);
+    }
+    return values;
+}
+
 static double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
     double num = 0, den = 1e-300;
     for (size_t i = 0; i < a.size(); ++i) {
@@ -90,14 +104,7 @@ int main() {
         s.bidirectional = true;
         const int64_t T = 19, B = 9;
         const std::vector<ParamInfo> info = param_info(s);
-        std::vector<std::vector<double>> values;
-        for (const ParamInfo& p : info) {
-            int64_t n = 1;
-            for (int64_t d : p.shape) n *= d;
-            std::vector<double> v(n);
-            for (double& e : v) e = 0.2 * nd(gen);
-            values.push_back(v);
-        }
+        const std::vector<std::vector<double>> values = random_params(info, gen);
         std::vector<double> x(T * B * s.input_size), dy(T * B * s.dirs() * s.out_size());
         for (double& e : x) e = nd(gen);
         for (double& e : dy) e = nd(gen);
@@ -119,15 +126,8 @@ int main() {
         s.hidden_size = 64;
         const int64_t T = 20, B = 4;
         const std::vector<ParamInfo> info = param_info(s);
-        std::vector<std::vector<double>> values;
+        const std::vector<std::vector<double>> values = random_params(info, gen);
         std::vector<DirParams<double>> params(1);
-        for (const ParamInfo& p : info) {
-            int64_t n = 1;
-            for (int64_t d : p.shape) n *= d;
-            std::vector<double> v(n);
-            for (double& e : v) e = 0.2 * nd(gen);
-            values.push_back(v);
-        }
         for (size_t i = 0; i < info.size(); ++i) set_param(params[0], info[i].kind, values[i].data());
         std::vector<double> x(T * B * s.input_size);
         for (double& e : x) e = nd(gen);
