@@ -352,3 +352,15 @@ def test_training_with_padded_gradient_rows_against_torch(cell, dtype, threads):
              "gru": lambda: rc.GRU(24, 256, dtype=dtype)}[cell]()
     x = rng.standard_normal((19, 9, 24)).astype(dtype)
     compare_with_torch(layer, x, lengths=[19, 3, 11, 19, 1, 8, 16, 19, 9], rng=rng)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_blocked_gates_read_by_the_small_batch_backward(cell, threads):
+    """B <= 4 and 8 <= T <= 16 with kept weights: the forward takes the packed path (gates kept
+    blocked by its team of 2), the backward the small-batch path (row-major weights in place),
+    which must still read the gates blocked."""
+    threads(2)
+    rng = np.random.default_rng(2)
+    for T, B in ((8, 4), (12, 3), (16, 2)):
+        layer = (rc.LSTM if cell == "lstm" else rc.GRU)(24, 128, bidirectional=True)
+        compare_with_torch(layer, rng.standard_normal((T, B, 24)).astype(np.float32), rng=rng)
