@@ -458,6 +458,24 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
     }
 }
 
+// The per-step product of a recurrence team in two phases (the split-phase step barrier):
+// C = A @ Bp over an inner dimension of `groups` groups of gl rows, first over the rows
+// [g gl + lo, g gl + lo + n) of every group (the part of A this thread wrote itself), then,
+// after wait() (the others' parts are complete), over the groups' remaining rows.
+template <class T, class Wait>
+void split_product(int64_t M, int64_t N, int groups, int64_t gl, int64_t lo, int64_t n, const T* A,
+                   int64_t lda, const T* Bp, T* C, int64_t ldc, bool reverse, Wait&& wait) {
+    const int64_t nr = NR<T>, K = groups * gl;
+    for (int g = 0; g < groups; ++g)
+        gemm_pb<T>(M, N, n, A + g * gl + lo, lda, Bp + (g * gl + lo) * nr, T(g > 0), C, ldc, reverse, K);
+    wait();
+    for (int g = 0; g <= groups; ++g) {   // the gaps before, between and after the own rows
+        const int64_t k0 = g == 0 ? 0 : (g - 1) * gl + lo + n;
+        const int64_t k1 = g == groups ? K : g * gl + lo;
+        if (k1 > k0) gemm_pb<T>(M, N, k1 - k0, A + k0, lda, Bp + k0 * nr, T(1), C, ldc, reverse, K);
+    }
+}
+
 // ------------------------------------------------------------------ activations
 // float: vectorised approximations (exp: Cephes' range reduction and degree-5 polynomial,
 // ~1 ulp; tanh: Eigen's 13/6 rational approximation, a few ulp; sigmoid = 1/(1+exp(-x))).
@@ -1527,14 +1545,8 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 // The previous step's barrier was only arrived at: first the part of the
                 // product over this thread's own slice of h (written by itself), then, once the
                 // others have arrived, the rest. The wait overlaps the first part.
-                const int64_t nr = NR<T>;
-                gemm_pb<T>(B, Gk * nh, nq, hprev + Q.lo, P, pk + Q.lo * nr, T(0), hh, Gk * nh, q & 1, K1);
-                sbar.await(bsense);
-                if (Q.lo > 0)
-                    gemm_pb<T>(B, Gk * nh, Q.lo, hprev, P, pk, T(1), hh, Gk * nh, q & 1, K1);
-                if (Q.hi < P)
-                    gemm_pb<T>(B, Gk * nh, P - Q.hi, hprev + Q.hi, P, pk + Q.hi * nr, T(1), hh, Gk * nh,
-                               q & 1, K1);
+                split_product<T>(B, Gk * nh, 1, P, Q.lo, nq, hprev, P, pk, hh, Gk * nh, q & 1,
+                                 [&] { sbar.await(bsense); });
             } else if (nh > 0) {
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1);
             } else if (split && q > 0) {
@@ -1768,19 +1780,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             // C. dh of the previous step, own output slice
             if (nq > 0 && small) {
                 small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, LD, tmp, nq);
+            } else if (split && nq > 0) {   // own units' columns of each gate first
+                split_product<T>(B, nq, G, H, u0, nh, dght, LD, pk, tmp, nq, q & 1,
+                                 [&] { sbar.await(bsense); });
             } else if (split) {
-                // own segments [g H + u0, g H + u0 + nh) first, then the G + 1 gaps between them
-                const int64_t nr = NR<T>;
-                for (int g = 0; g < G && nq > 0; ++g)
-                    gemm_pb<T>(B, nq, nh, dght + g * H + u0, LD, pk + (g * H + u0) * nr,
-                               T(g > 0), tmp, nq, q & 1, Kc);
                 sbar.await(bsense);
-                for (int g = 0; g <= G && nq > 0; ++g) {
-                    const int64_t k0 = g == 0 ? 0 : (g - 1) * H + u0 + nh;
-                    const int64_t k1 = g == G ? GH : g * H + u0;
-                    if (k1 > k0)
-                        gemm_pb<T>(B, nq, k1 - k0, dght + k0, LD, pk + k0 * nr, T(1), tmp, nq, q & 1, Kc);
-                }
             } else if (nq > 0) {
                 gemm_pb<T>(B, nq, Kc, dght, LD, pk, T(0), tmp, nq, q & 1);
             }
