@@ -165,8 +165,13 @@ RNNCORE_UNROLL_ROWS
     for (int64_t k = 0; k < K; ++k) {
         V b0, b1;
         // B streams from L3 or memory when a thread's weight slice is larger than its L2
-        // (the per-step products of large layers): ask for it well ahead of use.
+        // (the per-step products of large layers): ask for it well ahead of use. And from L2
+        // into L1 a few steps of k ahead, both of its lines (in the big GEMM the B panel is
+        // read from L2 for every row tile; one core, M=1600 N=4096 K=1024: 151 -> 158
+        // GFLOP/s, 1536^3 152 -> 156).
         __builtin_prefetch(b + (k + 128) * 2 * L, 0, 2);
+        __builtin_prefetch(b + (k + 16) * 2 * L, 0, 3);
+        if constexpr (2 * L * sizeof(T) > 64) __builtin_prefetch(b + (k + 16) * 2 * L + L, 0, 3);
         std::memcpy(&b0, b + k * 2 * L, sizeof(V));
         std::memcpy(&b1, b + k * 2 * L + L, sizeof(V));
         for (int r = 0; r < mr; ++r) {
@@ -1190,18 +1195,25 @@ template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N],
 }
 
 // The large GEMM, blocked as in GotoBLAS/BLIS: a KC x NC block of B is packed once (its
-// panels shared out over the threads), then each thread packs an MC x KC block of A (kept in
-// its L2) and runs it against every B panel of the block (each KC x NR panel stays in L1
-// across the MR-row panels of A). A is read from memory once per B block instead of once
-// per B panel, and both packings run in parallel.
+// panels shared out over the threads, the block sized to stay in every core's L2), then each
+// thread packs an MC x KC block of A and runs each of its MR-row tiles against every B panel
+// of the block: the tile (the broadcast operand, 18 KB) stays in L1 while the B panels (the
+// loaded operand, 48 KB each) stream from L2, as BLIS keeps its broadcast micro-panel in L1.
+// A is read from memory once per B block instead of once per B panel, and both packings run
+// in parallel.
 constexpr int64_t MC = 16 * MR;                                 // rows of A per L2 block
 // K block when A is read in place (no A block to keep in L2, so only the B panel and the
 // passes over C matter): on the AVX-512 Xeon 1024 against 384, M=1600 K=1024 N=128 259 -> 303
 // GFLOP/s, M=6400 N=256 K=2048 279 -> 299, 1536^3 295 -> 299; with a packed (transposed) A
 // 384 stays best (M=1024 N=256 K=1600: 265 against 248).
 constexpr int64_t KC_INPLACE = VB >= 64 ? 1024 : KC;
-template <class T> inline int64_t gemm_nc(int64_t kc) {        // columns of B per block:
-    return (int64_t)(2u << 20) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;   // ~2 MB packed
+// Columns of B per block: ~1 MB packed, so the block stays in L2 (2 MB) beside the A tiles
+// and C. With the B panels outer and 2 MB blocks, each tile and panel came from L2 on every
+// call; swapping the loops with 1 MB blocks, measured on the AVX-512 Xeon, two threads:
+// transposed A M=4096 N=1024 K=1600 (the weight gradient of a wide LSTM) 251 -> 296 GFLOP/s,
+// 1536^3 287 -> 307, A in place M=1600 N=4096 K=1024 293 -> 301.
+template <class T> inline int64_t gemm_nc(int64_t kc) {
+    return (int64_t)(1u << 20) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;
 }
 
 // One part of the columns of a GEMM: C[:, part] = op(A) @ op(B_part). Several parts share
@@ -1318,10 +1330,10 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
                     }
                     const int64_t p0 = npan * part_i / nsplit, p1 = npan * (part_i + 1) / nsplit;
                     const int64_t mt = ceil_div(mm, MR);
-                    for (int64_t p = p0; p < p1; ++p) {
-                        const Pan q = panel(pb + p);
-                        for (int64_t i = 0; i < mt; ++i) {
-                            const int mr = (int)(mm - i * MR < MR ? mm - i * MR : MR);
+                    for (int64_t i = 0; i < mt; ++i) {       // the tile stays in L1,
+                        const int mr = (int)(mm - i * MR < MR ? mm - i * MR : MR);
+                        for (int64_t p = p0; p < p1; ++p) {  // the B panels come from L2
+                            const Pan q = panel(pb + p);
                             T* ct = q.C + (m0 + i * MR) * q.ldc + q.n0;
                             const T* bt = Bp + p * kk * nr;
                             if (inplace_a)
