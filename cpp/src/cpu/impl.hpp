@@ -1201,15 +1201,18 @@ template <class T, int N> T* team_carve(const int64_t (&sizes)[N], T* (&out)[N],
 // The large GEMM, blocked as in GotoBLAS/BLIS: a KC x NC block of B is packed once (its
 // panels shared out over the threads, the block sized to stay in every core's L2), then each
 // thread packs an MC x KC block of A and runs each of its MR-row tiles against every B panel
-// of the block: the tile (the broadcast operand, 18 KB) stays in L1 while the B panels (the
-// loaded operand, 48 KB each) stream from L2, as BLIS keeps its broadcast micro-panel in L1.
+// of the block: a packed tile (the broadcast operand, 18 KB at KC=384) stays in L1 while the
+// B panels (the loaded operand, 48 KB each) stream from L2, as BLIS keeps its broadcast
+// micro-panel in L1.
 // A is read from memory once per B block instead of once per B panel, and both packings run
 // in parallel.
 constexpr int64_t MC = 16 * MR;                                 // rows of A per L2 block
 // K block when A is read in place (no A block to keep in L2, so only the B panel and the
 // passes over C matter): on the AVX-512 Xeon 1024 against 384, M=1600 K=1024 N=128 259 -> 303
 // GFLOP/s, M=6400 N=256 K=2048 279 -> 299, 1536^3 295 -> 299; with a packed (transposed) A
-// 384 stays best (M=1024 N=256 K=1600: 265 against 248).
+// 384 stays best (M=1024 N=256 K=1600: 265 against 248). Re-measured with the A tile outer
+// (below): 1024 still best for A in place (one core, M=1600 N=4096 K=1024: 151 against 148 at
+// 384; the tile's 12 rows then come from L2, the B panel does not fit L1 either way).
 constexpr int64_t KC_INPLACE = VB >= 64 ? 1024 : KC;
 // Columns of B per block: ~1 MB packed, so the block stays in L2 (2 MB) beside the A tiles
 // and C. With the B panels outer and 2 MB blocks, each tile and panel came from L2 on every
