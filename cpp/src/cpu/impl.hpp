@@ -1214,13 +1214,15 @@ constexpr int64_t MC = 16 * MR;                                 // rows of A per
 // (below): 1024 still best for A in place (one core, M=1600 N=4096 K=1024: 151 against 148 at
 // 384; the tile's 12 rows then come from L2, the B panel does not fit L1 either way).
 constexpr int64_t KC_INPLACE = VB >= 64 ? 1024 : KC;
-// Columns of B per block: ~1 MB packed, so the block stays in L2 (2 MB) beside the A tiles
-// and C. With the B panels outer and 2 MB blocks, each tile and panel came from L2 on every
-// call; swapping the loops with 1 MB blocks, measured on the AVX-512 Xeon, two threads:
+// Columns of B per block: ~1.25 MB packed, so the block stays in L2 (2 MB) beside the A
+// tiles and C. With the B panels outer and 2 MB blocks, each tile and panel came from L2 on
+// every call; swapping the loops with 1 MB blocks, measured on the AVX-512 Xeon, two threads:
 // transposed A M=4096 N=1024 K=1600 (the weight gradient of a wide LSTM) 251 -> 296 GFLOP/s,
-// 1536^3 287 -> 307, A in place M=1600 N=4096 K=1024 293 -> 301.
+// 1536^3 287 -> 307, A in place M=1600 N=4096 K=1024 293 -> 301. 1.25 MB instead of 1 takes
+// N=768 at KC=384 (LSTM H=512 with I=256: dW_ih | dW_hh) in one block, packing the transposed
+// A once: M=2048 N=768 K=6400 290 -> 304, the other shapes unchanged.
 template <class T> inline int64_t gemm_nc(int64_t kc) {
-    return (int64_t)(1u << 20) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;
+    return (int64_t)(5u << 18) / (kc * (int64_t)sizeof(T)) / NR<T> * NR<T>;
 }
 
 // One part of the columns of a GEMM: C[:, part] = op(A) @ op(B_part). Several parts share
