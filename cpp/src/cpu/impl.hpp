@@ -1709,6 +1709,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
+        // Split-phase step barrier (step C below), as in the forward.
+        const bool split = !small && team > 1 && !gru_orig && !proj;
         const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
         const int64_t sizes[8] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
@@ -1791,7 +1793,6 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             // The step's gate gradients complete. Split phase (cells with one barrier a step,
             // packed weights): arrive, take the part of the dh product over the own units' gate
             // columns (written by this thread), then await the others for the rest.
-            const bool split = !small && team > 1 && !gru_orig && !proj;
             if (split) sbar.arrive(bsense);
             else sbar.wait(bsense);
             if (gru_orig) {
