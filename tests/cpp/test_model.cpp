@@ -15,6 +15,7 @@
 
 #include "rnncore/model.hpp"
 #include "rnncore/rnncore.h"
+#include "rnncore/runtime.hpp"
 
 static int passed = 0, failed = 0;
 
@@ -125,6 +126,7 @@ int main(int argc, char** argv) {
         }
     }
     check(rnncore_model_load(nullptr, nullptr) == RNNCORE_ERROR_INVALID_ARGUMENT, "C API NULL");
+    std::printf("isa %s\n", rnncore::isa_name().c_str());
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
