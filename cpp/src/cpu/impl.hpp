@@ -515,13 +515,27 @@ constexpr int bit_reverse(int j, int L) {
 template <class IV, int L, int W, int... Q> inline IV tree_mask(bool hi, ISeq<Q...>) {
     return hi ? IV{tree_hi(L, W, Q)...} : IV{tree_lo(L, W, Q)...};
 }
+// Clang has no __builtin_shuffle (a mask vector); its __builtin_shufflevector takes the
+// constant indices as arguments.
+#if defined(__clang__)
+template <int L, int W, bool HI, class V, int... Q> inline V tree_pick(V a, V b, ISeq<Q...>) {
+    return __builtin_shufflevector(a, b, (HI ? tree_hi(L, W, Q) : tree_lo(L, W, Q))...);
+}
+#endif
 template <class T, int W> inline void tree_level(VT<T>* cur, int n) {
-    typedef typename IVec<T>::type IV;
     constexpr int L = VL<T>;
+#if defined(__clang__)
+    typedef typename MkSeq<L>::type Seq;
+    for (int j = 0; j < n / 2; ++j)
+        cur[j] = tree_pick<L, W, false>(cur[2 * j], cur[2 * j + 1], Seq{}) +
+                 tree_pick<L, W, true>(cur[2 * j], cur[2 * j + 1], Seq{});
+#else
+    typedef typename IVec<T>::type IV;
     const IV lo = tree_mask<IV, L, W>(false, typename MkSeq<L>::type{});
     const IV hi = tree_mask<IV, L, W>(true, typename MkSeq<L>::type{});
     for (int j = 0; j < n / 2; ++j)
         cur[j] = __builtin_shuffle(cur[2 * j], cur[2 * j + 1], lo) + __builtin_shuffle(cur[2 * j], cur[2 * j + 1], hi);
+#endif
     if constexpr (W > 1) tree_level<T, W / 2>(cur, n / 2);
 }
 template <class T> inline VT<T> hsum_rows(const VT<T>* v) {
@@ -1387,6 +1401,14 @@ inline CellDims cell_dims(int cell, int64_t H, int64_t P, bool lbr) {
     const int G = lstm ? 4 : gru ? 3 : 1;
     return {G, G * H, lstm, gru, lstm && P != H, gru && !lbr, cell == (int)CellType::RNN_RELU};
 }
+// The fields as local constants. Not a structured binding: the recurrences' lambdas capture
+// them, and capturing a structured binding is C++20 (Clang rejects or warns in C++17).
+#define RNNCORE_CELL_DIMS(...)                                                                \
+    const CellDims cdims_ = cell_dims(__VA_ARGS__);                                           \
+    [[maybe_unused]] const int G = cdims_.G;                                                  \
+    [[maybe_unused]] const int64_t GH = cdims_.GH;                                            \
+    [[maybe_unused]] const bool lstm = cdims_.lstm, gru = cdims_.gru, proj = cdims_.proj,     \
+                                gru_orig = cdims_.gru_orig, relu = cdims_.relu
 
 // ------------------------------------------------------------------ forward
 // Training keeps the gate activations for backward. Written row-major ([T, B, G*H]), each
@@ -1409,7 +1431,7 @@ inline int64_t fuse_steps(int64_t B) { return (FUSE_ROWS + B - 1) / B; }   // SB
 
 template <class T> void dir_forward(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     const int Gk = gru_orig ? 2 : G;          // gates computed by the first recurrent product
 
@@ -1662,7 +1684,7 @@ template <class T> void dir_forward(const DirJob<T>& j) {
 // The gates blocked by a team of gteam (gate_offset) back to row-major, in place.
 template <class T> void unblock_gates(const DirJob<T>& j, int gteam) {
     const int64_t TT = j.steps, B = j.batch, H = j.hid;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, j.out, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, j.out, j.lbr);
     const int64_t SB = fuse_steps(B);
     T* tmp = alloc<T>(TT * B * GH);
     for (int tid = 0; tid < gteam; ++tid) {
@@ -1682,7 +1704,7 @@ template <class T> void unblock_gates(const DirJob<T>& j, int gteam) {
 template <class T> void dir_backward(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     T* dh = bj.dh;
     T* dc = bj.dc;
@@ -1971,7 +1993,7 @@ enum StepMat { M_IH, M_HH, M_HN, M_HR };
 
 template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod) {
     const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     (void)G;
     T* gx = j.work;            // [GH] x side (+ biases)
     T* hh = gx + GH;           // [GH] hidden side
@@ -2014,7 +2036,7 @@ template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod) 
 
 template <class T> void step(const StepJob<T>& j) {
     const int64_t I = j.in, H = j.hid, P = j.out;
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
     step_with(j, [&](int mat, const T* v, T* out) {
         switch (mat) {
@@ -2259,7 +2281,7 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
         }
         return;
     }
-    const auto [G, GH, lstm, gru, proj, gru_orig, relu] = cell_dims(j.cell, H, P, j.lbr);
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
     const StepPack<T> L = step_pack_layout(j);
     step_with(j, [&](int mat, const T* v, T* out) {

@@ -1,0 +1,76 @@
+"""Builds beyond this machine's own: the core compiled by Clang (through the ziglang
+package, a self-contained Clang that cross-compiles) for x86_64 and for arm64, where the
+portable kernels use NEON, with no warnings; and, where a cross compiler and qemu are
+installed, the arm64 build of the C++ model runner run under emulation on models saved
+from Python here, its NEON kernels' outputs matched against Python's."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpp_cases import write_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(build_dir, cxx, targets, *defs):
+    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CXX_COMPILER={cxx}",
+                          "-DRNNCORE_BUILD_PYTHON=OFF", "-DCMAKE_BUILD_TYPE=Release", *defs],
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    bld = subprocess.run(["cmake", "--build", str(build_dir), "--target", *targets, "-j", "2"],
+                         capture_output=True, text=True)
+    out = bld.stdout + bld.stderr
+    assert bld.returncode == 0, out[-4000:]
+    assert "warning:" not in out, out[-4000:]
+
+
+def zig_cxx(tmp_path, target):
+    pytest.importorskip("ziglang")
+    wrapper = tmp_path / f"clang-{target}"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ziglang c++ -target {target} "$@"\n')
+    wrapper.chmod(0o755)
+    version = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True).stdout
+    return wrapper, re.search(r"clang version (\d+\.\d+\.\d+)", version).group(1)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+@pytest.mark.parametrize("target,processor", [("x86_64-linux-gnu", "x86_64"), ("aarch64-linux-gnu", "aarch64")])
+def test_clang_builds_without_warnings(tmp_path, target, processor):
+    # The core library: every kernel unit of the target (AVX-512, AVX2 and SSE2 on x86_64,
+    # NEON on arm64), compiled, not linked. CMake is told the compiler instead of testing it:
+    # its test links a program, and zig first builds a C++ runtime for the target (about two
+    # minutes). Without OpenMP: ziglang has no libomp.
+    cxx, version = zig_cxx(tmp_path, target)
+    build(tmp_path / "build", cxx, ["rnncore_core"], "-DCMAKE_SYSTEM_NAME=Linux",
+          f"-DCMAKE_SYSTEM_PROCESSOR={processor}", "-DRNNCORE_ENABLE_OPENMP=OFF",
+          "-DCMAKE_CXX_COMPILER_FORCED=TRUE", "-DCMAKE_CXX_COMPILER_ID_RUN=TRUE",
+          "-DCMAKE_CXX_COMPILER_ID=Clang", f"-DCMAKE_CXX_COMPILER_VERSION={version}",
+          "-DCMAKE_CXX_STANDARD_COMPUTED_DEFAULT=17", "-DCMAKE_CXX_EXTENSIONS_COMPUTED_DEFAULT=ON")
+
+
+CROSS = "aarch64-linux-gnu-g++"
+QEMU = "qemu-aarch64"
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+
+
+@pytest.mark.skipif(not (shutil.which(CROSS) and shutil.which(QEMU) and shutil.which("cmake")
+                         and SYSROOT.is_dir()),
+                    reason=f"needs {CROSS}, {QEMU} and cmake (Debian: g++-aarch64-linux-gnu qemu-user)")
+def test_neon_build_matches_python(tmp_path):
+    b = tmp_path / "build-arm64"
+    build(b, CROSS, ["rnncore_cpp_tests"], "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+          "-DRNNCORE_BUILD_TESTS=ON")
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_cases(cases, large=True)
+    out = subprocess.run([QEMU, "-L", str(SYSROOT), str(b / "rnncore_cpp_tests"), str(cases)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "isa neon" in out.stdout, out.stdout[-1000:]
+    assert "0 failed" in out.stdout, out.stdout[-3000:]
