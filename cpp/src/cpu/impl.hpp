@@ -1401,14 +1401,15 @@ inline CellDims cell_dims(int cell, int64_t H, int64_t P, bool lbr) {
     const int G = lstm ? 4 : gru ? 3 : 1;
     return {G, G * H, lstm, gru, lstm && P != H, gru && !lbr, cell == (int)CellType::RNN_RELU};
 }
-// The fields as local constants. Not a structured binding: the recurrences' lambdas capture
-// them, and capturing a structured binding is C++20 (Clang rejects or warns in C++17).
+// The fields under their own names (references, as a structured binding would name them). Not
+// a structured binding: the recurrences' lambdas capture them, and capturing a structured
+// binding is C++20 (Clang rejects or warns in C++17).
 #define RNNCORE_CELL_DIMS(...)                                                                \
     const CellDims cdims_ = cell_dims(__VA_ARGS__);                                           \
-    [[maybe_unused]] const int G = cdims_.G;                                                  \
-    [[maybe_unused]] const int64_t GH = cdims_.GH;                                            \
-    [[maybe_unused]] const bool lstm = cdims_.lstm, gru = cdims_.gru, proj = cdims_.proj,     \
-                                gru_orig = cdims_.gru_orig, relu = cdims_.relu
+    [[maybe_unused]] const int& G = cdims_.G;                                                 \
+    [[maybe_unused]] const int64_t& GH = cdims_.GH;                                           \
+    [[maybe_unused]] const bool &lstm = cdims_.lstm, &gru = cdims_.gru, &proj = cdims_.proj,  \
+                                &gru_orig = cdims_.gru_orig, &relu = cdims_.relu
 
 // ------------------------------------------------------------------ forward
 // Training keeps the gate activations for backward. Written row-major ([T, B, G*H]), each
