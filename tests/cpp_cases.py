@@ -1,8 +1,27 @@
-"""Cases for tests/cpp/test_model.cpp, written from Python: a model file, its input and
-Python's predict and step outputs (shared by the sanitizer and the arm64 tests)."""
+"""Shared by the sanitizer and the portable-build tests: a CMake build of this project's
+C++ targets, and the cases for tests/cpp/test_model.cpp written from Python (a model file,
+its input and Python's predict and step outputs)."""
+import subprocess
+from pathlib import Path
+
 import numpy as np
 
 import rnncore as rc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cmake_build(build_dir, targets, *defs, build_type="Release", allow_warnings=True):
+    """Configures this project (no Python module) with the given -D definitions and builds
+    the targets; asserts that both succeed and, unless allow_warnings, that no warning came."""
+    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DRNNCORE_BUILD_PYTHON=OFF",
+                          f"-DCMAKE_BUILD_TYPE={build_type}", *defs], capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    bld = subprocess.run(["cmake", "--build", str(build_dir), "--target", *targets, "-j", "2"],
+                         capture_output=True, text=True)
+    out = bld.stdout + bld.stderr
+    assert bld.returncode == 0, out[-4000:]
+    assert allow_warnings or "warning:" not in out, out[-4000:]
 
 
 def write_case(folder, name, model, x):

@@ -12,21 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cpp_cases import write_cases
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build(build_dir, cxx, targets, *defs):
-    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CXX_COMPILER={cxx}",
-                          "-DRNNCORE_BUILD_PYTHON=OFF", "-DCMAKE_BUILD_TYPE=Release", *defs],
-                         capture_output=True, text=True)
-    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
-    bld = subprocess.run(["cmake", "--build", str(build_dir), "--target", *targets, "-j", "2"],
-                         capture_output=True, text=True)
-    out = bld.stdout + bld.stderr
-    assert bld.returncode == 0, out[-4000:]
-    assert "warning:" not in out, out[-4000:]
+from cpp_cases import cmake_build, write_cases
 
 
 def zig_cxx(tmp_path, target):
@@ -46,11 +32,12 @@ def test_clang_builds_without_warnings(tmp_path, target, processor):
     # its test links a program, and zig first builds a C++ runtime for the target (about two
     # minutes). Without OpenMP: ziglang has no libomp.
     cxx, version = zig_cxx(tmp_path, target)
-    build(tmp_path / "build", cxx, ["rnncore_core"], "-DCMAKE_SYSTEM_NAME=Linux",
-          f"-DCMAKE_SYSTEM_PROCESSOR={processor}", "-DRNNCORE_ENABLE_OPENMP=OFF",
-          "-DCMAKE_CXX_COMPILER_FORCED=TRUE", "-DCMAKE_CXX_COMPILER_ID_RUN=TRUE",
-          "-DCMAKE_CXX_COMPILER_ID=Clang", f"-DCMAKE_CXX_COMPILER_VERSION={version}",
-          "-DCMAKE_CXX_STANDARD_COMPUTED_DEFAULT=17", "-DCMAKE_CXX_EXTENSIONS_COMPUTED_DEFAULT=ON")
+    cmake_build(tmp_path / "build", ["rnncore_core"], f"-DCMAKE_CXX_COMPILER={cxx}",
+                "-DCMAKE_SYSTEM_NAME=Linux", f"-DCMAKE_SYSTEM_PROCESSOR={processor}",
+                "-DRNNCORE_ENABLE_OPENMP=OFF", "-DCMAKE_CXX_COMPILER_FORCED=TRUE",
+                "-DCMAKE_CXX_COMPILER_ID_RUN=TRUE", "-DCMAKE_CXX_COMPILER_ID=Clang",
+                f"-DCMAKE_CXX_COMPILER_VERSION={version}", "-DCMAKE_CXX_STANDARD_COMPUTED_DEFAULT=17",
+                "-DCMAKE_CXX_EXTENSIONS_COMPUTED_DEFAULT=ON", allow_warnings=False)
 
 
 CROSS = "aarch64-linux-gnu-g++"
@@ -63,8 +50,8 @@ SYSROOT = Path("/usr/aarch64-linux-gnu")
                     reason=f"needs {CROSS}, {QEMU} and cmake (Debian: g++-aarch64-linux-gnu qemu-user)")
 def test_neon_build_matches_python(tmp_path):
     b = tmp_path / "build-arm64"
-    build(b, CROSS, ["rnncore_cpp_tests"], "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-          "-DRNNCORE_BUILD_TESTS=ON")
+    cmake_build(b, ["rnncore_cpp_tests"], f"-DCMAKE_CXX_COMPILER={CROSS}", "-DCMAKE_SYSTEM_NAME=Linux",
+                "-DCMAKE_SYSTEM_PROCESSOR=aarch64", "-DRNNCORE_BUILD_TESTS=ON", allow_warnings=False)
     cases = tmp_path / "cases"
     cases.mkdir()
     write_cases(cases, large=True)

@@ -4,26 +4,18 @@ on models saved from Python (outputs compared with Python's) and on damaged file
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from cpp_cases import write_cases
-
-ROOT = Path(__file__).resolve().parents[1]
+from cpp_cases import cmake_build, write_cases
 
 
 def sanitizer_build(tmp):
     if shutil.which("cmake") is None:
         pytest.skip("cmake not available")
     b = tmp / "build-asan"
-    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(b), "-DRNNCORE_BUILD_TESTS=ON",
-                          "-DRNNCORE_SANITIZE=ON", "-DRNNCORE_BUILD_PYTHON=OFF",
-                          "-DCMAKE_BUILD_TYPE=RelWithDebInfo"], capture_output=True, text=True)
-    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
-    bld = subprocess.run(["cmake", "--build", str(b), "--target", "rnncore_cpp_tests", "-j", "2"],
-                         capture_output=True, text=True)
-    assert bld.returncode == 0, bld.stdout[-3000:] + bld.stderr[-3000:]
+    cmake_build(b, ["rnncore_cpp_tests"], "-DRNNCORE_BUILD_TESTS=ON", "-DRNNCORE_SANITIZE=ON",
+                build_type="RelWithDebInfo")
     return b / "rnncore_cpp_tests"
 
 

@@ -1995,7 +1995,6 @@ enum StepMat { M_IH, M_HH, M_HN, M_HR };
 template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod) {
     const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    (void)G;
     T* gx = j.work;            // [GH] x side (+ biases)
     T* hh = gx + GH;           // [GH] hidden side
     T* m = hh + GH;            // [H]
@@ -2038,7 +2037,6 @@ template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod) 
 template <class T> void step(const StepJob<T>& j) {
     const int64_t I = j.in, H = j.hid, P = j.out;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
     step_with(j, [&](int mat, const T* v, T* out) {
         switch (mat) {
             case M_IH: step_gemv<T>(GH, I, j.w.w_ih, I, v, out); break;
@@ -2283,7 +2281,6 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
         return;
     }
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    (void)G; (void)lstm; (void)gru; (void)proj; (void)relu;
     const StepPack<T> L = step_pack_layout(j);
     step_with(j, [&](int mat, const T* v, T* out) {
         switch (mat) {
