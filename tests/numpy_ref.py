@@ -74,3 +74,20 @@ def ref_forward(layer, x, state=None, lengths=None):
             cn[idx] = c
         inp = out
     return inp, hn, (cn if lstm else None)
+
+
+def round_bf16(a):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32: what the
+    kernels' bfloat16 recurrent weights hold. NaN stays NaN."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    out = r.view(np.float32).copy()
+    out[np.isnan(a)] = np.nan
+    return out
+
+
+def bf16_params(params):
+    """The layer's parameters with the recurrent weights (W_hh, W_hr) rounded to bfloat16."""
+    return {k: (round_bf16(v) if k.startswith(("weight_hh", "weight_hr")) else v)
+            for k, v in params.items()}

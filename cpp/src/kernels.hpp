@@ -59,6 +59,7 @@ template <class T> struct DirJob {
                                     // skips its recurrent products (they are zero)
     bool infer;                     // no backward follows: the gate activations need not
                                     // be kept in `gates`
+    bool bf16;                      // with infer and float: W_hh and W_hr packed in bfloat16
     int* gate_team;                 // null: `gates` is row-major [T, B, G*H]. Else forward
 };                                  // stores the team whose blocked layout it wrote (0: none;
                                     // see gate_offset in cpu/impl.hpp), backward reads it

@@ -193,6 +193,17 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
                                             str(a.lengths[b]) + " at index " + str(b));
     }
     const bool keep = cache != nullptr;
+    const bool bf16 = a.recurrent_precision == Precision::BFloat16;
+    if (a.recurrent_precision != Precision::Float32 && !bf16)
+        throw std::invalid_argument("recurrent_precision: expected Float32 or BFloat16, got " +
+                                    str((int)a.recurrent_precision));
+    if (bf16 && sizeof(T) != sizeof(float))
+        throw std::invalid_argument("recurrent_precision: bfloat16 recurrent weights need a float32 "
+                                    "layer, got float64");
+    if (bf16 && keep)
+        throw std::invalid_argument("recurrent_precision: bfloat16 recurrent weights are for "
+                                    "inference; training (a forward that keeps its activations) "
+                                    "runs in float32");
     // Training keeps its activations in a cache of its own. Inference reuses this thread's
     // buffers from call to call: after the first call of a size no page is faulted in or
     // zeroed again (the buffers stay allocated, at their largest size, for the thread).
@@ -267,6 +278,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             j.packed = packed ? &(*packed)[idx] : nullptr;
             j.zero_start = a.h0 == nullptr;
             j.infer = !keep;
+            j.bf16 = bf16;
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
             if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);

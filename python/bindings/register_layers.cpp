@@ -85,7 +85,7 @@ std::vector<py::array_t<T>> take_params(const LayerSpec& s, const py::list& para
 template <class T>
 py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array& x_any,
                     const py::object& h0, const py::object& c0, const py::object& lengths,
-                    const py::object& masks, bool keep, PackedWeights* packed) {
+                    const py::object& masks, bool keep, PackedWeights* packed, Precision prec) {
     std::vector<DirParams<T>> dp;
     auto keep_params = take_params<T>(s, params, &dp);
     if (x_any.ndim() != 3)
@@ -98,6 +98,7 @@ py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array&
     ForwardArgs<T> a;
     a.steps = TT; a.batch = B; a.x = x.data();
     a.packed = packed;
+    a.recurrent_precision = prec;
     py::array_t<T> h0a, c0a;
     py::array_t<int64_t> lena;
     if (!h0.is_none()) { h0a = checked<T>(h0, "h0", {L * D, B, P}); a.h0 = h0a.data(); }
@@ -313,18 +314,24 @@ void register_layers(py::module_& m) {
     m.def("forward",
           [](const LayerSpec& s, const py::list& params, const py::array& x, const py::object& h0,
              const py::object& c0, const py::object& lengths, const py::object& masks, bool keep,
-             PackedWeights* packed) {
+             PackedWeights* packed, const std::string& precision) {
+              Precision prec;
+              if (precision == "float32") prec = Precision::Float32;
+              else if (precision == "bfloat16") prec = Precision::BFloat16;
+              else throw py::value_error("recurrent_precision: expected 'float32' or 'bfloat16', got '" +
+                                         precision + "'");
               if (std::string(py::str(x.dtype())) == "float64")
-                  return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep, packed);
-              return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep, packed);
+                  return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep, packed, prec);
+              return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep, packed, prec);
           },
           py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("h0") = py::none(),
           py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
           py::arg("dropout_masks") = py::none(), py::arg("keep") = false,
-          py::arg("packed") = nullptr,
+          py::arg("packed") = nullptr, py::arg("recurrent_precision") = "float32",
           "Run the stack. x: (T, B, I). Returns (y, h_n, c_n or None, cache or None). packed: a "
           "PackedWeights kept by the caller, so the recurrent weights are packed once and "
-          "reused while their content is unchanged.");
+          "reused while their content is unchanged. recurrent_precision: 'float32', or "
+          "'bfloat16' (inference of a float32 stack: W_hh and W_hr rounded to bfloat16).");
 
     m.def("backward",
           [](const LayerSpec& s, const py::list& params, const Cache& c, const py::object& dy,

@@ -165,6 +165,10 @@ def cache_bandwidth(threads):
             "l3_per_core": _core.read_bandwidth(8 * 1024 * 1024, 40)}
 
 
+# Shapes whose batch is at most this are also timed with bfloat16 recurrent weights.
+BF16_MAX_BATCH = 4
+
+
 def flops(cell, T, B, I, H):
     return 2.0 * T * B * GATES[cell] * H * (I + H)
 
@@ -182,6 +186,13 @@ def bench_shape(cell, shape, peers, train=True):
     row["numpy"] = _median_time(lambda: numpy_forward(cell, p, x), max_reps=20)
     ref, _ = layer(x)
     np.testing.assert_allclose(numpy_forward(cell, p, x)[0], ref, rtol=1e-3, atol=1e-4)
+    if B <= BF16_MAX_BATCH:
+        # bfloat16 recurrent weights (an opt-in of inference): half the bytes of W_hh per step
+        layer.inference_precision = "bfloat16"
+        row["rnncore_bf16"] = _median_time(lambda: layer(x))
+        y16, _ = layer(x)
+        row["bf16_err"] = float(np.abs(y16 - ref).max() / max(1.0, float(np.abs(ref).max())))
+        layer.inference_precision = "float32"
     if peers.torch is not None:
         torch = peers.torch
         tm = peers.torch_module(cell, layer)
@@ -218,6 +229,8 @@ def bench_shape(cell, shape, peers, train=True):
     row["best_peer"] = best
     row["ratio"] = row["rnncore"] / row[best]
     row["ratio_numpy"] = row["rnncore"] / row["numpy"]
+    if "rnncore_bf16" in row:
+        row["ratio_bf16"] = row["rnncore_bf16"] / row[best]
     if "train_torch" in row:
         row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
     return row
@@ -328,6 +341,9 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
                    f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / machine_peak:.0f}% of sgemm peak)")
             if shape[1] == 1:
                 msg += f"  W_hh {r['whh_gbs']:.0f} GB/s"
+            if "rnncore_bf16" in r:
+                msg += (f"  | bf16 W_hh {_fmt_ms(r['rnncore_bf16'])} ms ratio {r['ratio_bf16']:.2f} "
+                        f"max rel. change {r['bf16_err']:.1e}")
             if "train_ratio" in r:
                 msg += (f"  | train rnncore {_fmt_ms(r['train_rnncore'])} torch {_fmt_ms(r['train_torch'])} "
                         f"ratio {r['train_ratio']:.2f}")
@@ -370,6 +386,17 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
     for s in steps:
         lines.append(f"| {s['cell']} | {s['rnncore'] * 1e6:.2f} | {s['numpy'] * 1e6:.2f} | "
                      f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} |")
+    bf = [r for r in rows if "rnncore_bf16" in r]
+    if bf:
+        lines += ["", f"With `inference_precision=\"bfloat16\"` (W_hh rounded to bfloat16, half the bytes per "
+                  f"step; batch <= {BF16_MAX_BATCH}); the change is the largest difference from the float32 "
+                  "output, relative to its largest value.",
+                  "", "| cell | T, B, I, H | rnncore fp32 | rnncore bf16 W_hh | fastest peer | ratio fp32 | ratio bf16 | change |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in bf:
+            lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
+                         f"{_fmt_ms(r['rnncore_bf16'])} | {_fmt_ms(r[r['best_peer']])} ({r['best_peer']}) | "
+                         f"{r['ratio']:.2f} | {r['ratio_bf16']:.2f} | {r['bf16_err']:.1e} |")
     if mem:
         lines += ["", "Training peak RSS growth, LSTM T=100 B=64 I=256 H=512: " +
                   ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())]

@@ -162,6 +162,26 @@ class _Trainable:
         return self.train(False)
 
     @property
+    def inference_precision(self) -> str:
+        """Precision of the recurrent weights of every recurrent layer in inference
+        (`predict`, `evaluate`, `generate`, calling the model): "float32" or "bfloat16" (see
+        `LSTM.inference_precision`); "mixed" when the layers differ. Training is unaffected."""
+        vals = {b.inference_precision for b in self._parts() if isinstance(b, _Recurrent)}
+        return "float32" if not vals else vals.pop() if len(vals) == 1 else "mixed"
+
+    @inference_precision.setter
+    def inference_precision(self, value):
+        rec = [b for b in self._parts() if isinstance(b, _Recurrent)]
+        for b in rec:                       # validate against every layer before changing any
+            if value == "bfloat16" and b.dtype != np.float32:
+                raise ValueError(f"inference_precision: 'bfloat16' needs float32 layers, "
+                                 f"this model has {b.dtype.name} ones")
+        if value not in ("float32", "bfloat16"):
+            raise ValueError(f"inference_precision: expected 'float32' or 'bfloat16', got {value!r}")
+        for b in rec:
+            b.inference_precision = value
+
+    @property
     def params(self):
         return self._params
 

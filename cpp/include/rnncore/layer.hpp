@@ -106,6 +106,13 @@ class PackedWeights {
     std::unique_ptr<Impl> impl_;
 };
 
+// Precision of the recurrent weights (W_hh, W_hr) in inference. BFloat16 rounds them to
+// bfloat16 (nearest even) and streams them from the cache at half the bytes; the input
+// projection, the states, the products and their sums stay float32. For float32 stacks
+// without a cache (inference) only: what batch-1 inference is bound by is the bytes of W_hh
+// read at every step.
+enum class Precision : int { Float32 = 0, BFloat16 = 1 };
+
 // Inputs of a stack call. Shapes (batched form; callers add B = 1 for unbatched input):
 //   x [T, B, I]; h0 [L*D, B, P] or null (zeros); c0 [L*D, B, H] or null (LSTM);
 //   lengths [B] or null (all T), each in 1..T;
@@ -118,6 +125,7 @@ template <class T> struct ForwardArgs {
     const int64_t* lengths = nullptr;
     const T* const* dropout_masks = nullptr;
     PackedWeights* packed = nullptr;   // kept packed weights (see above), or null
+    Precision recurrent_precision = Precision::Float32;   // BFloat16: inference, float only
 };
 // Outputs: y [T, B, D*P]; h_n [L*D, B, P]; c_n [L*D, B, H] (LSTM, else unused).
 template <class T> struct ForwardOut {

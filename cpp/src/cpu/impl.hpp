@@ -58,6 +58,48 @@ constexpr int MR = VB >= 64 ? 12 : VB >= 32 ? 6 : 4;
 constexpr int64_t KC = 384;                                   // K block of the big GEMM
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// bfloat16: the upper half of a float32. For inference the recurrent weights may be packed in
+// it (DirJob::bf16): half the bytes streamed from the cache at every step, while h, the
+// products and the sums stay float32 (each bf16 weight widens to float32 exactly, so the result
+// is the float32 computation with the weights rounded to bf16, to float32 rounding).
+enum class bf16 : uint16_t {};
+template <class A, class B> struct same_type { static constexpr bool value = false; };
+template <class A> struct same_type<A, A> { static constexpr bool value = true; };
+// float32 -> bf16, round to nearest even (as numpy_ref.round_bf16); NaN stays a (quiet) NaN.
+inline bf16 round_bf16(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((uint16_t)((u >> 16) | 0x40u));
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bf16((uint16_t)(u >> 16));
+}
+// A packed weight element from a T: itself, or rounded to bf16.
+template <class W> struct WConv { template <class T> static W from(T x) { return x; } };
+template <> struct WConv<bf16> { static bf16 from(float x) { return round_bf16(x); } };
+// Where column c (0 <= c < 2L) of a k row of a packed panel lies in the row. T: in order. bf16:
+// the row is one register of L 32-bit words, word i = column L+i in its high half and column
+// i in its low half, so load_w2 widens both with one load, a shift and a mask (no shuffles:
+// a widening move per half was 40% slower at batch 1 on AVX2).
+template <class T, class W> inline int64_t panel_col(int64_t c) {
+    constexpr int L = VL<T>;
+    if constexpr (same_type<W, T>::value) return c;
+    else return c < L ? 2 * c : 2 * (c - L) + 1;
+}
+// The two registers of one k row of a packed panel (2L elements from p), widened to T.
+template <class T> inline void load_w2(const T* p, typename Vec<T>::type& b0, typename Vec<T>::type& b1) {
+    std::memcpy(&b0, p, sizeof b0);
+    std::memcpy(&b1, p + VL<T>, sizeof b1);
+}
+inline void load_w2(const bf16* p, typename Vec<float>::type& b0, typename Vec<float>::type& b1) {
+    typedef uint32_t Word __attribute__((vector_size(VB)));
+    Word u;
+    std::memcpy(&u, p, sizeof u);
+    const Word lo = u << 16, hi = u & 0xffff0000u;
+    std::memcpy(&b0, &lo, sizeof b0);
+    std::memcpy(&b1, &hi, sizeof b1);
+}
+
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 template <class T> inline int64_t packed_b_size(int64_t K, int64_t N) {
@@ -94,19 +136,21 @@ void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
 
 // Packs op(B)[k, n] = B[row(n) * ldb + k] for a gathered list of rows (a thread's slice of
 // the gates of W_hh, say), in the same panel layout as pack_b.
-template <class T, class RowFn>
-void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, T* out) {
+// W: the packed element type (T, or bf16 for float32 weights streamed at half the bytes).
+template <class T, class RowFn, class W>
+void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, W* out) {
     const int nr = NR<T>;
     const int64_t panels = ceil_div(N, nr);
     for (int64_t p = 0; p < panels; ++p) {
-        T* dst = out + p * K * nr;
+        W* dst = out + p * K * nr;
         const int64_t n0 = p * nr;
         const int64_t nn = N - n0 < nr ? N - n0 : nr;
         for (int64_t k = 0; k < K; ++k)
-            for (int64_t c = nn; c < nr; ++c) dst[k * nr + c] = T(0);
+            for (int64_t c = nn; c < nr; ++c) dst[k * nr + panel_col<T, W>(c)] = WConv<W>::from(T(0));
         for (int64_t c = 0; c < nn; ++c) {
             const T* src = B + row(n0 + c) * ldb;
-            for (int64_t k = 0; k < K; ++k) dst[k * nr + c] = src[k];
+            const int64_t pc = panel_col<T, W>(c);
+            for (int64_t k = 0; k < K; ++k) dst[k * nr + pc] = WConv<W>::from(src[k]);
         }
     }
 }
@@ -154,8 +198,9 @@ void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
 // vectors and re-load them from memory for every row (measured 25% slower on AVX2).
 // a: packed (element (r, k) at a[k * MR + r]) or, with inplace, a plain row-major block read
 // where it lies (a[r * lda + k]: the per-step products, whose few rows of A are already in L1).
-template <class T, int mr, bool inplace = false>
-__attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const T* __restrict b, T* __restrict c,
+// b: packed elements of type W (T, or bf16 widened as loaded: load_w2).
+template <class T, int mr, bool inplace = false, class W = T>
+__attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const W* __restrict b, T* __restrict c,
                   int64_t ldc, int64_t ncols, T alpha, T beta, int64_t lda = 0) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
@@ -176,8 +221,7 @@ RNNCORE_UNROLL_ROWS
             __builtin_prefetch(b + (k + 16) * 2 * L, 0, 3);
             if constexpr (2 * L * sizeof(T) > 64) __builtin_prefetch(b + (k + 16) * 2 * L + L, 0, 3);
         }
-        std::memcpy(&b0, b + k * 2 * L, sizeof(V));
-        std::memcpy(&b1, b + k * 2 * L + L, sizeof(V));
+        load_w2(b + k * 2 * L, b0, b1);
         for (int r = 0; r < mr; ++r) {
             const T av = inplace ? a[r * lda + k] : a[k * MR + r];
             acc0[r] += av * b0;
@@ -229,9 +273,9 @@ RNNCORE_UNROLL_ROWS
 // mr (1 or 2) rows against NP consecutive panels: 2*NP*mr independent accumulators.
 // A is read in place: element (r, k) at a[r * ars + k * aks] (packed: ars = 1, aks = MR;
 // a plain row-major matrix: ars = lda, aks = 1), so small batches need no packing.
-template <class T, int mr, int NP>
+template <class T, int mr, int NP, class W = T>
 inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t aks,
-                       const T* __restrict b, int64_t pstride, T* __restrict c, int64_t ldc,
+                       const W* __restrict b, int64_t pstride, T* __restrict c, int64_t ldc,
                        int64_t ncols, T alpha, T beta) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
@@ -243,8 +287,7 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
         for (int r = 0; r < mr; ++r) av[r] = a[r * ars + k * aks];
         for (int p = 0; p < NP; ++p) {
             V b0, b1;
-            std::memcpy(&b0, b + p * pstride + k * 2 * L, sizeof(V));
-            std::memcpy(&b1, b + p * pstride + k * 2 * L + L, sizeof(V));
+            load_w2(b + p * pstride + k * 2 * L, b0, b1);
             for (int r = 0; r < mr; ++r) {
                 acc[r][2 * p] += av[r] * b0;
                 acc[r][2 * p + 1] += av[r] * b1;
@@ -273,8 +316,8 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // reverse the panels are visited last to first: alternating the direction step after step
 // ("snake" order) keeps the most recently used part of a weight slice that is a little larger
 // than the cache resident for the next step, instead of evicting everything in LRU order.
-template <class T, int mr, int NP>
-void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const T* Bp,
+template <class T, int mr, int NP, class W = T>
+void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const W* Bp,
                   T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel) {
     const int nr = NR<T>;
     const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
@@ -297,9 +340,9 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
 // AVX-512 Xeon against the 12-row kernel, T=25 B=4 I=H=1024 LSTM 14.7 -> 12.6 ms, GRU B=5
 // 11.4 -> 9.8, T=100 B=4 H=256 LSTM 1.46-1.59 -> 1.36 (training 4.75 -> 4.38).
 constexpr int64_t SMALL_ROWS = VB >= 64 ? 6 : 2;
-template <class T>   // 1 <= M <= SMALL_ROWS
+template <class T, class W = T>   // 1 <= M <= SMALL_ROWS
 void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
-                const T* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel = 0) {
+                const W* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel = 0) {
     if (M == 1) {
         small_rows_n<T, 1, 4>(N, K, A, ars, aks, Bp, alpha, beta, C, ldc, reverse, kpanel);
     } else if (M == 2 || SMALL_ROWS < 3) {
@@ -315,8 +358,8 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
 }
 
 // micro<T, mr, inplace> for a run-time row count mr (1..MR).
-template <class T, bool inplace = false, int R = MR>
-inline void micro_dispatch(int mr, int64_t K, const T* a, const T* b, T* c, int64_t ldc,
+template <class T, bool inplace = false, int R = MR, class W = T>
+inline void micro_dispatch(int mr, int64_t K, const T* a, const W* b, T* c, int64_t ldc,
                            int64_t ncols, T alpha, T beta, int64_t lda = 0) {
     if (mr == R) micro<T, R, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda);
     else if constexpr (R > 1) micro_dispatch<T, inplace, R - 1>(mr, K, a, b, c, ldc, ncols, alpha, beta, lda);
@@ -444,8 +487,8 @@ inline uint64_t content_hash(const void* data, int64_t bytes, uint64_t seed) {
 
 // C = A @ Bp (+ beta C) in the calling thread; Bp packed from a [K, N] operand, A (the few
 // rows of a per-step product, already in L1) read where it lies.
-template <class T>
-inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
+template <class T, class W = T>
+inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const W* Bp,
                     T beta, T* C, int64_t ldc, bool reverse = false, int64_t kpanel = 0) {
     // kpanel: rows of each packed panel when only K of them are used (a part of the inner
     // dimension: Bp and A then point at its first row and column)
@@ -471,9 +514,9 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 // C = A @ Bp over an inner dimension of `groups` groups of gl rows, first over the rows
 // [g gl + lo, g gl + lo + n) of every group (the part of A this thread wrote itself), then,
 // after wait() (the others' parts are complete), over the groups' remaining rows.
-template <class T, class Wait>
+template <class T, class W, class Wait>
 void split_product(int64_t M, int64_t N, int groups, int64_t gl, int64_t lo, int64_t n, const T* A,
-                   int64_t lda, const T* Bp, T* C, int64_t ldc, bool reverse, Wait&& wait) {
+                   int64_t lda, const W* Bp, T* C, int64_t ldc, bool reverse, Wait&& wait) {
     const int64_t nr = NR<T>, K = groups * gl;
     for (int g = 0; g < groups; ++g)
         gemm_pb<T>(M, N, n, A + g * gl + lo, lda, Bp + (g * gl + lo) * nr, T(g > 0), C, ldc, reverse, K);
@@ -1430,14 +1473,18 @@ inline int64_t gate_offset(int64_t TT, int64_t B, int64_t GH, int G, int64_t SB,
 }
 inline int64_t fuse_steps(int64_t B) { return (FUSE_ROWS + B - 1) / B; }   // SB
 
-template <class T> void dir_forward(const DirJob<T>& j) {
+// W: the element type of the packed recurrent weights (W_hh, W_hr): T, or bf16 (j.bf16).
+template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const int64_t TT = j.steps, B = j.batch, I = j.in, H = j.hid, P = j.out;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     const int Gk = gru_orig ? 2 : G;          // gates computed by the first recurrent product
+    // W elements in units of T (the scratch is carved in T)
+    auto wt = [](int64_t n) { return (n * (int64_t)sizeof(W) + (int64_t)sizeof(T) - 1) / (int64_t)sizeof(T); };
 
-    // row-major weights read in place (a kept packed copy costs only its hash per call)
-    const bool small = B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
+    // row-major weights read in place (a kept packed copy costs only its hash per call); bf16
+    // weights are always packed (the in-place path reads the float32 rows)
+    const bool small = same_type<W, T>::value && B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
     // Input projection gates = x @ W_ih^T + biases (b_hh folds in except for the n gate of
     // the reset-after GRU). On the packed path each thread projects its own gate columns a
     // block of FUSE_ROWS rows (steps * batch) ahead, inside the recurrence, from its packed
@@ -1485,13 +1532,13 @@ template <class T> void dir_forward(const DirJob<T>& j) {
         const int64_t npi1 = fuse ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
         // this thread packs from matches the one stored with them.
-        const int64_t sizes[7] = {npk, B * Gk * nh, npn, gru_orig ? B * nh : 0, npr, G * npi1,
+        const int64_t sizes[7] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
                                   local_g ? SB * B * G * nh : 0};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
         if (ps) {
-            const uint64_t layout[] = {(uint64_t)VB, sizeof(T), (uint64_t)team, (uint64_t)tid,
+            const uint64_t layout[] = {(uint64_t)VB, sizeof(T), sizeof(W), (uint64_t)team, (uint64_t)tid,
                                        (uint64_t)j.cell, (uint64_t)gru_orig, (uint64_t)H,
                                        (uint64_t)P, (uint64_t)U.lo, (uint64_t)nh,
                                        (uint64_t)Q.lo, (uint64_t)nq, (uint64_t)fuse, (uint64_t)I,
@@ -1536,7 +1583,10 @@ template <class T> void dir_forward(const DirJob<T>& j) {
                 p += round16(sizes[i]);
             }
         }
-        T *pk = buf[0], *hh = buf[1], *pkn = buf[2], *hnv = buf[3], *pkr = buf[4], *pki = buf[5];
+        W* pk = reinterpret_cast<W*>(buf[0]);
+        W* pkn = reinterpret_cast<W*>(buf[2]);
+        W* pkr = reinterpret_cast<W*>(buf[4]);
+        T *hh = buf[1], *hnv = buf[3], *pki = buf[5];
         T* gblk = buf[6];
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
@@ -1679,6 +1729,13 @@ template <class T> void dir_forward(const DirJob<T>& j) {
     });
     std::free(bias);
     if (failed) throw std::bad_alloc();
+}
+
+template <class T> void dir_forward(const DirJob<T>& j) {
+    if constexpr (same_type<T, float>::value) {
+        if (j.bf16 && j.infer) return dir_forward_w<T, bf16>(j);
+    }
+    dir_forward_w<T, T>(j);
 }
 
 // ------------------------------------------------------------------ backward
