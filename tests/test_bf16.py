@@ -232,3 +232,46 @@ def test_bad_values():
     l64 = rnncore.LSTM(3, 4, dtype="float64")
     with pytest.raises(ValueError, match="float64"):
         _core.forward(l64._spec, l64._param_list(), x.astype(np.float64), recurrent_precision="bfloat16")
+
+
+def test_c_api_model_in_bfloat16(tmp_path):
+    """A model saved from Python, loaded by the C API with bfloat16 recurrent weights: predict
+    and step match the Python model's bfloat16 outputs (and differ from its float32 ones);
+    a bad precision is refused."""
+    import ctypes
+    from test_native import c_api, fptr
+    rng = np.random.default_rng(12)
+    model = rnncore.Sequential(rnncore.LSTM(4, 32, num_layers=2, seed=0), rnncore.GRU(32, 24, seed=1),
+                               rnncore.Dense(24, 3, seed=2))
+    for b in model.recurrent_layers:
+        randomize(b, rng)
+    model.eval()
+    model.save(tmp_path / "m.rnnc")
+    x = rng.standard_normal((9, 2, 4)).astype(np.float32)       # time-major for the C API
+    xb = np.ascontiguousarray(x.transpose(1, 0, 2))             # Sequential is batch-first
+    y32 = model.predict(xb).transpose(1, 0, 2)
+    model.inference_precision = "bfloat16"
+    y16 = model.predict(xb).transpose(1, 0, 2)
+    lib = c_api()
+    lib.rnncore_model_load_with_precision.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    h = ctypes.c_void_p()
+    assert lib.rnncore_model_load_with_precision(str(tmp_path / "m.rnnc").encode(), 2, ctypes.byref(h)) == 1
+    assert b"recurrent_precision" in lib.rnncore_last_error()
+    assert lib.rnncore_model_load_with_precision(str(tmp_path / "m.rnnc").encode(), 1, ctypes.byref(h)) == 0
+    try:
+        y = np.zeros(y16.shape, np.float32)
+        assert lib.rnncore_predict(h, fptr(x), 9, 2, 4, None, fptr(y), y.size) == 0
+        assert_close(y, y16, np.float32, "predict")
+        assert np.abs(y - y32).max() > 1e-4
+        st = ctypes.c_void_p()
+        assert lib.rnncore_state_create(h, 2, ctypes.byref(st)) == 0
+        try:
+            for t in range(9):
+                yt = np.zeros((2, 3), np.float32)
+                xt = np.ascontiguousarray(x[t])
+                assert lib.rnncore_step(h, st, fptr(xt), 2, 4, fptr(yt), yt.size) == 0
+                assert_close(yt, y16[t], np.float32, f"step {t}")
+        finally:
+            lib.rnncore_state_free(st)
+    finally:
+        lib.rnncore_model_free(h)

@@ -50,10 +50,15 @@ extern "C" {
 const char* rnncore_version(void) { return rnncore::version(); }
 const char* rnncore_last_error(void) { return last_error.c_str(); }
 
-int rnncore_model_load(const char* path, rnncore_model** out) {
+int rnncore_model_load_with_precision(const char* path, int recurrent_precision, rnncore_model** out) {
     if (!out) return fail(RNNCORE_ERROR_INVALID_ARGUMENT, "out: NULL");
     *out = nullptr;
     if (!path) return fail(RNNCORE_ERROR_INVALID_ARGUMENT, "path: NULL");
+    if (recurrent_precision != RNNCORE_PRECISION_FLOAT32 && recurrent_precision != RNNCORE_PRECISION_BFLOAT16)
+        return fail(RNNCORE_ERROR_INVALID_ARGUMENT,
+                    "recurrent_precision: expected RNNCORE_PRECISION_FLOAT32 (0) or RNNCORE_PRECISION_BFLOAT16 (1)");
+    const rnncore::Precision prec = recurrent_precision == RNNCORE_PRECISION_BFLOAT16
+                                        ? rnncore::Precision::BFloat16 : rnncore::Precision::Float32;
     {
         std::ifstream probe(path, std::ios::binary);
         if (!probe) {
@@ -62,9 +67,13 @@ int rnncore_model_load(const char* path, rnncore_model** out) {
         }
     }
     return guarded(RNNCORE_ERROR_BAD_MODEL, [&] {
-        rnncore::Model m = rnncore::Model::load(path);
+        rnncore::Model m = rnncore::Model::load(path, prec);
         *out = new rnncore_model{std::move(m)};
     });
+}
+
+int rnncore_model_load(const char* path, rnncore_model** out) {
+    return rnncore_model_load_with_precision(path, RNNCORE_PRECISION_FLOAT32, out);
 }
 
 void rnncore_model_free(rnncore_model* model) { delete model; }

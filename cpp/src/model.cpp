@@ -106,6 +106,7 @@ struct Model::Impl {
     int64_t input_size = 0, output_size = 0;
     bool tokens = false, m2o = false, stream = true;
     std::string desc;
+    Precision precision = Precision::Float32;   // of the recurrent weights
 };
 
 namespace {
@@ -425,13 +426,18 @@ Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 
-Model Model::from_bytes(const std::string& bytes, const std::string& name) {
+Model Model::from_bytes(const std::string& bytes, const std::string& name, Precision recurrent_precision) {
+    if (recurrent_precision != Precision::Float32 && recurrent_precision != Precision::BFloat16)
+        throw Error("recurrent_precision: expected Float32 or BFloat16, got " +
+                    std::to_string((int)recurrent_precision));
     Model m;
-    m.impl_ = decode(bytes, name);
+    auto impl = decode(bytes, name);
+    impl->precision = recurrent_precision;
+    m.impl_ = std::move(impl);
     return m;
 }
 
-Model Model::load(const std::string& path) {
+Model Model::load(const std::string& path, Precision recurrent_precision) {
     std::ifstream f(path, std::ios::binary);
     if (!f) throw Error(path + ": cannot open the file");
     f.seekg(0, std::ios::end);
@@ -441,7 +447,7 @@ Model Model::load(const std::string& path) {
     f.seekg(0, std::ios::beg);
     std::string blob((size_t)size, '\0');
     if (size > 0 && !f.read(&blob[0], size)) throw Error(path + ": cannot read the file");
-    return from_bytes(blob, path);
+    return from_bytes(blob, path, recurrent_precision);
 }
 
 static const Model::Impl& need_impl(const std::shared_ptr<const Model::Impl>& p) {
@@ -455,6 +461,7 @@ bool Model::token_input() const { return need_impl(impl_).tokens; }
 bool Model::many_to_one() const { return need_impl(impl_).m2o; }
 bool Model::streamable() const { return need_impl(impl_).stream; }
 std::string Model::summary() const { return need_impl(impl_).desc; }
+Precision Model::recurrent_precision() const { return need_impl(impl_).precision; }
 
 int64_t Model::predict_size(int64_t T, int64_t B) const {
     const Impl& m = need_impl(impl_);
@@ -486,6 +493,7 @@ void Model::predict(const float* x, int64_t T, int64_t B, float* y, const int64_
                 ForwardArgs<float> a;
                 a.steps = T; a.batch = B; a.x = cur.data(); a.lengths = lengths;
                 a.packed = b.seq_packed.get();
+                a.recurrent_precision = m.precision;
                 ForwardOut<float> o;
                 o.y = nxt.data(); o.h_n = hn.data(); o.c_n = s.is_lstm() ? cn.data() : nullptr;
                 stack_forward<float>(s, b.dp, a, o, nullptr);
@@ -560,6 +568,28 @@ void Model::step(const float* x, State& st, float* y) const {
                 const LayerSpec& s = b.spec;
                 const int64_t P = s.out_size(), H = s.hidden_size;
                 const float* in = cur.data();
+                if (m.precision == Precision::BFloat16) {
+                    // One step of the sequence path, whose packed weights are bfloat16 (the
+                    // step kernels' own layout is float32 only). State [L, B, P] / [L, B, H].
+                    thread_local std::vector<float> hn, cn;
+                    hn.resize(s.num_layers * B * P);
+                    cn.resize(s.is_lstm() ? s.num_layers * B * H : 1);
+                    nxt.resize(B * P);
+                    ForwardArgs<float> a;
+                    a.steps = 1; a.batch = B; a.x = in;
+                    a.h0 = st.h[r].data();
+                    a.c0 = s.is_lstm() ? st.c[r].data() : nullptr;
+                    a.packed = b.seq_packed.get();
+                    a.recurrent_precision = Precision::BFloat16;
+                    ForwardOut<float> o;
+                    o.y = nxt.data(); o.h_n = hn.data(); o.c_n = s.is_lstm() ? cn.data() : nullptr;
+                    stack_forward<float>(s, b.dp, a, o, nullptr);
+                    std::copy(hn.begin(), hn.end(), st.h[r].begin());
+                    if (s.is_lstm()) std::copy(cn.begin(), cn.end(), st.c[r].begin());
+                    ++r;
+                    cur.swap(nxt);
+                    break;
+                }
                 for (int64_t l = 0; l < s.num_layers; ++l) {
                     StepJob<float> j = step_job(s, l, b.dp[l]);
                     j.batch = B;

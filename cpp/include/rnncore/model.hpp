@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "rnncore/layer.hpp"   // Precision
+
 namespace rnncore {
 
 // Every error of the loader and of Model's methods: a damaged file, a bad argument.
@@ -25,8 +27,12 @@ class Model {
   public:
     // Reads and validates the file (every length, offset, dtype, shape and checksum is
     // checked before any tensor is used). Throws rnncore::Error.
-    static Model load(const std::string& path);
-    static Model from_bytes(const std::string& bytes, const std::string& name = "<bytes>");
+    // recurrent_precision: Precision::BFloat16 rounds the recurrent weights (W_hh, W_hr) to
+    // bfloat16 for predict and step (half the bytes per step; see Precision in layer.hpp).
+    static Model load(const std::string& path, Precision recurrent_precision = Precision::Float32);
+    static Model from_bytes(const std::string& bytes, const std::string& name = "<bytes>",
+                            Precision recurrent_precision = Precision::Float32);
+    Precision recurrent_precision() const;
 
     int64_t input_size() const;     // features per step (1 for token models)
     int64_t output_size() const;    // features of each output

@@ -35,6 +35,12 @@ RNNCORE_API const char* rnncore_version(void);
 RNNCORE_API const char* rnncore_last_error(void);
 
 RNNCORE_API int rnncore_model_load(const char* path, rnncore_model** out);
+/* Precision of the recurrent weights (W_hh, W_hr) in predict and step. BFLOAT16 rounds them
+ * to bfloat16 (nearest even) and streams them at half the bytes per step; the input
+ * projection, states and sums stay float32. */
+enum { RNNCORE_PRECISION_FLOAT32 = 0, RNNCORE_PRECISION_BFLOAT16 = 1 };
+RNNCORE_API int rnncore_model_load_with_precision(const char* path, int recurrent_precision,
+                                                  rnncore_model** out);
 RNNCORE_API void rnncore_model_free(rnncore_model* model);
 RNNCORE_API int64_t rnncore_model_input_size(const rnncore_model* model);   /* -1 on error */
 RNNCORE_API int64_t rnncore_model_output_size(const rnncore_model* model);
