@@ -28,7 +28,16 @@ CELLS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+# Pause before each timing so the thread pool of the library timed before it has stopped
+# spinning: ONNX Runtime's and OpenBLAS's workers spin for up to about 200 ms after a call, and
+# whatever runs on the same cores meanwhile is slowed (measured on a 2-core machine, LSTM
+# T=100 B=16 H=256 timed right after an ONNX Runtime run: 25-26 ms; 50 ms later: 22; 200 ms
+# later: 14.6, as without it; after a NumPy matmul: 26-50 ms against 15).
+SETTLE_S = 0.3
+
+
 def _median_time(fn, min_time=0.3, max_reps=200, warmup=2):
+    time.sleep(SETTLE_S)
     for _ in range(warmup):
         fn()
     times = []
@@ -381,8 +390,9 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
                      f"{r['ratio']:.2f} | {r['ratio_numpy']:.3f} | {r['gflops']:.0f} | "
                      f"{_fmt_ms(r.get('train_rnncore'))} | {_fmt_ms(r.get('train_torch'))} | "
                      f"{r.get('train_ratio', float('nan')):.2f} |")
-    lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | NumPy us | PyTorch cell us | ratio vs PyTorch |",
-              "|---|---|---|---|---|"]
+    if steps:
+        lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | NumPy us | PyTorch cell us | ratio vs PyTorch |",
+                  "|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s['cell']} | {s['rnncore'] * 1e6:.2f} | {s['numpy'] * 1e6:.2f} | "
                      f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} |")

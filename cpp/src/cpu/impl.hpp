@@ -95,6 +95,11 @@ inline void load_w2(const bf16* p, typename Vec<float>::type& b0, typename Vec<f
     typedef uint32_t Word __attribute__((vector_size(VB)));
     Word u;
     std::memcpy(&u, p, sizeof u);
+#if defined(__GNUC__) && defined(__SSE2__)
+    // One load: GCC would otherwise fold the load into the mask's AND as well, reading the
+    // row twice (two loads per FMA pair, as many as float32 rows take).
+    __asm__("" : "+x"(u));
+#endif
     const Word lo = u << 16, hi = u & 0xffff0000u;
     std::memcpy(&b0, &lo, sizeof b0);
     std::memcpy(&b1, &hi, sizeof b1);
