@@ -13,6 +13,7 @@ import pytest
 import rnncore
 from conftest import assert_close
 from numpy_ref import bf16_params, ref_forward, round_bf16
+from test_variants import random_state, randomize
 
 LAYERS = {
     "rnn_tanh": lambda **k: rnncore.RNN(5, 24, **k),
@@ -25,11 +26,6 @@ LAYERS = {
 }
 
 
-def randomize(layer, rng, scale=0.5):
-    for k, v in layer.params.items():
-        layer.params[k] = rng.uniform(-scale, scale, v.shape)
-
-
 def bf16_reference(layer, x, state=None, lengths=None):
     """The float32 reference with the layer's W_hh and W_hr rounded to bfloat16."""
     twin = copy.deepcopy(layer)
@@ -37,15 +33,6 @@ def bf16_reference(layer, x, state=None, lengths=None):
     for k, v in bf16_params(layer.params).items():
         twin.params[k] = v
     return ref_forward(twin, x, state, lengths)
-
-
-def random_state(layer, B, rng):
-    P = layer.proj_size or layer.hidden_size
-    LD = layer.num_layers * layer.num_directions
-    h0 = rng.standard_normal((LD, B, P)).astype(np.float32)
-    if isinstance(layer, rnncore.LSTM):
-        return h0, rng.standard_normal((LD, B, layer.hidden_size)).astype(np.float32)
-    return h0
 
 
 def test_round_bf16_reference():

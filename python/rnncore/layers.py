@@ -107,7 +107,8 @@ class _Recurrent(Module):
         The input projection, the states and every sum stay float32, so the outputs are exactly
         those of float32 weights rounded to bfloat16 (relative error of each weight at most
         2^-9). Training (`forward`/`backward`) always uses the float32 weights. float32
-        layers only."""
+        layers only. With "bfloat16", `step` takes the general path: it returns new state
+        arrays instead of updating the given ones in place."""
         return self._precision
 
     @inference_precision.setter
