@@ -167,8 +167,13 @@ def test_step_matches_sequence(cell):
     y, _ = layer(x)
     st = layer.initial_state(2)
     for t in range(6):
-        yt, st = layer.step(x[t], st)
+        yt, st2 = layer.step(x[t], st)
+        assert st2 is st                     # the fast path: the state updated in place
         assert_close(yt, y[t], np.float32, f"step {t}")
+    for t in range(6):                       # the general path (a state of other arrays)
+        st = tuple(np.array(a, np.float64) for a in st) if isinstance(st, tuple) else np.array(st, np.float64)
+        yt, st = layer.step(x[t].tolist(), st)
+    assert_close(yt, layer(np.concatenate([x, x]))[0][-1], np.float32, "general path")
     layer.inference_precision = "float32"
     assert np.abs(layer(x)[0] - y).max() > 1e-5
 

@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -208,7 +209,10 @@ struct Stepper {
         return true;
     }
 
-    template <class T> py::object run(py::handle x, py::handle state) {
+    // bf16: the layer's kept bfloat16 weights (inference_precision): one step of the sequence
+    // path (whose packed recurrent weights are bfloat16; the step kernels read float32 rows),
+    // the state still updated in place.
+    template <class T> py::object run(py::handle x, py::handle state, PackedWeights* bf16 = nullptr) {
         const int64_t L = spec.num_layers, I = spec.input_size, H = spec.hidden_size, P = spec.out_size();
         if (!py::isinstance<py::array>(x)) return py::none();
         const int xd = py::reinterpret_borrow<py::array>(x).ndim();
@@ -239,8 +243,23 @@ struct Stepper {
         T* yp = y.mutable_data();
         {
             py::gil_scoped_release release;
-            if constexpr (std::is_same<T, double>::value) stack_step<T>(spec, pd, B, xp, h, c, yp);
-            else stack_step<T>(spec, pf, B, xp, h, c, yp);
+            if constexpr (std::is_same<T, double>::value) {
+                stack_step<T>(spec, pd, B, xp, h, c, yp);
+            } else if (bf16) {
+                thread_local std::vector<T> hn, cn;
+                hn.resize(L * B * P);
+                cn.resize(spec.is_lstm() ? L * B * H : 1);
+                ForwardArgs<T> a;
+                a.steps = 1; a.batch = B; a.x = xp; a.h0 = h; a.c0 = c;
+                a.packed = bf16;
+                a.recurrent_precision = Precision::BFloat16;
+                ForwardOut<T> o{yp, hn.data(), spec.is_lstm() ? cn.data() : nullptr};
+                stack_forward<T>(spec, pf, a, o, nullptr);
+                std::copy(hn.begin(), hn.end(), h);
+                if (spec.is_lstm()) std::copy(cn.begin(), cn.end(), c);
+            } else {
+                stack_step<T>(spec, pf, B, xp, h, c, yp);
+            }
         }
         return py::make_tuple(y, py::reinterpret_borrow<py::object>(state));
     }
@@ -358,11 +377,13 @@ void register_layers(py::module_& m) {
              }),
              py::arg("spec"), py::arg("params"), py::arg("is_double"))
         .def("step",
-             [](Stepper& st, py::handle x, py::handle state) {
-                 return st.dbl ? st.run<double>(x, state) : st.run<float>(x, state);
+             [](Stepper& st, py::handle x, py::handle state, PackedWeights* bf16) {
+                 if (bf16 && st.dbl) throw py::value_error("bf16_packed: bfloat16 weights need a float32 layer");
+                 return st.dbl ? st.run<double>(x, state) : st.run<float>(x, state, bf16);
              },
-             py::arg("x"), py::arg("state"),
-             "One step; updates the state arrays in place. None when the arguments need the general path.");
+             py::arg("x"), py::arg("state"), py::arg("bf16_packed") = nullptr,
+             "One step; updates the state arrays in place. None when the arguments need the general "
+             "path. bf16_packed: the layer's PackedWeights for bfloat16 recurrent weights.");
 
     m.def("activations",
           [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int which) {

@@ -107,8 +107,7 @@ class _Recurrent(Module):
         The input projection, the states and every sum stay float32, so the outputs are exactly
         those of float32 weights rounded to bfloat16 (relative error of each weight at most
         2^-9). Training (`forward`/`backward`) always uses the float32 weights. float32
-        layers only. With "bfloat16", `step` takes the general path: it returns new state
-        arrays instead of updating the given ones in place."""
+        layers only."""
         return self._precision
 
     @inference_precision.setter
@@ -378,10 +377,10 @@ class _Recurrent(Module):
         dtype, C-contiguous, writeable, of the right shapes) and x_t is an array of the
         layer's dtype, the new state is written into those arrays in place and they are
         returned: no allocation but y_t. Pass a copy to keep an old state."""
-        st = self._stepper if self._precision == "float32" else None
+        st = self._stepper
         if st is not None and state is not None and (
                 not self.training or self.dropout == 0.0 or self.num_layers == 1):
-            r = st.step(x_t, state)
+            r = st.step(x_t, state, self._packed_bf16 if self._precision == "bfloat16" else None)
             if r is not None:
                 return r
         if self.bidirectional:
