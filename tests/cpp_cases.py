@@ -25,22 +25,27 @@ def cmake_build(build_dir, targets, *defs, build_type="Release", allow_warnings=
 
 
 def write_case(folder, name, model, x):
-    """x: time-major input; writes the model, input and Python's predict/step outputs."""
+    """x: time-major input; writes the model, input and Python's predict/step outputs, with
+    float32 recurrent weights (NAME.predict, NAME.step) and bfloat16 ones (NAME.predict16,
+    NAME.step16)."""
     model.save(folder / f"{name}.rnnc")
     model.eval()
     T, B = x.shape[:2]
     xb = x.transpose(1, 0, 2)
     tokens = isinstance(model.blocks[0], (rc.Embedding, rc.OneHot))
-    y = model.predict(xb[..., 0].astype(np.int64) if tokens else xb)
-    y = y if y.ndim == 2 else y.transpose(1, 0, 2)
-    states, steps = None, []
-    for t in range(T):
-        o, states = model._run(xb[:, t:t + 1, 0].astype(np.int64) if tokens else xb[:, t:t + 1], None, states)
-        steps.append(o if o.ndim == 2 else o[:, 0])
+    for precision, sfx in (("float32", ""), ("bfloat16", "16")):
+        model.inference_precision = precision
+        y = model.predict(xb[..., 0].astype(np.int64) if tokens else xb)
+        y = y if y.ndim == 2 else y.transpose(1, 0, 2)
+        states, steps = None, []
+        for t in range(T):
+            o, states = model._run(xb[:, t:t + 1, 0].astype(np.int64) if tokens else xb[:, t:t + 1], None, states)
+            steps.append(o if o.ndim == 2 else o[:, 0])
+        np.asarray(y, "<f4").tofile(folder / f"{name}.predict{sfx}")
+        np.asarray(np.stack(steps), "<f4").tofile(folder / f"{name}.step{sfx}")
+    model.inference_precision = "float32"
     (folder / f"{name}.case").write_text(f"{T} {B}\n")
     x.astype("<f4").tofile(folder / f"{name}.x")
-    np.asarray(y, "<f4").tofile(folder / f"{name}.predict")
-    np.asarray(np.stack(steps), "<f4").tofile(folder / f"{name}.step")
 
 
 def write_cases(folder, large=False):

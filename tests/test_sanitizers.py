@@ -23,7 +23,7 @@ def test_cpp_model_under_sanitizers(tmp_path):
     exe = sanitizer_build(tmp_path)
     cases = tmp_path / "cases"
     cases.mkdir()
-    write_cases(cases)
+    write_cases(cases, large=True)   # the packed, multi-threaded paths too (bfloat16 included)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([str(exe), str(cases)], capture_output=True, text=True, env=env, timeout=600)

@@ -113,6 +113,32 @@ int main(int argc, char** argv) {
                 for (auto& t : ts) t.join();
                 for (int k = 0; k < 4; ++k) check(close(outs[k], want), "step " + n + " thread " + std::to_string(k));
             }
+            {
+                // bfloat16 recurrent weights: Python's bfloat16 outputs, predict and two
+                // threads stepping at once
+                rnncore::Model mb = rnncore::Model::load(path, rnncore::Precision::BFloat16);
+                check(mb.recurrent_precision() == rnncore::Precision::BFloat16, "precision " + n);
+                std::vector<float> yb(mb.predict_size(T, B));
+                mb.predict(x.data(), T, B, yb.data());
+                check(close(yb, read_f32(base + ".predict16")), "bf16 predict " + n);
+                check(!close(yb, y), "bf16 predict differs from float32 " + n);
+                if (mb.streamable()) {
+                    const auto want = read_f32(base + ".step16");
+                    std::vector<std::vector<float>> outs(2);
+                    std::vector<std::thread> ts;
+                    for (int k = 0; k < 2; ++k)
+                        ts.emplace_back([&, k] {
+                            auto st = mb.new_state(B);
+                            std::vector<float> yt(B * mb.output_size());
+                            for (long t = 0; t < T; ++t) {
+                                mb.step(x.data() + t * B * mb.input_size(), st, yt.data());
+                                outs[k].insert(outs[k].end(), yt.begin(), yt.end());
+                            }
+                        });
+                    for (auto& t : ts) t.join();
+                    for (int k = 0; k < 2; ++k) check(close(outs[k], want), "bf16 step " + n + " thread " + std::to_string(k));
+                }
+            }
             // bad arguments are refused, not crashed on
             bool refused = false;
             try { m.predict(x.data(), 0, B, y.data()); } catch (const rnncore::Error&) { refused = true; }
