@@ -39,6 +39,25 @@ static bool close(const std::vector<float>& a, const std::vector<float>& b) {
     return true;
 }
 
+// Each of nthreads threads steps the shared model through x [T, B, I] with a state of its
+// own; returns each thread's outputs of every step.
+static std::vector<std::vector<float>> step_threads(const rnncore::Model& m, const std::vector<float>& x,
+                                                    long T, long B, int nthreads) {
+    std::vector<std::vector<float>> outs(nthreads);
+    std::vector<std::thread> ts;
+    for (int k = 0; k < nthreads; ++k)
+        ts.emplace_back([&, k] {
+            auto st = m.new_state(B);
+            std::vector<float> yt(B * m.output_size());
+            for (long t = 0; t < T; ++t) {
+                m.step(x.data() + t * B * m.input_size(), st, yt.data());
+                outs[k].insert(outs[k].end(), yt.begin(), yt.end());
+            }
+        });
+    for (auto& t : ts) t.join();
+    return outs;
+}
+
 int main(int argc, char** argv) {
     if (argc != 2) { std::fprintf(stderr, "usage: %s DIR\n", argv[0]); return 2; }
     const std::string dir = argv[1];
@@ -98,19 +117,7 @@ int main(int argc, char** argv) {
             }
             if (m.streamable()) {
                 const auto want = read_f32(base + ".step");
-                // four threads share the model, each with its own state
-                std::vector<std::vector<float>> outs(4);
-                std::vector<std::thread> ts;
-                for (int k = 0; k < 4; ++k)
-                    ts.emplace_back([&, k] {
-                        auto st = m.new_state(B);
-                        std::vector<float> yt(B * m.output_size());
-                        for (long t = 0; t < T; ++t) {
-                            m.step(x.data() + t * B * m.input_size(), st, yt.data());
-                            outs[k].insert(outs[k].end(), yt.begin(), yt.end());
-                        }
-                    });
-                for (auto& t : ts) t.join();
+                const auto outs = step_threads(m, x, T, B, 4);   // four threads share the model
                 for (int k = 0; k < 4; ++k) check(close(outs[k], want), "step " + n + " thread " + std::to_string(k));
             }
             {
@@ -124,18 +131,7 @@ int main(int argc, char** argv) {
                 check(!close(yb, y), "bf16 predict differs from float32 " + n);
                 if (mb.streamable()) {
                     const auto want = read_f32(base + ".step16");
-                    std::vector<std::vector<float>> outs(2);
-                    std::vector<std::thread> ts;
-                    for (int k = 0; k < 2; ++k)
-                        ts.emplace_back([&, k] {
-                            auto st = mb.new_state(B);
-                            std::vector<float> yt(B * mb.output_size());
-                            for (long t = 0; t < T; ++t) {
-                                mb.step(x.data() + t * B * mb.input_size(), st, yt.data());
-                                outs[k].insert(outs[k].end(), yt.begin(), yt.end());
-                            }
-                        });
-                    for (auto& t : ts) t.join();
+                    const auto outs = step_threads(mb, x, T, B, 2);
                     for (int k = 0; k < 2; ++k) check(close(outs[k], want), "bf16 step " + n + " thread " + std::to_string(k));
                 }
             }
