@@ -373,6 +373,28 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
 
 template <class T>
 void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
+                const T* x, T* h, T* c, T* y, Precision precision, PackedWeights* packed) {
+    if (precision == Precision::Float32) return stack_step<T>(s, params, B, x, h, c, y);
+    if (s.bidirectional)
+        throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
+    if (!h || (s.is_lstm() && !c)) throw std::invalid_argument("step: null buffer");
+    // h_n and c_n may not alias h0 and c0 (stack_forward reads each layer's entering state
+    // after writing the previous layer's final one)
+    thread_local std::vector<T> hn, cn;
+    hn.resize(s.num_layers * B * s.out_size());
+    cn.resize(s.is_lstm() ? s.num_layers * B * s.hidden_size : 1);
+    ForwardArgs<T> a;
+    a.steps = 1; a.batch = B; a.x = x; a.h0 = h; a.c0 = s.is_lstm() ? c : nullptr;
+    a.packed = packed;
+    a.recurrent_precision = precision;
+    ForwardOut<T> o{y, hn.data(), s.is_lstm() ? cn.data() : nullptr};
+    stack_forward<T>(s, params, a, o, nullptr);
+    std::copy(hn.begin(), hn.end(), h);
+    if (s.is_lstm()) std::copy(cn.begin(), cn.end(), c);
+}
+
+template <class T>
+void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
                 const T* x, T* h, T* c, T* y) {
     if (s.bidirectional)
         throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
@@ -505,6 +527,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     template int64_t cache_steps<T>(const StackCache<T>&);                                        \
     template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
                                 const T*, T*, T*, T*);                                            \
+    template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
+                                const T*, T*, T*, T*, Precision, PackedWeights*);                 \
     template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \

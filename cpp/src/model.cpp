@@ -568,24 +568,10 @@ void Model::step(const float* x, State& st, float* y) const {
                 const LayerSpec& s = b.spec;
                 const int64_t P = s.out_size(), H = s.hidden_size;
                 const float* in = cur.data();
-                if (m.precision == Precision::BFloat16) {
-                    // One step of the sequence path, whose packed weights are bfloat16 (the
-                    // step kernels' own layout is float32 only). State [L, B, P] / [L, B, H].
-                    thread_local std::vector<float> hn, cn;
-                    hn.resize(s.num_layers * B * P);
-                    cn.resize(s.is_lstm() ? s.num_layers * B * H : 1);
+                if (m.precision == Precision::BFloat16) {   // the fused step kernels are float32
                     nxt.resize(B * P);
-                    ForwardArgs<float> a;
-                    a.steps = 1; a.batch = B; a.x = in;
-                    a.h0 = st.h[r].data();
-                    a.c0 = s.is_lstm() ? st.c[r].data() : nullptr;
-                    a.packed = b.seq_packed.get();
-                    a.recurrent_precision = Precision::BFloat16;
-                    ForwardOut<float> o;
-                    o.y = nxt.data(); o.h_n = hn.data(); o.c_n = s.is_lstm() ? cn.data() : nullptr;
-                    stack_forward<float>(s, b.dp, a, o, nullptr);
-                    std::copy(hn.begin(), hn.end(), st.h[r].begin());
-                    if (s.is_lstm()) std::copy(cn.begin(), cn.end(), st.c[r].begin());
+                    stack_step<float>(s, b.dp, B, in, st.h[r].data(), s.is_lstm() ? st.c[r].data() : nullptr,
+                                      nxt.data(), m.precision, b.seq_packed.get());
                     ++r;
                     cur.swap(nxt);
                     break;

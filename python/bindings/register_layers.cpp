@@ -9,7 +9,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -209,9 +208,7 @@ struct Stepper {
         return true;
     }
 
-    // bf16: the layer's kept bfloat16 weights (inference_precision): one step of the sequence
-    // path (whose packed recurrent weights are bfloat16; the step kernels read float32 rows),
-    // the state still updated in place.
+    // bf16: the layer's kept bfloat16 weights (inference_precision), or null (float32).
     template <class T> py::object run(py::handle x, py::handle state, PackedWeights* bf16 = nullptr) {
         const int64_t L = spec.num_layers, I = spec.input_size, H = spec.hidden_size, P = spec.out_size();
         if (!py::isinstance<py::array>(x)) return py::none();
@@ -245,20 +242,8 @@ struct Stepper {
             py::gil_scoped_release release;
             if constexpr (std::is_same<T, double>::value) {
                 stack_step<T>(spec, pd, B, xp, h, c, yp);
-            } else if (bf16) {
-                thread_local std::vector<T> hn, cn;
-                hn.resize(L * B * P);
-                cn.resize(spec.is_lstm() ? L * B * H : 1);
-                ForwardArgs<T> a;
-                a.steps = 1; a.batch = B; a.x = xp; a.h0 = h; a.c0 = c;
-                a.packed = bf16;
-                a.recurrent_precision = Precision::BFloat16;
-                ForwardOut<T> o{yp, hn.data(), spec.is_lstm() ? cn.data() : nullptr};
-                stack_forward<T>(spec, pf, a, o, nullptr);
-                std::copy(hn.begin(), hn.end(), h);
-                if (spec.is_lstm()) std::copy(cn.begin(), cn.end(), c);
             } else {
-                stack_step<T>(spec, pf, B, xp, h, c, yp);
+                stack_step<T>(spec, pf, B, xp, h, c, yp, bf16 ? Precision::BFloat16 : Precision::Float32, bf16);
             }
         }
         return py::make_tuple(y, py::reinterpret_borrow<py::object>(state));

@@ -159,6 +159,12 @@ void stack_backward(const LayerSpec& spec, const std::vector<DirParams<T>>& para
 template <class T>
 void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, int64_t batch,
                 const T* x, T* h, T* c, T* y);
+// The same step with bfloat16 recurrent weights (float only): one step of stack_forward with
+// the packed copies kept in `packed` (the step kernels read the float32 rows), the state
+// still updated in place. Precision::Float32 is the step above.
+template <class T>
+void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, int64_t batch,
+                const T* x, T* h, T* c, T* y, Precision precision, PackedWeights* packed);
 
 template <class T> int64_t cache_steps(const StackCache<T>& c);
 template <class T> int64_t cache_batch(const StackCache<T>& c);
