@@ -364,3 +364,60 @@ def test_blocked_gates_read_by_the_small_batch_backward(cell, threads):
     for T, B in ((8, 4), (12, 3), (16, 2)):
         layer = (rc.LSTM if cell == "lstm" else rc.GRU)(24, 128, bidirectional=True)
         compare_with_torch(layer, rng.standard_normal((T, B, 24)).astype(np.float32), rng=rng)
+
+
+IH_CELLS = {
+    "lstm": lambda dt: rc.LSTM(64, 40, dtype=dt),
+    "gru": lambda dt: rc.GRU(64, 40, dtype=dt),
+    "gru_orig": lambda dt: rc.GRU(64, 40, linear_before_reset=False, dtype=dt),
+    "rnn": lambda dt: rc.RNN(64, 40, dtype=dt),
+    "lstm_proj": lambda dt: rc.LSTM(64, 40, proj_size=24, peephole=True, dtype=dt),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(IH_CELLS))
+def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, threads):
+    """The packed path reads W_ih in place where I > 5 * T * B (gemm_xwt: rows of W_ih against
+    the input rows packed per call, tiles stored transposed) and packs it with W_hh otherwise.
+    Both against the reference, alternating on one layer (the kept copy follows the mode),
+    with one-bit in-place edits of W_ih: in place they need no repacking and are seen all
+    the same; packed they repack."""
+    rng = np.random.default_rng(3)
+    layer = IH_CELLS[cell](dtype)
+    # I = 64: T=8 B=1 and T=12 B=1 in place (with a partial panel of 8 + 4 rows: 12 = 16 - 4
+    # goes through gemv_rows), T=9 B=1 in place; T=13 B=1 and T=9 B=2 packed
+    shapes = [(8, 1), (13, 1), (12, 1), (9, 2), (9, 1)]
+    for n in (2, 1, 3):
+        threads(n)
+        for T, B in shapes:
+            x = rng.standard_normal((T, B, 64)).astype(dtype)
+            lengths = rng.integers(1, T + 1, B)
+            y, _ = layer(x, lengths=lengths)
+            assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
+            inplace = 64 > 5 * T * B
+            bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
+            rows = layer.params["weight_ih_l0"].shape[0]   # the last gate (o, n or the RNN's) acts at every step
+            flat = int(rng.integers((rows - 40) * 64, rows * 64))
+            before = layer._packed.packs
+            bits[flat] ^= 1 << 20                     # a visible one-bit edit in place
+            y2, _ = layer(x, lengths=lengths)
+            assert (layer._packed.packs == before) == inplace, f"T={T} B={B}: in place {inplace}"
+            assert not np.array_equal(y2, y)
+            assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_input_projection_in_place_over_blocks_and_training(cell, threads):
+    """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by
+    gemv_rows), both directions and two layers, then training in float64 against PyTorch (the
+    forward's gates kept in the team's blocked layout)."""
+    rng = np.random.default_rng(4)
+    make = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}[cell]
+    threads(2)
+    layer = make(400, 24, num_layers=2, bidirectional=True)
+    x = rng.standard_normal((70, 1, 400)).astype(np.float32)
+    y, _ = layer(x)
+    assert_close(y, ref_forward(layer, x)[0], np.float32, f"{cell} T=70 I=400")
+    train = make(96, 32, bidirectional=True, dtype=np.float64)      # 96 > 5 * 9 * 1
+    compare_with_torch(train, rng.standard_normal((9, 1, 96)), rng=rng)

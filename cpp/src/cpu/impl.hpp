@@ -445,10 +445,12 @@ inline U64V load_u64v(const unsigned char* p) {
     return v;
 }
 
-// One block of HASH_STRIPES stripes of HASH_ACC registers, then the scramble.
+// One block of HASH_STRIPES stripes of HASH_ACC registers, then the scramble. Unrolled by
+// four stripes, not sixteen: fully unrolled, GCC hoisted every product ahead of the sums and
+// spilled them (about 21 GB/s in L1 on a Zen 3 core; 35-53 GB/s like this).
 inline void hash_block(const unsigned char* q, U64V& a0, U64V& a1, U64V& a2, U64V& a3) {
     constexpr int64_t S = HASH_ACC * VB;
-#pragma GCC unroll 16
+#pragma GCC unroll 4
     for (int st = 0; st < HASH_STRIPES; ++st) {
         const U64V d0 = load_u64v(q + st * S), d1 = load_u64v(q + st * S + VB);
         const U64V d2 = load_u64v(q + st * S + 2 * VB), d3 = load_u64v(q + st * S + 3 * VB);
@@ -974,8 +976,11 @@ constexpr int64_t SMALL_T = 16;
 // read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
 constexpr int64_t SMALL_T_KEPT = 7;
 // The packed path projects the input inside the recurrence, FUSE_ROWS rows (steps * batch)
-// at a time, with kept weights or from FUSE_B batch rows on (see dir_forward).
-constexpr int64_t FUSE_B = 8, FUSE_ROWS = 64;
+// at a time (see dir_forward).
+constexpr int64_t FUSE_ROWS = 64;
+// W_ih is read in place by the projection (not packed and hashed with W_hh) when I exceeds
+// this many times the rows of the call (T * B): see dir_forward.
+constexpr int64_t IH_INPLACE_ROWS = 5;
 
 // Y[b, n] = sum_k W[n, k] X[b, k] for n < N, b < NB (W row-major, rows of length K).
 // Each row of W against NB rows of X, K unrolled KU times: NB*KU = 8 independent
@@ -1081,11 +1086,74 @@ void gemv_nn(int64_t K, int64_t N, const T* W, int64_t ldw, const T* X, int64_t 
     }
 }
 
+// y[n] = sum_k W[n, k] x[k] (+ beta y[n]) for a row-major W: four rows at a time, each a
+// vector accumulator over k; W streams once, x stays in L1.
+template <class T>
+void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta, T* y) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    const int64_t K8 = K / L * L;
+    int64_t n = 0;
+    auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
+    // L rows at a time, summed across lanes together (hsum_rows): the step's short rows
+    // (I, H of a few dozen) spent most of their time in per-row horizontal sums (perf: 79%
+    // of an LSTM step at I=32 H=64; 2.9 -> 2.1 us a call from Python).
+    if (K8 > 0)
+    for (; n + L <= N; n += L) {
+        V acc[L];
+        for (int r = 0; r < L; ++r) acc[r] = V{};
+        for (int64_t k = 0; k < K8; k += L) {
+            const V xv = ld(x + k, L);
+            for (int r = 0; r < L; ++r) acc[r] += ld(W + (n + r) * ldw + k, L) * xv;
+        }
+        V s = hsum_rows<T>(acc);
+        if (K8 < K) {
+            T tail[L];
+            for (int r = 0; r < L; ++r) {
+                T t = 0;
+                for (int64_t k = K8; k < K; ++k) t += W[(n + r) * ldw + k] * x[k];
+                tail[r] = t;
+            }
+            s += ld(tail, L);
+        }
+        if (beta != T(0)) s += beta * ld(y + n, L);
+        st(y + n, s, L);
+    }
+    for (; n + 4 <= N; n += 4) {
+        const T* w0 = W + n * ldw;
+        const T* w1 = w0 + ldw;
+        const T* w2 = w1 + ldw;
+        const T* w3 = w2 + ldw;
+        V a0{}, a1{}, a2{}, a3{};
+        for (int64_t k = 0; k < K8; k += L) {
+            const V xv = ld(x + k, L);
+            a0 += ld(w0 + k, L) * xv;
+            a1 += ld(w1 + k, L) * xv;
+            a2 += ld(w2 + k, L) * xv;
+            a3 += ld(w3 + k, L) * xv;
+        }
+        T s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (int64_t k = K8; k < K; ++k) {
+            s0 += w0[k] * x[k]; s1 += w1[k] * x[k]; s2 += w2[k] * x[k]; s3 += w3[k] * x[k];
+        }
+        if (beta != T(0)) { s0 += beta * y[n]; s1 += beta * y[n + 1]; s2 += beta * y[n + 2]; s3 += beta * y[n + 3]; }
+        y[n] = s0; y[n + 1] = s1; y[n + 2] = s2; y[n + 3] = s3;
+    }
+    for (; n < N; ++n) {
+        const T* w0 = W + n * ldw;
+        V a0{};
+        for (int64_t k = 0; k < K8; k += L) a0 += ld(w0 + k, L) * ld(x + k, L);
+        T s0 = hsum(a0);
+        for (int64_t k = K8; k < K; ++k) s0 += w0[k] * x[k];
+        y[n] = s0 + (beta != T(0) ? beta * y[n] : T(0));
+    }
+}
+
 template <class T>
 void small_nt(int64_t B, int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t ldx,
               T* Y, int64_t ldy, T beta = T(0)) {
     switch (B) {
-        case 1: gemv_nt<T, 1>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
+        case 1: gemv_rows<T>(N, K, W, ldw, X, beta, Y); break;
         case 2: gemv_nt<T, 2>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
         case 3: gemv_nt<T, 3>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
         default: gemv_nt<T, 4>(N, K, W, ldw, X, ldx, Y, ldy, beta); break;
@@ -1129,6 +1197,50 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
     }
 #endif
     for (int64_t i = 0; i < nb; ++i) task(i);
+}
+
+// The input projection, every gate g < G: C[m, g cg + n] = sum_k X[m, k] W[g wg + n, k]
+// (+ bias[g bg + n]) for m < M, n < N, with the rows of the row-major W (stride ldw) read
+// where they lie, so nothing derived from W_ih is kept or hashed. Roles swapped against
+// gemm_pb: MR rows of W are the micro-kernel's in-place operand (read once from memory for
+// XCH rows of X, then from L1) and the rows of X, packed once per XCH of them into panels of
+// NR (xp: packed_b_size<T>(K, min(M, XCH)) elements), its panels; each tile is written back
+// transposed. A last few rows of X (under half a panel) go through gemv_rows instead of a
+// mostly empty panel.
+constexpr int64_t XCH = 64;
+template <class T>
+void gemm_xwt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int G, const T* W, int64_t wg,
+              int64_t ldw, const T* bias, int64_t bg, T* C, int64_t cg, int64_t ldc, T* xp) {
+    constexpr int nr = NR<T>;
+    alignas(64) T tmp[MR * nr];
+    for (int64_t c0 = 0; c0 < M; c0 += XCH) {
+        const int64_t mc = M - c0 < XCH ? M - c0 : XCH;
+        int64_t mp = mc / nr * nr;                    // rows of X through the micro-kernel
+        if (mc - mp >= nr / 2) mp = mc;
+        const int64_t np = ceil_div(mp, nr);
+        if (mp > 0) pack_b<T>(true, K, mp, X + c0 * ldx, ldx, xp);
+        for (int g = 0; g < G; ++g) {
+            const T* wgp = W + g * wg * ldw;
+            const T* bgp = bias ? bias + g * bg : nullptr;
+            T* cgp = C + g * cg;
+            for (int64_t n0 = 0; n0 < N && mp > 0; n0 += MR) {
+                const int mr = (int)(N - n0 < MR ? N - n0 : MR);
+                for (int64_t p = 0; p < np; ++p) {
+                    const int64_t m0 = p * nr, mm = mp - m0 < nr ? mp - m0 : nr;
+                    micro_dispatch<T, true>(mr, K, wgp + n0 * ldw, xp + p * K * nr, tmp, nr, nr, T(1), T(0), ldw);
+                    for (int r = 0; r < mr; ++r) {
+                        const T bv = bgp ? bgp[n0 + r] : T(0);
+                        T* cc = cgp + (c0 + m0) * ldc + n0 + r;
+                        for (int64_t m = 0; m < mm; ++m) cc[m * ldc] = tmp[r * nr + m] + bv;
+                    }
+                }
+            }
+            for (int64_t m = c0 + mp; m < c0 + mc; ++m) {
+                gemv_rows<T>(N, K, wgp, ldw, X + m * ldx, T(0), cgp + m * ldc);
+                if (bgp) add_row<T>(N, bgp, cgp + m * ldc);
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------ threads over units
@@ -1491,22 +1603,23 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // weights are always packed (the in-place path reads the float32 rows)
     const bool small = same_type<W, T>::value && B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
     // Input projection gates = x @ W_ih^T + biases (b_hh folds in except for the n gate of
-    // the reset-after GRU). On the packed path each thread projects its own gate columns a
-    // block of FUSE_ROWS rows (steps * batch) ahead, inside the recurrence, from its packed
-    // slice of W_ih (kept and hash-checked with W_hh's): the block stays in its cache, there
-    // is no separate parallel region and, for inference, no [T, B, G*H] array at all.
-    // Without kept weights and for small batches (where packing W_ih at every call would
-    // cost more than it saves) every step is projected at once, as one GEMM.
-    const bool fuse = !small && (j.packed || B >= FUSE_B);
+    // the reset-after GRU), by each thread for its own gate columns from its rows of W_ih. On
+    // the packed path a block of FUSE_ROWS rows (steps * batch) ahead, inside the recurrence:
+    // the block stays in its cache and, for inference, there is no [T, B, G*H] array at all.
+    // The unpacked path (few rows, short) projects every step first, reading W_ih in place.
+    const bool fuse = !small;
+    // W_ih packed with W_hh (kept, hash-checked per call, gemm_pb) or read in place (gemm_xwt,
+    // whose transposed stores cost a little per tile, more with a short inner dimension I):
+    // packed where the call projects many rows (T * B) for each byte of W_ih it would hash,
+    // in place otherwise. Measured on a Zen 3 (in place against packed, alternating in one
+    // process): T=25 I=H=1024 B=1 LSTM 0.92, GRU 0.985, RNN 0.94, B=4 LSTM 0.93; T=100 I=128
+    // H=256 B=1 LSTM 1.03, GRU 1.00, RNN 1.08, B=16 LSTM 1.08.
+    const bool ih_packed = fuse && I <= IH_INPLACE_ROWS * TT * B;
     const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
     T* bias = nullptr;
     if (j.w.b_ih) {
         bias = alloc<T>(GH);
         for (int64_t k = 0; k < GH; ++k) bias[k] = j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
-    }
-    if (!fuse) {
-        gemm<T>(false, true, TT * B, GH, I, T(1), j.x, I, j.w.w_ih, I, T(0), j.gates, GH);
-        for (int64_t r = 0; r < TT * B && bias; ++r) add_row<T>(GH, bias, j.gates + r * GH);
     }
     const int64_t SB = fuse ? fuse_steps(B) : 0;   // steps per projected block
     // Inference (and the plain RNN's backward, which reads only h) needs no gate activations
@@ -1534,11 +1647,13 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
-        const int64_t npi1 = fuse ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
         // this thread packs from matches the one stored with them.
-        const int64_t sizes[7] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
-                                  local_g ? SB * B * G * nh : 0};
+        const int64_t npi1 = ih_packed ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
+        constexpr int BUFN = 8;
+        const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
+                                     local_g ? SB * B * G * nh : 0,
+                                     (small || fuse) && !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
@@ -1549,14 +1664,15 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                        (uint64_t)Q.lo, (uint64_t)nq, (uint64_t)fuse, (uint64_t)I,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hh : 0,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
-                                       j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2};
+                                       (uint64_t)ih_packed,
+                                       ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
                 for (int g = 0; g < Gk; ++g)
                     key = content_hash(j.w.w_hh + (g * H + U.lo) * K1, nh * K1 * (int64_t)sizeof(T), key);
                 if (gru_orig) key = content_hash(j.w.w_hh + (2 * H + U.lo) * H, nh * H * (int64_t)sizeof(T), key);
                 if (proj) key = content_hash(j.w.w_hr + Q.lo * H, nq * H * (int64_t)sizeof(T), key);
-                for (int g = 0; fuse && g < G; ++g)
+                for (int g = 0; ih_packed && g < G; ++g)
                     key = content_hash(j.w.w_ih + (g * H + U.lo) * I, nh * I * (int64_t)sizeof(T), key);
             }
             // The slot holds the per-step scratch too (next to the packed weights, as per call).
@@ -1574,7 +1690,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 }
             }
         }
-        T* buf[7];
+        T* buf[BUFN];
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
         if (!ps) {
             mem = team_carve<T>(sizes, buf, &failed, team);
@@ -1583,7 +1699,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             return;
         } else {    // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
-            for (int i : {0, 2, 4, 5, 1, 3, 6}) {
+            for (int i : {0, 2, 4, 5, 1, 3, 6, 7}) {
                 buf[i] = sizes[i] > 0 ? p : nullptr;
                 p += round16(sizes[i]);
             }
@@ -1593,6 +1709,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         W* pkr = reinterpret_cast<W*>(buf[4]);
         T *hh = buf[1], *hnv = buf[3], *pki = buf[5];
         T* gblk = buf[6];
+        T* xp = buf[7];                                   // the input rows, packed (gemm_xwt)
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
         const bool blockwise = local_g || blocked;
@@ -1602,7 +1719,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         };
         const int64_t u0 = U.lo;
         if (!fresh) {
-            for (int g = 0; fuse && nh > 0 && g < G; ++g)
+            for (int g = 0; ih_packed && nh > 0 && g < G; ++g)
                 pack_b_rows<T>(I, nh, j.w.w_ih, I, [&](int64_t n) { return g * H + u0 + n; },
                                pki + g * npi1);
             if (nh > 0 && !small) {
@@ -1624,6 +1741,11 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         }
         const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
         const T* bhn = gru && j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H + u0 : nullptr;
+        // The unpacked path's input projection: this thread's gate columns of every step, from
+        // its rows of W_ih in place (only it reads them: no barrier).
+        if (small && nh > 0)
+            gemm_xwt<T>(TT * B, nh, I, j.x, I, G, j.w.w_ih + u0 * I, H, I, bias ? bias + u0 : nullptr, H,
+                        j.gates + u0, H, GH, xp);
 
         for (int64_t q = 0; q < TT; ++q) {
             const int64_t t = rev ? TT - 1 - q : q;
@@ -1633,11 +1755,16 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 ta_blk = ta;
                 if (blocked) gblk = j.gates + gate_offset(TT, B, GH, G, SB, rev, ta, 0, u0, nh);
                 T* gb = grow(ta, 0);
-                for (int g = 0; g < G; ++g)
-                    gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg);
-                for (int64_t r = 0; r < ns * B && bias; ++r)
+                if (ih_packed) {
                     for (int g = 0; g < G; ++g)
-                        add_row<T>(nh, bias + g * H + u0, gb + r * ldg + g * gs);
+                        gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg);
+                    for (int64_t r = 0; r < ns * B && bias; ++r)
+                        for (int g = 0; g < G; ++g)
+                            add_row<T>(nh, bias + g * H + u0, gb + r * ldg + g * gs);
+                } else {
+                    gemm_xwt<T>(ns * B, nh, I, j.x + ta * B * I, I, G, j.w.w_ih + u0 * I, H, I,
+                                bias ? bias + u0 : nullptr, H, gb, gs, ldg, xp);
+                }
             }
             const T* hprev = j.hbuf + (t + rev) * B * P;
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
@@ -1973,69 +2100,6 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
 }
 
 // ------------------------------------------------------------------ streaming step
-// y[n] = sum_k W[n, k] x[k] (+ beta y[n]) for a row-major W: four rows at a time, each a
-// vector accumulator over k; W streams once, x stays in L1.
-template <class T>
-void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta, T* y) {
-    typedef VT<T> V;
-    constexpr int L = VL<T>;
-    const int64_t K8 = K / L * L;
-    int64_t n = 0;
-    auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
-    // L rows at a time, summed across lanes together (hsum_rows): the step's short rows
-    // (I, H of a few dozen) spent most of their time in per-row horizontal sums (perf: 79%
-    // of an LSTM step at I=32 H=64; 2.9 -> 2.1 us a call from Python).
-    if (K8 > 0)
-    for (; n + L <= N; n += L) {
-        V acc[L];
-        for (int r = 0; r < L; ++r) acc[r] = V{};
-        for (int64_t k = 0; k < K8; k += L) {
-            const V xv = ld(x + k, L);
-            for (int r = 0; r < L; ++r) acc[r] += ld(W + (n + r) * ldw + k, L) * xv;
-        }
-        V s = hsum_rows<T>(acc);
-        if (K8 < K) {
-            T tail[L];
-            for (int r = 0; r < L; ++r) {
-                T t = 0;
-                for (int64_t k = K8; k < K; ++k) t += W[(n + r) * ldw + k] * x[k];
-                tail[r] = t;
-            }
-            s += ld(tail, L);
-        }
-        if (beta != T(0)) s += beta * ld(y + n, L);
-        st(y + n, s, L);
-    }
-    for (; n + 4 <= N; n += 4) {
-        const T* w0 = W + n * ldw;
-        const T* w1 = w0 + ldw;
-        const T* w2 = w1 + ldw;
-        const T* w3 = w2 + ldw;
-        V a0{}, a1{}, a2{}, a3{};
-        for (int64_t k = 0; k < K8; k += L) {
-            const V xv = ld(x + k, L);
-            a0 += ld(w0 + k, L) * xv;
-            a1 += ld(w1 + k, L) * xv;
-            a2 += ld(w2 + k, L) * xv;
-            a3 += ld(w3 + k, L) * xv;
-        }
-        T s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (int64_t k = K8; k < K; ++k) {
-            s0 += w0[k] * x[k]; s1 += w1[k] * x[k]; s2 += w2[k] * x[k]; s3 += w3[k] * x[k];
-        }
-        if (beta != T(0)) { s0 += beta * y[n]; s1 += beta * y[n + 1]; s2 += beta * y[n + 2]; s3 += beta * y[n + 3]; }
-        y[n] = s0; y[n + 1] = s1; y[n + 2] = s2; y[n + 3] = s3;
-    }
-    for (; n < N; ++n) {
-        const T* w0 = W + n * ldw;
-        V a0{};
-        for (int64_t k = 0; k < K8; k += L) a0 += ld(w0 + k, L) * ld(x + k, L);
-        T s0 = hsum(a0);
-        for (int64_t k = K8; k < K; ++k) s0 += w0[k] * x[k];
-        y[n] = s0 + (beta != T(0) ? beta * y[n] : T(0));
-    }
-}
-
 // The streaming step's matrix-vector products: long rows (from L3) as one sequential stream with
 // eight accumulators (gemv_nt), short rows four at a time (gemv_rows).
 template <class T>
