@@ -17,7 +17,8 @@ namespace rnncore {
 
 // Packed recurrent weights of one direction of one layer, kept across calls by a
 // PackedWeights (layer.cpp). Slot t belongs to thread t of the recurrence: its slices of
-// W_hh, W_hr and W_ih packed, then its per-step scratch, in memory it allocated (with
+// W_hh, W_hr and (where the projection does not read it in place) W_ih packed, then its
+// per-step scratch, in memory it allocated (with
 // std::aligned_alloc; the owner frees it with std::free). `hash` covers the layout (ISA,
 // dtype, team, slice) and, unless `trusted`, the content of the rows it was packed from; a
 // thread repacks its slot whenever the hash it computes differs.

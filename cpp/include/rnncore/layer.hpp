@@ -89,7 +89,7 @@ template <class T> struct StackCache;
 // way, in place included, is seen by the very next call. `trusted` skips the content check
 // for weights that never change (a Model's). One call uses it at a time; a concurrent call
 // that finds it busy packs for itself, as it would without it. Memory: about the size of
-// W_ih and W_hh (and W_hr).
+// W_hh (and W_hr), and of W_ih where the call packs it (many input rows for its size).
 class PackedWeights {
   public:
     explicit PackedWeights(bool trusted = false);
