@@ -95,13 +95,18 @@ def test_parameter_changes_are_always_seen():
     np.testing.assert_allclose(y, ref_forward(layer, x_long)[0], rtol=1e-4, atol=1e-5)
 
 
-KEPT_PACK_LAYERS = {
-    "lstm": lambda dt: rc.LSTM(20, 128, num_layers=2, bidirectional=True, dtype=dt),
-    "gru": lambda dt: rc.GRU(20, 128, dtype=dt),
-    "gru_orig": lambda dt: rc.GRU(20, 128, linear_before_reset=False, dtype=dt),
-    "rnn": lambda dt: rc.RNN(20, 128, dtype=dt),
-    "lstm_proj": lambda dt: rc.LSTM(20, 128, proj_size=40, peephole=True, dtype=dt),
-}
+def variant_makers(I, H, P, **lstm_kw):
+    """Makers (of a dtype) of every cell variant with input I, hidden H (projection P)."""
+    return {
+        "lstm": lambda dt: rc.LSTM(I, H, dtype=dt, **lstm_kw),
+        "gru": lambda dt: rc.GRU(I, H, dtype=dt),
+        "gru_orig": lambda dt: rc.GRU(I, H, linear_before_reset=False, dtype=dt),
+        "rnn": lambda dt: rc.RNN(I, H, dtype=dt),
+        "lstm_proj": lambda dt: rc.LSTM(I, H, proj_size=P, peephole=True, dtype=dt),
+    }
+
+
+KEPT_PACK_LAYERS = variant_makers(20, 128, 40, num_layers=2, bidirectional=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -366,13 +371,7 @@ def test_blocked_gates_read_by_the_small_batch_backward(cell, threads):
         compare_with_torch(layer, rng.standard_normal((T, B, 24)).astype(np.float32), rng=rng)
 
 
-IH_CELLS = {
-    "lstm": lambda dt: rc.LSTM(64, 40, dtype=dt),
-    "gru": lambda dt: rc.GRU(64, 40, dtype=dt),
-    "gru_orig": lambda dt: rc.GRU(64, 40, linear_before_reset=False, dtype=dt),
-    "rnn": lambda dt: rc.RNN(64, 40, dtype=dt),
-    "lstm_proj": lambda dt: rc.LSTM(64, 40, proj_size=24, peephole=True, dtype=dt),
-}
+IH_CELLS = variant_makers(64, 40, 24)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
