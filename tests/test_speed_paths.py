@@ -418,5 +418,7 @@ def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     x = rng.standard_normal((70, 1, 400)).astype(np.float32)
     y, _ = layer(x)
     assert_close(y, ref_forward(layer, x)[0], np.float32, f"{cell} T=70 I=400")
+    layer._packed = None                                              # nothing kept: the same
+    np.testing.assert_array_equal(layer(x)[0], y)
     train = make(96, 32, bidirectional=True, dtype=np.float64)      # 96 > 5 * 9 * 1
     compare_with_torch(train, rng.standard_normal((9, 1, 96)), rng=rng)
