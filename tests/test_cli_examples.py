@@ -33,6 +33,12 @@ def test_bench_one_small_shape(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [r["shape"] for r in data["rows"]] == [[5, 1, 8, 16], [4, 2, 8, 16]] * 2
     assert all(r["rnncore"] > 0 for r in data["rows"]) and data["steps"] == []
+    from rnncore.bench import ROUNDS
+    for r in data["rows"]:   # every library timed in each round, its figure the rounds' median
+        assert r["rounds"].keys() >= {"rnncore", "numpy"} and len(r["rounds"]["rnncore"]) == ROUNDS
+        for lib, times in r["rounds"].items():
+            assert len(times) == ROUNDS and r[lib] == sorted(times)[ROUNDS // 2], lib
+        assert len(r["ratio_rounds"]) == ROUNDS
     for bad in (["--shapes", "1,2,3"], ["--shapes", "a,b,c,d"], ["--cells", "XYZ"]):
         out = cli("bench", *bad)
         assert out.returncode == 2 and ("--shapes" in out.stderr or "--cells" in out.stderr), out.stderr

@@ -1,6 +1,7 @@
 """Side-by-side timing of rnncore against NumPy, PyTorch (CPU) and ONNX Runtime.
 
-Same weights, same thread count, one run; prints each time, rnncore's ratio to the fastest
+Same weights, same thread count, one run, every library timed in turn in each of ROUNDS rounds
+(the median of its rounds is its figure); prints each time, rnncore's ratio to the fastest
 peer (below 1 means rnncore is faster), achieved GFLOP/s against the machine's sgemm peak
 measured in the same run, weight bytes streamed per second at batch 1 against the measured
 cache bandwidth, and a markdown table. Peers that are not installed are skipped.
@@ -36,13 +37,13 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 SETTLE_S = 0.3
 
 
-def _median_time(fn, min_time=0.3, max_reps=200, warmup=2):
+def _median_time(fn, min_time=0.3, max_reps=200, warmup=2, min_reps=5):
     time.sleep(SETTLE_S)
     for _ in range(warmup):
         fn()
     times = []
     start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time):
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -182,7 +183,25 @@ def flops(cell, T, B, I, H):
     return 2.0 * T * B * GATES[cell] * H * (I + H)
 
 
+# Every library is timed in each of ROUNDS rounds, in turn, and its figure is the median of its
+# rounds: a drift of the machine over a shape's timings (other tenants; seen here: one build's
+# LSTM T=100 B=1 at 1.37 ms in one run and 1.84 in the next) then reaches every library alike
+# instead of whichever happened to run during it.
+ROUNDS = 3
+
+
+def _interleaved(fns, rounds=ROUNDS):
+    """{name: (callable, keyword arguments of _median_time)} -> {name: (median of the rounds,
+    the rounds' times)}."""
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k, (fn, opts) in fns.items():
+            times[k].append(_median_time(fn, **dict(opts, warmup=2 if r == 0 else 1)))
+    return {k: (float(np.median(v)), v) for k, v in times.items()}
+
+
 def bench_shape(cell, shape, peers, train=True):
+    import copy
     import rnncore as rc
     T, B, I, H = shape
     rng = np.random.default_rng(0)
@@ -190,38 +209,45 @@ def bench_shape(cell, shape, peers, train=True):
     layer.eval()
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     row = {"cell": cell, "shape": shape}
-    row["rnncore"] = _median_time(lambda: layer(x))
+    per = {"min_time": 0.3 / ROUNDS}
     p = layer.state_dict()
-    row["numpy"] = _median_time(lambda: numpy_forward(cell, p, x), max_reps=20)
     ref, _ = layer(x)
     np.testing.assert_allclose(numpy_forward(cell, p, x)[0], ref, rtol=1e-3, atol=1e-4)
+    fns = {"rnncore": (lambda: layer(x), per),
+           "numpy": (lambda: numpy_forward(cell, p, x), dict(per, max_reps=7))}
     if B <= BF16_MAX_BATCH:
         # bfloat16 recurrent weights (an opt-in of inference): half the bytes of W_hh per step
-        layer.inference_precision = "bfloat16"
-        row["rnncore_bf16"] = _median_time(lambda: layer(x))
-        y16, _ = layer(x)
+        layer16 = copy.deepcopy(layer)
+        layer16.inference_precision = "bfloat16"
+        y16, _ = layer16(x)
         row["bf16_err"] = float(np.abs(y16 - ref).max() / max(1.0, float(np.abs(ref).max())))
-        layer.inference_precision = "float32"
+        fns["rnncore_bf16"] = (lambda: layer16(x), per)
+    train_fns = {}
     if peers.torch is not None:
         torch = peers.torch
         tm = peers.torch_module(cell, layer)
         xt = torch.from_numpy(x)
         with torch.no_grad():
-            row["torch"] = _median_time(lambda: tm(xt))
             np.testing.assert_allclose(tm(xt)[0].numpy(), ref, rtol=1e-3, atol=1e-4)
+
+        def torch_infer():
+            with torch.no_grad():
+                return tm(xt)
+
+        fns["torch"] = (torch_infer, per)
         if peers.ort is not None:
             sess = peers.ort_session(tm, x)
-            row["ort"] = _median_time(lambda: sess.run(None, {"x": x}))
             np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-3, atol=1e-4)
+            fns["ort"] = (lambda: sess.run(None, {"x": x}), per)
         if train:
             dy = rng.standard_normal(ref.shape).astype(np.float32)
-            layer.train()
+            trainee = copy.deepcopy(layer)
+            trainee.train()
 
             def ours_train():
-                layer.forward(x)
-                layer.backward(dy)
+                trainee.forward(x)
+                trainee.backward(dy)
 
-            row["train_rnncore"] = _median_time(ours_train, max_reps=50)
             dyt = torch.from_numpy(dy)
             xg = torch.from_numpy(x.copy()).requires_grad_()
 
@@ -229,7 +255,13 @@ def bench_shape(cell, shape, peers, train=True):
                 y, _ = tm(xg)
                 (y * dyt).sum().backward()
 
-            row["train_torch"] = _median_time(torch_train, max_reps=50)
+            train_fns = {"train_rnncore": (ours_train, dict(per, max_reps=20, min_reps=3)),
+                         "train_torch": (torch_train, dict(per, max_reps=20, min_reps=3))}
+    timed = _interleaved(fns)
+    if train_fns:
+        timed.update(_interleaved(train_fns))
+    row["rounds"] = {k: v for k, (_, v) in timed.items()}
+    row.update({k: t for k, (t, _) in timed.items()})
     row["gflops"] = flops(cell, T, B, I, H) / row["rnncore"] / 1e9
     G = GATES[cell]
     row["whh_gbs"] = T * G * H * H * 4 / row["rnncore"] / 1e9       # recurrent weights streamed
@@ -237,6 +269,7 @@ def bench_shape(cell, shape, peers, train=True):
     best = min(peer_keys, key=lambda k: row[k])
     row["best_peer"] = best
     row["ratio"] = row["rnncore"] / row[best]
+    row["ratio_rounds"] = [a / b for a, b in zip(row["rounds"]["rnncore"], row["rounds"][best])]
     row["ratio_numpy"] = row["rnncore"] / row["numpy"]
     if "rnncore_bf16" in row:
         row["ratio_bf16"] = row["rnncore_bf16"] / row[best]
@@ -346,7 +379,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
             msg = (f"{cell:4s} T={shape[0]:3d} B={shape[1]:2d} I={shape[2]:4d} H={shape[3]:4d}  "
                    f"rnncore {_fmt_ms(r['rnncore'])} ms  numpy {_fmt_ms(r.get('numpy'))}  "
                    f"torch {_fmt_ms(r.get('torch'))}  ort {_fmt_ms(r.get('ort'))}  "
-                   f"ratio {r['ratio']:.2f} (vs {r['best_peer']})  vs numpy {r['ratio_numpy']:.3f}  "
+                   f"ratio {r['ratio']:.2f} (vs {r['best_peer']}; rounds {min(r['ratio_rounds']):.2f}-"
+                   f"{max(r['ratio_rounds']):.2f})  vs numpy {r['ratio_numpy']:.3f}  "
                    f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / machine_peak:.0f}% of sgemm peak)")
             if shape[1] == 1:
                 msg += f"  W_hh {r['whh_gbs']:.0f} GB/s"
@@ -378,7 +412,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
 
 
 def markdown(rows, steps, mem, peak, bw, threads, info):
-    lines = [f"Times in ms (median), {threads} threads, fp32, isa {info['isa']}; ratio = rnncore / fastest "
+    lines = [f"Times in ms (median of {ROUNDS} interleaved rounds), {threads} threads, fp32, isa {info['isa']}; "
+             f"ratio = rnncore / fastest "
              f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
              f"{bw['l2_per_core']:.0f} GB/s per core.",
              "",
