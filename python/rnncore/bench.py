@@ -12,6 +12,7 @@ cache bandwidth, and a markdown table. Peers that are not installed are skipped.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -201,7 +202,6 @@ def _interleaved(fns, rounds=ROUNDS):
 
 
 def bench_shape(cell, shape, peers, train=True):
-    import copy
     import rnncore as rc
     T, B, I, H = shape
     rng = np.random.default_rng(0)

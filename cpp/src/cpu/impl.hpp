@@ -1086,8 +1086,8 @@ void gemv_nn(int64_t K, int64_t N, const T* W, int64_t ldw, const T* X, int64_t 
     }
 }
 
-// y[n] = sum_k W[n, k] x[k] (+ beta y[n]) for a row-major W: four rows at a time, each a
-// vector accumulator over k; W streams once, x stays in L1.
+// y[n] = sum_k W[n, k] x[k] (+ beta y[n]) for a row-major W: L rows at a time (then four,
+// then one), each a vector accumulator over k; W streams once, x stays in L1.
 template <class T>
 void gemv_rows(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T beta, T* y) {
     typedef VT<T> V;
@@ -1653,7 +1653,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         constexpr int BUFN = 8;
         const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
                                      local_g ? SB * B * G * nh : 0,
-                                     (small || fuse) && !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
+                                     !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
