@@ -39,6 +39,10 @@ def test_bench_one_small_shape(tmp_path):
         for lib, times in r["rounds"].items():
             assert len(times) == ROUNDS and r[lib] == sorted(times)[ROUNDS // 2], lib
         assert len(r["ratio_rounds"]) == ROUNDS
+        # batch <= 4: the frozen copy and the bfloat16 layer are timed beside it
+        assert {"rnncore_frozen", "rnncore_bf16"} <= r["rounds"].keys()
+        assert r["ratio_frozen"] == r["rnncore_frozen"] / r[r["best_peer"]]
+    assert "| ratio frozen |" in out.stdout and "frozen " in rows[0]
     for bad in (["--shapes", "1,2,3"], ["--shapes", "a,b,c,d"], ["--cells", "XYZ"]):
         out = cli("bench", *bad)
         assert out.returncode == 2 and ("--shapes" in out.stderr or "--cells" in out.stderr), out.stderr

@@ -89,6 +89,7 @@ int64_t PackedWeights::packs() const {
     for (const PackSet& ps : impl_->sets) n += ps.packs;
     return n;
 }
+bool PackedWeights::trusted() const { return impl_->trusted; }
 void PackedWeights::clear() {
     std::lock_guard<std::mutex> lk(impl_->mu);
     impl_->free_all();

@@ -304,8 +304,10 @@ void register_layers(py::module_& m) {
     py::class_<PackedWeights>(m, "PackedWeights",
                               "Packed recurrent weights kept across forward calls; every call "
                               "checks them against a content hash of the weights and repacks "
-                              "what changed.")
-        .def(py::init([]() { return new PackedWeights(false); }))
+                              "what changed. trusted=True (a frozen layer's: weights that can "
+                              "never change) checks only their address and the layout.")
+        .def(py::init([](bool trusted) { return new PackedWeights(trusted); }), py::arg("trusted") = false)
+        .def_property_readonly("trusted", &PackedWeights::trusted)
         .def_property_readonly("nbytes", &PackedWeights::bytes, "memory held, in bytes")
         .def_property_readonly("packs", &PackedWeights::packs,
                                "thread slices packed so far; a call that reuses them adds none")

@@ -222,6 +222,12 @@ def bench_shape(cell, shape, peers, train=True):
         y16, _ = layer16(x)
         row["bf16_err"] = float(np.abs(y16 - ref).max() / max(1.0, float(np.abs(ref).max())))
         fns["rnncore_bf16"] = (lambda: layer16(x), per)
+        # a frozen copy (frozen(): the same kernels, without the per-call check of the kept
+        # packed weights against the parameters; ONNX Runtime's session is frozen likewise)
+        frozen = layer.frozen()
+        if not np.array_equal(frozen(x)[0], ref):
+            raise AssertionError(f"{cell} {shape}: the frozen copy's output differs")
+        fns["rnncore_frozen"] = (lambda: frozen(x), per)
     train_fns = {}
     if peers.torch is not None:
         torch = peers.torch
@@ -273,6 +279,8 @@ def bench_shape(cell, shape, peers, train=True):
     row["ratio_numpy"] = row["rnncore"] / row["numpy"]
     if "rnncore_bf16" in row:
         row["ratio_bf16"] = row["rnncore_bf16"] / row[best]
+    if "rnncore_frozen" in row:
+        row["ratio_frozen"] = row["rnncore_frozen"] / row[best]
     if "train_torch" in row:
         row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
     return row
@@ -384,6 +392,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
                    f"{r['gflops']:.0f} GFLOP/s ({100 * r['gflops'] / machine_peak:.0f}% of sgemm peak)")
             if shape[1] == 1:
                 msg += f"  W_hh {r['whh_gbs']:.0f} GB/s"
+            if "rnncore_frozen" in r:
+                msg += f"  | frozen {_fmt_ms(r['rnncore_frozen'])} ms ratio {r['ratio_frozen']:.2f}"
             if "rnncore_bf16" in r:
                 msg += (f"  | bf16 W_hh {_fmt_ms(r['rnncore_bf16'])} ms ratio {r['ratio_bf16']:.2f} "
                         f"max rel. change {r['bf16_err']:.1e}")
@@ -433,15 +443,18 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
                      f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} |")
     bf = [r for r in rows if "rnncore_bf16" in r]
     if bf:
-        lines += ["", f"With `inference_precision=\"bfloat16\"` (W_hh rounded to bfloat16, half the bytes per "
-                  f"step; batch <= {BF16_MAX_BATCH}); the change is the largest difference from the float32 "
-                  "output, relative to its largest value.",
-                  "", "| cell | T, B, I, H | rnncore fp32 | rnncore bf16 W_hh | fastest peer | ratio fp32 | ratio bf16 | change |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Batch <= {BF16_MAX_BATCH}: a `frozen()` copy (the same float32 results, no per-call "
+                  "check of the kept packed weights), and `inference_precision=\"bfloat16\"` (W_hh rounded "
+                  "to bfloat16, half the bytes per step); the change is the bfloat16 output's largest "
+                  "difference from the float32 one, relative to its largest value.",
+                  "", "| cell | T, B, I, H | rnncore fp32 | frozen | bf16 W_hh | fastest peer | ratio fp32 | ratio frozen | ratio bf16 | change |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in bf:
             lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
+                         f"{_fmt_ms(r.get('rnncore_frozen'))} | "
                          f"{_fmt_ms(r['rnncore_bf16'])} | {_fmt_ms(r[r['best_peer']])} ({r['best_peer']}) | "
-                         f"{r['ratio']:.2f} | {r['ratio_bf16']:.2f} | {r['bf16_err']:.1e} |")
+                         f"{r['ratio']:.2f} | {r.get('ratio_frozen', float('nan')):.2f} | {r['ratio_bf16']:.2f} | "
+                         f"{r['bf16_err']:.1e} |")
     if mem:
         lines += ["", "Training peak RSS growth, LSTM T=100 B=64 I=256 H=512: " +
                   ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())]

@@ -37,6 +37,7 @@ class Block(Module):
         return self._run(x, lengths, keep=False)
 
     def forward(self, x, lengths=None):
+        self._check_trainable("forward")
         return self._run(x, lengths, keep=True)
 
 

@@ -118,7 +118,7 @@ class _Recurrent(Module):
             raise ValueError(f"inference_precision: 'bfloat16' needs a float32 layer, this one is "
                              f"{self.dtype.name}")
         if value == "bfloat16" and self._packed_bf16 is None:
-            self._packed_bf16 = _core.PackedWeights()
+            self._packed_bf16 = _core.PackedWeights(trusted=self.is_frozen)
         elif value == "float32":
             self._packed_bf16 = None
         self._precision = value
@@ -132,7 +132,7 @@ class _Recurrent(Module):
                 "params": {k: np.array(v) for k, v in self.params.items()},
                 "grads": {k: np.array(v) for k, v in self.grads.items()},
                 "drop_rng": self._drop_rng.bit_generator.state,
-                "inference_precision": self._precision}
+                "inference_precision": self._precision, "frozen": self.is_frozen}
 
     def __setstate__(self, state):
         type(self).__init__(self, seed=state["seed"], **state["config"])
@@ -142,7 +142,19 @@ class _Recurrent(Module):
             self.grads[k] = v
         self.training = state["training"]
         self._drop_rng.bit_generator.state = state["drop_rng"]
+        if state.get("frozen", False):
+            self._freeze()
         self.inference_precision = state.get("inference_precision", "float32")
+
+    def _freeze(self):
+        super()._freeze()
+        self._ctx = None
+        # The weights can never change: the kept packed copies are checked by address only.
+        self._packed = _core.PackedWeights(trusted=True)
+        if self._packed_bf16 is not None:
+            self._packed_bf16 = _core.PackedWeights(trusted=True)
+        self._stepper = None if self.bidirectional else _core.Stepper(
+            self._spec, self._param_list(), self.dtype == np.float64)
 
     def _param_list(self):
         return list(self.params.values())
@@ -169,6 +181,7 @@ class _Recurrent(Module):
     def load_state_dict(self, state_dict, strict: bool = True):
         """Loads parameters by PyTorch name. Shapes must match; with strict=True the names
         must match exactly. Nothing is written unless every entry is valid."""
+        self._check_trainable("load_state_dict")
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict: expected a mapping of names to arrays, got {type(state_dict).__name__}")
         strict = check_bool(strict, "strict")
@@ -308,6 +321,7 @@ class _Recurrent(Module):
 
     def forward(self, x, state=None, lengths=None):
         """Like calling the layer, and keeps the activations for `backward`."""
+        self._check_trainable("forward")
         out, ctx, unbatched, shape = self._run(x, state, lengths, keep=True)
         self._ctx = (ctx, unbatched, shape)
         return out
@@ -316,6 +330,7 @@ class _Recurrent(Module):
         """BPTT through the last `forward`. dy: the gradient of y (same shape; None for
         zeros); dstate: of the final state (same structure; None for zeros). Accumulates
         into `grads` and returns (dx, dstate0)."""
+        self._check_trainable("backward")
         if self._ctx is None:
             raise ValueError("backward: expected a preceding forward() (call forward(x) first; "
                              "each forward can be backpropagated once)")

@@ -43,7 +43,7 @@ class _ModelParams(ParamDict):
     The arrays are the blocks' own; assignment copies into them; touch() marks every
     block's parameters as changed."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_named")
 
     def __init__(self, parts, dtype):
         arrays = {}
@@ -51,7 +51,14 @@ class _ModelParams(ParamDict):
             for k, v in dict.items(pd):
                 arrays[f"{prefix}.{k}"] = v
         super().__init__(arrays, dtype)
+        self._named = list(parts)
         self._parts = [pd for _, pd in parts]
+        self.frozen = bool(self._parts) and all(pd.frozen for pd in self._parts)
+
+    def __reduce__(self):
+        # Rebuilt over the (copied) blocks' own dicts, so a copy of a model keeps assigning
+        # into its blocks' arrays.
+        return (_ModelParams, (self._named, self._dtype))
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -94,6 +101,7 @@ class _Trainable:
 
     def _fit_loop(self, data, n, loss, optimizer, epochs, batch_size, clip_norm,
                   validation_data, progress, seed, shuffle, tokens_per_item):
+        self._check_trainable("fit")
         epochs = check_int(epochs, "epochs")
         batch_size = check_int(batch_size, "batch_size")
         loss_fn = _losses.get(loss)
@@ -153,10 +161,49 @@ class _Trainable:
             b.zero_grad()
 
     def train(self, mode=True):
+        if mode:
+            self._check_trainable("train")
         for b in self._parts():
             b.train(mode)
         self.training = bool(mode)
         return self
+
+    def __getstate__(self):
+        # The model-wide parameter dicts are views of the blocks' own; a copy rebuilds them over
+        # the copied blocks (copied on their own they would hold arrays no block uses: a recurrent
+        # layer's copy makes new arrays).
+        state = dict(self.__dict__)
+        state.pop("_params", None)
+        state.pop("_grads", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build_params(self._named_blocks)
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether this is a frozen, inference-only copy (see `frozen()`)."""
+        return bool(self.params.frozen)
+
+    def frozen(self):
+        """An inference-only copy of the model whose parameters can never change (every
+        block's `frozen()`): `predict`, `evaluate`, `generate`, calling it and saving work;
+        `fit`, `forward`, assignment and load_state_dict raise ValueError. Its recurrent
+        layers keep their packed weights without checking them at each call. The original
+        is unchanged."""
+        import copy
+        c = copy.deepcopy(self)
+        for b in c._parts():
+            b._freeze()
+        c._build_params(c._named_blocks)
+        c.training = False
+        return c
+
+    def _check_trainable(self, what):
+        if self.is_frozen:
+            raise ValueError(f"{what}: this model is frozen (inference only, made by frozen()); "
+                             f"train the original, or load its state_dict into a new model")
 
     def eval(self):
         return self.train(False)
@@ -192,6 +239,7 @@ class _Trainable:
     def _build_params(self, named):
         dt = next((b.dtype for _, b in named if hasattr(b, "dtype")), np.dtype(np.float32))
         self._params = _ModelParams([(k, b.params) for k, b in named], dt)
+        self._named_blocks = list(named)
         self._grads = _ModelParams([(k, b.grads) for k, b in named], dt)
 
     def state_dict(self):

@@ -98,6 +98,7 @@ class PackedWeights {
     PackedWeights& operator=(const PackedWeights&) = delete;
     int64_t bytes() const;   // memory held
     int64_t packs() const;   // thread slices packed so far (a reuse adds none)
+    bool trusted() const;
     void clear();            // frees it (the next call packs again)
     struct Impl;
     Impl& impl() { return *impl_; }
