@@ -175,3 +175,35 @@ def test_model_copies_assign_into_their_own_blocks(how):
     assert "1.weight_hh_l0" in changed and "3.weight" in changed, changed
     assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
     assert c.params["1.weight_hh_l0"] is c[1].params["weight_hh_l0"]
+
+
+@pytest.mark.parametrize("make", [lambda: rc.LSTMCell(4, 8, seed=0), lambda: rc.GRUCell(4, 8, seed=0),
+                                  lambda: rc.RNNCell(4, 8, seed=0),
+                                  lambda: rc.SecondOrderRNN(4, 8, rank=3, seed=0)])
+def test_frozen_cells_and_copies_of_cells(make):
+    m = make()
+    x = np.random.default_rng(9).standard_normal((3, 4)).astype(np.float32)
+    if isinstance(m, rc.SecondOrderRNN):
+        x = x[:, None, :]                               # (T, B, I)
+    y0 = m(x)
+    f = m.frozen()
+    assert f.is_frozen and not m.is_frozen
+    out = f(x)
+    for a, b in zip(out if isinstance(out, tuple) else [out], y0 if isinstance(y0, tuple) else [y0]):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="read-only"):
+        next(iter(f.params.values()))[...] = 0.0
+    with pytest.raises(ValueError, match="forward: this copy is frozen"):
+        f.forward(x)
+    with pytest.raises(ValueError, match="frozen"):
+        f.load_state_dict(m.state_dict())
+    assert copy.deepcopy(f).is_frozen
+    # A copy computes with its own parameters: editing them changes its results (before, a
+    # copied cell's params were arrays its inner layer never read).
+    c = copy.deepcopy(m)
+    for v in c.params.values():
+        v[...] = 0.0
+    z = c(x)
+    first = z[0] if isinstance(z, tuple) else z
+    assert np.all(first == 0.0) or not np.array_equal(first, y0[0] if isinstance(y0, tuple) else y0)
+    assert np.array_equal(m(x)[0] if isinstance(y0, tuple) else m(x), y0[0] if isinstance(y0, tuple) else y0)

@@ -26,6 +26,26 @@ class _Cell(Module):
         self.grads = ParamDict({names[k]: v for k, v in dict.items(layer.grads)}, layer.dtype)
         self._ctx = None
 
+    def __getstate__(self):
+        # params and grads are views of the inner layer's arrays under the cell's names: a
+        # copy rebuilds them over the copied layer (copied on their own they would be arrays
+        # the layer never reads: a layer's copy makes new ones).
+        state = dict(self.__dict__)
+        state.pop("params", None)
+        state.pop("grads", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup(self._layer)
+        self.params.frozen = self._layer.params.frozen
+
+    def _freeze(self):
+        self._layer._freeze()
+        self._setup(self._layer)              # over the layer's immutable arrays
+        self.params.frozen = True
+        self.training = False
+
     def _wrap(self, x, state, name="x"):
         x = as_float_array(x, name, self.dtype)
         if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
@@ -70,6 +90,7 @@ class _Cell(Module):
 
     def forward(self, x, state=None):
         """Like calling the cell, and keeps what `backward` needs."""
+        self._check_trainable("forward")
         xs, hs, unbatched = self._wrap(x, state)
         _, st = self._layer.forward(xs, hs)
         self._unbatched = unbatched
@@ -87,6 +108,7 @@ class _Cell(Module):
         return dx, self._state_out(ds, ub)
 
     def load_state_dict(self, state_dict, strict=True):
+        self._check_trainable("load_state_dict")
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
         inv = {v: k for k, v in self._names.items()}

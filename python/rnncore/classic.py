@@ -130,6 +130,7 @@ class SecondOrderRNN(Module):
                 "rank": self.rank or None, "batch_first": self.batch_first, "dtype": self.dtype.name}
 
     def load_state_dict(self, state_dict, strict=True):
+        self._check_trainable("load_state_dict")
         return _Recurrent.load_state_dict(self, state_dict, strict)
 
     def save(self, path):
@@ -184,6 +185,7 @@ class SecondOrderRNN(Module):
         return out
 
     def forward(self, x, h0=None, lengths=None):
+        self._check_trainable("forward")
         out, ctx, unbatched, shape = self._run(x, h0, lengths, True)
         self._ctx = (ctx, unbatched, shape)
         return out
