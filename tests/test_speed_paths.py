@@ -384,9 +384,11 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
     the same; packed they repack."""
     rng = np.random.default_rng(3)
     layer = IH_CELLS[cell](dtype)
-    # I = 64: T=8 B=1 and T=12 B=1 in place (with a partial panel of 8 + 4 rows: 12 = 16 - 4
-    # goes through gemv_rows), T=9 B=1 in place; T=13 B=1 and T=9 B=2 packed
-    shapes = [(8, 1), (13, 1), (12, 1), (9, 2), (9, 1)]
+    # I = 64: T=8, 12 and 9 at B=1 in place (a panel of 16 input rows padded); T=13 B=1 and
+    # T=9 B=2 packed; the short path (T <= 7, B <= 4: row-major weights, nothing kept) at
+    # T=5 B=4 and T=7 B=3, 16 rows through the micro-kernel and 4 or 5 left over (products of
+    # up to four rows at a time: 4, and 4 + 1)
+    shapes = [(8, 1), (13, 1), (12, 1), (9, 2), (9, 1), (5, 4), (7, 3)]
     for n in (2, 1, 3):
         threads(n)
         for T, B in shapes:
@@ -394,7 +396,7 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
             lengths = rng.integers(1, T + 1, B)
             y, _ = layer(x, lengths=lengths)
             assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
-            inplace = 64 > 5 * T * B
+            inplace = 64 > 5 * T * B or (T <= 7 and B <= 4)   # no kept W_ih to repack
             bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
             rows = layer.params["weight_ih_l0"].shape[0]   # the last gate (o, n or the RNN's) acts at every step
             flat = int(rng.integers((rows - 40) * 64, rows * 64))
@@ -409,8 +411,8 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by
-    gemv_rows), both directions and two layers, then training in float64 against PyTorch (the
-    forward's gates kept in the team's blocked layout)."""
+    products of four rows and of two), both directions and two layers, then training in float64
+    against PyTorch (the forward's gates kept in the team's blocked layout)."""
     rng = np.random.default_rng(4)
     make = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}[cell]
     threads(2)
