@@ -94,6 +94,14 @@ def check_prob(value, name: str) -> float:
     return value
 
 
+def state_without(obj, *names) -> dict:
+    """obj.__dict__ without the named attributes: for __getstate__ of an object whose named
+    attributes are views of its parts' arrays, which its copy rebuilds over the copied parts
+    (copied on their own they would be arrays that no part reads: a recurrent layer's copy
+    makes new ones)."""
+    return {k: v for k, v in obj.__dict__.items() if k not in names}
+
+
 def immutable(a) -> np.ndarray:
     """A read-only copy of `a` over memory that no array can write (a bytes object's): its
     WRITEABLE flag cannot be set again, and no writeable view of it exists."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import Module, ParamDict, as_float_array, shape_str
+from ._arrays import Module, ParamDict, as_float_array, shape_str, state_without
 from .layers import GRU, LSTM, RNN
 
 
@@ -27,13 +27,7 @@ class _Cell(Module):
         self._ctx = None
 
     def __getstate__(self):
-        # params and grads are views of the inner layer's arrays under the cell's names: a
-        # copy rebuilds them over the copied layer (copied on their own they would be arrays
-        # the layer never reads: a layer's copy makes new ones).
-        state = dict(self.__dict__)
-        state.pop("params", None)
-        state.pop("grads", None)
-        return state
+        return state_without(self, "params", "grads")   # views of the inner layer's arrays
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import losses as _losses
 from . import optim as _optim
-from ._arrays import ParamDict, check_int, shape_str
+from ._arrays import ParamDict, check_int, shape_str, state_without
 from .blocks import Block, Dense, Embedding, LastStep
 from .layers import GRU, LSTM, RNN, _Recurrent
 
@@ -169,13 +169,7 @@ class _Trainable:
         return self
 
     def __getstate__(self):
-        # The model-wide parameter dicts are views of the blocks' own; a copy rebuilds them over
-        # the copied blocks (copied on their own they would hold arrays no block uses: a recurrent
-        # layer's copy makes new arrays).
-        state = dict(self.__dict__)
-        state.pop("_params", None)
-        state.pop("_grads", None)
-        return state
+        return state_without(self, "_params", "_grads")   # views of the blocks' own dicts
 
     def __setstate__(self, state):
         self.__dict__.update(state)
