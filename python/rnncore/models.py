@@ -173,7 +173,7 @@ class _Trainable:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._build_params(self._named_blocks)
+        self._build_params(self._named_parts())
 
     @property
     def is_frozen(self) -> bool:
@@ -190,7 +190,7 @@ class _Trainable:
         c = copy.deepcopy(self)
         for b in c._parts():
             b._freeze()
-        c._build_params(c._named_blocks)
+        c._build_params(c._named_parts())
         c.training = False
         return c
 
@@ -233,7 +233,6 @@ class _Trainable:
     def _build_params(self, named):
         dt = next((b.dtype for _, b in named if hasattr(b, "dtype")), np.dtype(np.float32))
         self._params = _ModelParams([(k, b.params) for k, b in named], dt)
-        self._named_blocks = list(named)
         self._grads = _ModelParams([(k, b.grads) for k, b in named], dt)
 
     def state_dict(self):
@@ -273,10 +272,13 @@ class Sequential(_Trainable):
                 raise TypeError(f"blocks[{i}]: expected an rnncore block or layer, got {type(b).__name__}")
         self.blocks = list(blocks)
         self.training = True
-        self._build_params([(str(i), b) for i, b in enumerate(self.blocks)])
+        self._build_params(self._named_parts())
 
     def _parts(self):
         return self.blocks
+
+    def _named_parts(self):
+        return [(str(i), b) for i, b in enumerate(self.blocks)]
 
     @property
     def recurrent_layers(self):
@@ -518,12 +520,15 @@ class Seq2Seq(_Trainable):
         self.out = Dense(hidden, tgt_vocab, seed=s[4], dtype=dtype)
         self.training = True
         self.loss = "cross_entropy"
-        self._build_params([(k, getattr(self, k)) for k in self._names])
+        self._build_params(self._named_parts())
 
     _names = ("src_embedding", "encoder", "tgt_embedding", "decoder", "out")
 
     def _parts(self):
         return [getattr(self, k) for k in self._names]
+
+    def _named_parts(self):
+        return [(k, getattr(self, k)) for k in self._names]
 
     def config(self):
         return {"src_vocab": self.src_vocab, "tgt_vocab": self.tgt_vocab, "embed": self.embed,
