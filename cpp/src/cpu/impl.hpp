@@ -991,9 +991,10 @@ void gemv_nt(int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t 
     typedef VT<T> V;
     constexpr int L = VL<T>;
     // Three rows of W at a time against the NB rows of X (each X load serves three products,
-    // 3 * NB accumulators). Two threads of a Zen 3, NB = 4, 15 alternating rounds: N=2048
-    // K=1024 (8 MB from L3) 64 -> 90 GFLOP/s, N=512 K=256 73 -> 87, N=512 K=128 48 -> 71 against
-    // one row at a time with two steps of k in flight; NB = 2, N=512 K=256 43 -> 53.
+    // 3 * NB accumulators; their sums across lanes as a tree). Two threads of a Zen 3, 15
+    // alternating rounds, each variant warmed, NB = 4: N=2048 K=1024 (8 MB from L3) 66 -> 85
+    // GFLOP/s, N=512 K=256 61 -> 79, N=512 K=128 45 -> 64 against one row at a time with two
+    // steps of k in flight; NB = 2, N=512 K=256 41 -> 54.
     constexpr int RB = 3;
     const int64_t KB = K / L * L;
     auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
@@ -1045,6 +1046,9 @@ void gemv_nt(int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t 
         }
     }
 }
+
+// Y[b, n] = sum_k X[b, k] W[k, n] for n < N (columns of a row-major W with row stride ldw).
+// Blocks of CV vectors of columns against NB rows of X: CV*NB = 8 accumulators.
 template <class T, int NB>
 void gemv_nn(int64_t K, int64_t N, const T* W, int64_t ldw, const T* X, int64_t ldx, T* Y,
              int64_t ldy, T beta = T(0)) {
