@@ -344,6 +344,8 @@ for path, stem in {cases!r}:
 print("BAD", bad)
 assert not bad, bad
 """
-    env = dict(os.environ, RNNCORE_ISA=isa)
+    # three threads: the larger layers' steps split their unit groups over a team of three
+    # (step_threads), the smaller ones stay on one thread
+    env = dict(os.environ, RNNCORE_ISA=isa, OMP_NUM_THREADS="3")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

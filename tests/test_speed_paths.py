@@ -424,3 +424,38 @@ def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     np.testing.assert_array_equal(layer(x)[0], y)
     train = make(96, 32, bidirectional=True, dtype=np.float64)      # 96 > 5 * 9 * 1
     compare_with_torch(train, rng.standard_normal((9, 1, 96)), rng=rng)
+
+
+# The streaming step splits the hidden units over a team once a step has about 1e5
+# multiply-adds (step_threads; each layer here has more at batch 1): uneven slices (H = 150:
+# 19 registers of units), remnants of a
+# register, batch 1 and 3, teams of 1-3 threads, every variant; the projection and Cho's GRU
+# meet at a barrier midway. Against the NumPy reference, and the team's result against one
+# thread's (the same products per row, so equal to rounding).
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj_peep", "gru", "gru_orig", "rnn", "rnn_relu"])
+def test_threaded_step_against_reference(cell, threads):
+    rng = np.random.default_rng(11)
+    I, H = 64, 150
+    make = {"lstm": lambda: rc.LSTM(I, H, num_layers=2),
+            "lstm_proj_peep": lambda: rc.LSTM(I, H, proj_size=70, peephole=True),
+            "gru": lambda: rc.GRU(I, H),
+            "gru_orig": lambda: rc.GRU(I, H, linear_before_reset=False),
+            "rnn": lambda: rc.RNN(I, 3 * H),
+            "rnn_relu": lambda: rc.RNN(I, 3 * H, nonlinearity="relu")}[cell]
+    layer = make()
+    layer.eval()
+    for B in (1, 3):
+        x = rng.standard_normal((6, B, I)).astype(np.float32)
+        yr, _, _ = ref_forward(layer, x, None, None)
+        got = {}
+        for nth in (1, 2, 3):
+            threads(nth)
+            state = layer.initial_state(B)
+            ys = []
+            for t in range(6):
+                yt, state = layer.step(x[t], state)
+                ys.append(yt.copy())
+            got[nth] = np.stack(ys)
+            assert_close(got[nth], yr, np.float32, f"{cell} B={B} threads={nth}")
+        np.testing.assert_allclose(got[2], got[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[3], got[1], rtol=1e-5, atol=1e-6)

@@ -1,12 +1,15 @@
-// One streaming step at batch 1, one thread, fp32, through rnncore's C++ API (Model::step,
-// the default portable build with run-time ISA dispatch), against, in the same run, the same
+// One streaming step at batch 1, fp32, through rnncore's C++ API (Model::step, the default
+// portable build with run-time ISA dispatch), one thread against, in the same run, the same
 // step written with Eigen fixed-size matrices the way RTNeural's compile-time API computes it
-// (eigen_ref.cpp, -O3, -march=native with EIGEN_REF_NATIVE=ON as run.sh sets; built when Eigen 3 is found), and next to the RTNeural
-// figures quoted in the speed issue.
+// (eigen_ref.cpp, -O3, -march=native with EIGEN_REF_NATIVE=ON as run.sh sets; built when
+// Eigen 3 is found), and next to the RTNeural figures quoted in the speed issue; then rnncore
+// with every core (a step of a large layer splits its hidden units over the threads).
 //   bash benchmarks/cpp/run.sh      (saves the layers from Python, builds, runs)
-// Arguments: MODEL_FILE:lstm|gru:I:H:QUOTED_US ...
+// Arguments: MODEL_FILE:lstm|gru:I:H:QUOTED_US ... (QUOTED_US 0: none quoted)
 #include <chrono>
+#include <thread>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -22,13 +25,13 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "usage: %s MODEL_FILE:lstm|gru:I:H:QUOTED_US ...\n", argv[0]);
         return 2;
     }
-    rnncore::set_num_threads(1);
+    const int all = (int)std::thread::hardware_concurrency() > 1 ? (int)std::thread::hardware_concurrency() : 1;
     const int warm = 2000, n = 20000, reps = 7;
-    std::printf("rnncore %s, isa %s, 1 thread, batch 1, fp32: microseconds per step (best of %d x %d)\n",
+    std::printf("rnncore %s, isa %s, batch 1, fp32: microseconds per step (best of %d x %d)\n",
                 rnncore::version(), rnncore::isa_name().c_str(), reps, n);
-    std::printf("%-22s %9s %13s %7s %14s %7s\n", "model", "rnncore", "Eigen (same", "ratio",
-                "RTNeural", "ratio");
-    std::printf("%-22s %9s %13s %7s %14s %7s\n", "", "", "run, native)", "", "(quoted)", "");
+    std::printf("%-22s %9s %13s %7s %14s %7s %11s\n", "model", "rnncore", "Eigen (same", "ratio",
+                "RTNeural", "ratio", "rnncore");
+    std::printf("%-22s %9s %13s %7s %14s %7s %8d thr\n", "", "1 thread", "run, native)", "", "(quoted)", "", all);
     for (int a = 1; a < argc; ++a) {
         const std::string arg = argv[a];
         std::vector<std::string> f;
@@ -45,27 +48,38 @@ int main(int argc, char** argv) {
         rnncore::Model m = rnncore::Model::load(f[0]);
         auto st = m.new_state(1);
         std::vector<float> x(m.input_size(), 0.1f), y(m.output_size());
-        for (int i = 0; i < warm; ++i) m.step(x.data(), st, y.data());
-        double best = 1e30;
-        for (int rep = 0; rep < reps; ++rep) {
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int i = 0; i < n; ++i) m.step(x.data(), st, y.data());
-            const double us =
-                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / n;
-            if (us < best) best = us;
-        }
+        // fewer steps for large layers (about 2 s at most per timing)
+        const int steps = (int)std::max<long>(200, std::min<long>(n, 4000000000L / ((long)(in + hid) * hid * 4 * 8)));
+        auto time_steps = [&](int threads) {
+            rnncore::set_num_threads(threads);
+            for (int i = 0; i < std::min(warm, steps); ++i) m.step(x.data(), st, y.data());
+            double b = 1e30;
+            for (int rep = 0; rep < reps; ++rep) {
+                const auto t0 = std::chrono::steady_clock::now();
+                for (int i = 0; i < steps; ++i) m.step(x.data(), st, y.data());
+                const double us =
+                    std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
+                if (us < b) b = us;
+            }
+            return b;
+        };
+        const double best = time_steps(1);
+        const double best_all = time_steps(all);
         double eig = -1.0;
 #ifdef RNNCORE_BENCH_EIGEN
         eig = eigen_step_us(lstm, in, hid, warm, n, reps);
 #endif
         const std::string name = f[0].substr(f[0].find_last_of('/') + 1);
-        char eb[32] = "-", er[32] = "-";
+        char eb[32] = "-", er[32] = "-", qb[32] = "-", qr[32] = "-";
         if (eig > 0) {
             std::snprintf(eb, sizeof eb, "%.3f", eig);
             std::snprintf(er, sizeof er, "%.2f", best / eig);
         }
-        std::printf("%-22s %9.3f %13s %7s %14.3f %7.2f\n", name.c_str(), best, eb, er, quoted,
-                    quoted > 0 ? best / quoted : 0.0);
+        if (quoted > 0) {
+            std::snprintf(qb, sizeof qb, "%.3f", quoted);
+            std::snprintf(qr, sizeof qr, "%.2f", best / quoted);
+        }
+        std::printf("%-22s %9.3f %13s %7s %14s %7s %11.3f\n", name.c_str(), best, eb, er, qb, qr, best_all);
     }
     return 0;
 }

@@ -407,7 +407,7 @@ void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int
     thread_local std::vector<T> work;
     StepJob<T> j{};
     j.cell = (int)s.cell;
-    j.batch = 1; j.hid = H; j.out = P;
+    j.batch = B; j.hid = H; j.out = P;
     j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
     j.in = s.input_size;
     work.resize(kernels<T>().step_work(j) + 64);
