@@ -113,8 +113,8 @@ KEPT_PACK_LAYERS = variant_makers(20, 128, 40, num_layers=2, bidirectional=True)
 @pytest.mark.parametrize("cell", sorted(KEPT_PACK_LAYERS))
 def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
     """The weights are packed once and kept (layer._packed) while their content is unchanged;
-    a one-bit in-place edit anywhere in W_hh, W_ih or W_hr, a thread-count change or an ISA
-    switch makes the next call repack, and every result matches the reference."""
+    a one-bit in-place edit anywhere in W_hh, W_ih or W_hr, another team size (other slices)
+    or an ISA switch makes the next call repack, and every result matches the reference."""
     rng = np.random.default_rng(1)
     layer = KEPT_PACK_LAYERS[cell](dtype)
     # T > 7: the packed path, W_ih packed and kept too (the input is projected per block)
@@ -148,7 +148,11 @@ def test_kept_packed_weights_follow_every_change(cell, dtype, threads):
         w.reshape(-1)[5] += 0.5                   # a visible edit, checked against the reference
         check(f"after editing {name} in place")
 
-    for n in (1, 2):                              # another team: other slices
+    # another team: other slices. Four threads: one direction after the other with a team of
+    # four (or, where nested OpenMP regions are enabled, both at once with two each); one: a
+    # team of one. (Two threads run the directions at once with one thread each: the same
+    # slices as one thread.)
+    for n in (4, 1):
         threads(n)
         before = layer._packed.packs
         check(f"{n} threads")
@@ -459,3 +463,46 @@ def test_threaded_step_against_reference(cell, threads):
             assert_close(got[nth], yr, np.float32, f"{cell} B={B} threads={nth}")
         np.testing.assert_allclose(got[2], got[1], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[3], got[1], rtol=1e-5, atol=1e-6)
+
+
+# Inference of a bidirectional layer runs both directions at once, one thread each, with two or
+# three threads (concurrent_dir_threads: from ~1e5 multiply-adds a call, both directions'
+# W_hh within 8 MiB): two layers (the second reads both directions of the first), lengths, a
+# given entering state, kept packs (frozen copy) and bfloat16, against the NumPy reference and
+# against one thread. The largest layer here (W_hh 2 x 9.8 MiB) runs one direction after the
+# other.
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "gru_orig", "rnn"])
+def test_bidirectional_inference_directions_at_once(cell, threads):
+    rng = np.random.default_rng(13)
+    make = {"lstm": lambda I, H: rc.LSTM(I, H, num_layers=2, bidirectional=True),
+            "lstm_proj": lambda I, H: rc.LSTM(I, H, proj_size=H // 3, bidirectional=True),
+            "gru": lambda I, H: rc.GRU(I, H, num_layers=2, bidirectional=True),
+            "gru_orig": lambda I, H: rc.GRU(I, H, linear_before_reset=False, bidirectional=True),
+            "rnn": lambda I, H: rc.RNN(I, H, num_layers=2, bidirectional=True)}[cell]
+    for I, H, T, B in ((24, 70, 9, 3), (16, 40, 33, 1)) + (((8, 800, 2, 1),) if cell == "lstm" else ()):
+        layer = make(I, H)
+        layer.eval()
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        lengths = rng.integers(1, T + 1, B)
+        st = layer.initial_state(B)
+        st = tuple(rng.standard_normal(s.shape).astype(np.float32) for s in st) if isinstance(st, tuple) \
+            else rng.standard_normal(st.shape).astype(np.float32)
+        yr, hr, _ = ref_forward(layer, x, st, lengths)
+        frozen = layer.frozen()
+        got = {}
+        for nth in (1, 2, 3):
+            threads(nth)
+            y, h = layer(x, st, lengths=lengths)
+            assert_close(y, yr, np.float32, f"{cell} I={I} H={H} threads={nth}")
+            yf, _ = frozen(x, st, lengths=lengths)
+            np.testing.assert_array_equal(yf, y)
+            got[nth] = y
+        np.testing.assert_allclose(got[2], got[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[3], got[1], rtol=1e-5, atol=1e-6)
+        # bfloat16 recurrent weights: one thread against two
+        layer.inference_precision = "bfloat16"
+        threads(1)
+        y1, _ = layer(x, st, lengths=lengths)
+        threads(2)
+        y2, _ = layer(x, st, lengths=lengths)
+        np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)

@@ -62,8 +62,10 @@ template <class T> struct DirJob {
                                     // be kept in `gates`
     bool bf16;                      // with infer and float: W_hh and W_hr packed in bfloat16
     int* gate_team;                 // null: `gates` is row-major [T, B, G*H]. Else forward
-};                                  // stores the team whose blocked layout it wrote (0: none;
+                                    // stores the team whose blocked layout it wrote (0: none;
                                     // see gate_offset in cpu/impl.hpp), backward reads it
+    int max_threads;                // forward: at most this many threads (0: no cap; the
+};                                  // directions of a bidirectional layer run at once)
 
 template <class T> struct DirBackJob {
     DirJob<T> f;                    // the forward job whose buffers hold the activations

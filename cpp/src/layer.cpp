@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -11,6 +12,10 @@
 #include "kernels.hpp"
 #include "rnncore/classic.hpp"
 #include "rnncore/layer.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace rnncore {
 
@@ -161,6 +166,42 @@ DirJob<T> make_job(const LayerSpec& s, int64_t layer, int d, int64_t TT, int64_t
     return j;
 }
 
+// Inference of a bidirectional layer runs its two directions at once, each on its own share of
+// the threads, when that share is whole: with two or three threads one each (no per-step
+// barrier, each core streams one direction's weights), with more only where nested parallel
+// regions are enabled (otherwise a direction's team would shrink to one thread). Returns the
+// threads per direction, or 0: one direction after the other, each with every thread. Calls
+// under ~1e5 multiply-adds keep the old order (a parallel region costs microseconds, as for
+// the streaming step). Measured on two Zen 3 cores (inference, frozen layers, one direction
+// after the other against both at once, three alternating rounds): T=100 B=1 I=128 H=256 LSTM
+// 2.02-2.38 -> 1.73-2.09 ms, GRU 1.51-1.71 -> 1.24-1.40, RNN 0.46-0.67 -> 0.39-0.47; B=16
+// LSTM 15.9-17.7 -> 15.2; T=50 B=1 I=H=512 LSTM 4.9-5.9 -> 4.6-5.1; T=100 B=64 I=256 H=512
+// GRU 177-181 -> 166-177.
+int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_t B, int elem_bytes) {
+#ifdef _OPENMP
+    constexpr double CONCURRENT_DIRS_MIN_MACS = 1.0e5;
+    if (!s.bidirectional || omp_in_parallel()) return 0;
+    const int n = threads_for_kernels();
+    const double macs = 2.0 * (double)TT * B * s.gates() * s.hidden_size *
+                        (double)(s.layer_input_size(layer) + s.out_size());
+    if (n < 2 || macs < CONCURRENT_DIRS_MIN_MACS) return 0;
+    // Each direction's recurrent weights are read at every step: two directions at once keep
+    // both sets in the cache at the same time (one after the other, each core holds half of
+    // one set), so only where both fit in a share of the L3 (LSTM I=H=1024, 32 MB of W_hh:
+    // 10.8 -> 17-19 ms at T=25 on a 32 MB L3 shared with other tenants). A fixed 8 MiB: the
+    // L3 size the OS reports may be the whole package's (256 MB on that machine's KVM guest).
+    const double budget = 8.0 * (1 << 20);
+    const double wbytes = 2.0 * elem_bytes * ((double)s.gates() * s.hidden_size * s.out_size() +
+                                              (s.proj_size > 0 ? (double)s.proj_size * s.hidden_size : 0.0));
+    if (wbytes > budget) return 0;
+    if (n < 4) return 1;
+    return omp_get_max_active_levels() >= 2 ? n / 2 : 0;
+#else
+    (void)s; (void)layer; (void)TT; (void)B; (void)elem_bytes;
+    return 0;
+#endif
+}
+
 template <class T> void check_params(const LayerSpec& s, const std::vector<DirParams<T>>& p) {
     if ((int64_t)p.size() != s.num_layers * s.dirs())
         throw std::invalid_argument("params: expected " + str(s.num_layers * s.dirs()) +
@@ -226,7 +267,9 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     if (a.lengths) c->lengths.assign(a.lengths, a.lengths + B);
     const int64_t* lens = a.lengths ? c->lengths.data() : nullptr;
     c->inputs.resize(L);
-    c->dirs.resize(keep ? L * D : 1);
+    // inference: one set of buffers per direction (both may run at once); never shrunk
+    if (keep) c->dirs.resize(L * D);
+    else if ((int64_t)c->dirs.size() < D) c->dirs.resize(D);
 
     // Kept packed weights, when given and not in use by another call.
     std::unique_lock<std::mutex> packed_lock;
@@ -272,14 +315,16 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             ybuf[l & 1].resize(TT * B * D * P);
             y = ybuf[l & 1].data();
         }
-        for (int d = 0; d < D; ++d) {
+        const int per_dir = keep ? 0 : concurrent_dir_threads(s, l, TT, B, bf16 ? 2 : (int)sizeof(T));
+        auto run_dir = [&](int d) {
             const int64_t idx = l * D + d;
-            auto& buf = c->dirs[keep ? idx : 0];
+            auto& buf = c->dirs[keep ? idx : d];
             DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y);
             j.packed = packed ? &(*packed)[idx] : nullptr;
             j.zero_start = a.h0 == nullptr;
             j.infer = !keep;
             j.bf16 = bf16;
+            j.max_threads = per_dir;
             const int rev = d == 1;
             T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
             if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);
@@ -293,6 +338,24 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
             if (s.is_lstm())
                 std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
+        };
+        if (per_dir > 0) {
+#ifdef _OPENMP
+            // both directions at once; an exception may not leave the parallel region
+            std::exception_ptr err[2];
+#pragma omp parallel num_threads(2)
+            for (int d = omp_get_thread_num(); d < 2; d += omp_get_num_threads()) {
+                try {
+                    run_dir(d);
+                } catch (...) {
+                    err[d] = std::current_exception();
+                }
+            }
+            for (const std::exception_ptr& e : err)
+                if (e) std::rethrow_exception(e);
+#endif
+        } else {
+            for (int d = 0; d < D; ++d) run_dir(d);
         }
     }
     if (keep) *cache = c;

@@ -1641,7 +1641,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const bool local_g = fuse && (j.infer || rnn);
     const bool blocked = fuse && !local_g && j.gate_team;
 
-    const int nth = rec_threads(B, G, H, P);
+    const int nth = j.max_threads > 0 && rec_threads(B, G, H, P) > j.max_threads ? j.max_threads
+                                                                                : rec_threads(B, G, H, P);
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
