@@ -86,6 +86,46 @@ def test_shared_layer_many_threads(name, threads):
         np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_shared_large_layer_many_threads(cell, threads):
+    """Eight Python threads use one layer at once, at sizes where each bidirectional call runs
+    its two directions at once and each step splits its units over a team of its own."""
+    threads(2)
+    rng = np.random.default_rng(2)
+    bi = getattr(rnncore, cell)(24, 96, bidirectional=True, seed=1)
+    uni = getattr(rnncore, cell)(64, 160, seed=2)
+    bi.eval()
+    uni.eval()
+    xs = [rng.standard_normal((20, 2, 24)).astype(np.float32) for _ in range(8)]
+    us = [rng.standard_normal((6, 2, 64)).astype(np.float32) for _ in range(8)]
+    want_bi = [bi(x)[0] for x in xs]
+    want_uni = [uni(u)[0] for u in us]
+    got_bi, got_uni, errors = [None] * 8, [None] * 8, []
+
+    def work(i):
+        try:
+            for _ in range(4):
+                got_bi[i] = bi(xs[i])[0]
+                st = uni.initial_state(2)
+                ys = []
+                for t in range(6):
+                    y, st = uni.step(us[i][t], st)
+                    ys.append(y.copy())
+                got_uni[i] = np.stack(ys)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for i in range(8):
+        np.testing.assert_array_equal(got_bi[i], want_bi[i])
+        np.testing.assert_allclose(got_uni[i], want_uni[i], rtol=1e-5, atol=1e-6)
+
+
 def test_call_releases_the_gil():
     """A Python thread keeps running while another thread is inside a long layer call."""
     layer = rnncore.LSTM(64, 256, seed=0)

@@ -126,9 +126,12 @@ def fptr(a):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
-def test_c_api_from_several_threads(tmp_path):
+@pytest.mark.parametrize("hidden", [32, 256])
+def test_c_api_from_several_threads(tmp_path, hidden):
+    """Six threads step one model at once, each with its own state; at hidden=256 each step
+    also splits its unit groups over a team of its own (step_threads)."""
     lib = c_api()
-    m = rc.Sequential(rc.GRU(4, 32, batch_first=True, seed=0), rc.Dense(32, 3, seed=1))
+    m = rc.Sequential(rc.GRU(4, hidden, batch_first=True, seed=0), rc.Dense(hidden, 3, seed=1))
     m.save(tmp_path / "g.rnnc")
     handle = ctypes.c_void_p()
     assert lib.rnncore_model_load(str(tmp_path / "g.rnnc").encode(), ctypes.byref(handle)) == 0
