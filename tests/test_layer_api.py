@@ -58,6 +58,25 @@ def test_step_refuses_bidirectional():
         layer.step(np.zeros(3))
 
 
+def in_threads(work, n):
+    """Runs work(0..n-1) in n threads at once; re-raises the first exception any raised."""
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as e:  # pragma: no cover - re-raised below
+            errors.append(e)
+
+    ts = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_shared_layer_many_threads(name, threads):
     threads(2)
@@ -67,21 +86,12 @@ def test_shared_layer_many_threads(name, threads):
     xs = [rng.standard_normal((30, 4, 5)).astype(np.float32) for _ in range(8)]
     expected = [layer(x) for x in xs]
     results = [None] * 8
-    errors = []
 
     def work(i):
-        try:
-            for _ in range(5):
-                results[i] = layer(xs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(5):
+            results[i] = layer(xs[i])
 
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    in_threads(work, 8)
     for got, want in zip(results, expected):
         np.testing.assert_array_equal(got[0], want[0])
 
@@ -100,27 +110,19 @@ def test_shared_large_layer_many_threads(cell, threads):
     us = [rng.standard_normal((6, 2, 64)).astype(np.float32) for _ in range(8)]
     want_bi = [bi(x)[0] for x in xs]
     want_uni = [uni(u)[0] for u in us]
-    got_bi, got_uni, errors = [None] * 8, [None] * 8, []
+    got_bi, got_uni = [None] * 8, [None] * 8
 
     def work(i):
-        try:
-            for _ in range(4):
-                got_bi[i] = bi(xs[i])[0]
-                st = uni.initial_state(2)
-                ys = []
-                for t in range(6):
-                    y, st = uni.step(us[i][t], st)
-                    ys.append(y.copy())
-                got_uni[i] = np.stack(ys)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(4):
+            got_bi[i] = bi(xs[i])[0]
+            st = uni.initial_state(2)
+            ys = []
+            for t in range(6):
+                y, st = uni.step(us[i][t], st)
+                ys.append(y.copy())
+            got_uni[i] = np.stack(ys)
 
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    in_threads(work, 8)
     for i in range(8):
         np.testing.assert_array_equal(got_bi[i], want_bi[i])
         np.testing.assert_allclose(got_uni[i], want_uni[i], rtol=1e-5, atol=1e-6)
