@@ -296,7 +296,9 @@ class Sequential(_Trainable):
         return len(self.blocks)
 
     # running ---------------------------------------------------------------
-    def _run(self, x, lengths=None, states=None, keep=False):
+    def _run(self, x, lengths=None, states=None, keep=False, stream=False):
+        """stream: x is one time step and `states` belong to the caller, who lets them be
+        overwritten: recurrent layers run `step` (in place, the streaming kernels)."""
         h = x
         new_states = []
         r = 0
@@ -307,6 +309,13 @@ class Sequential(_Trainable):
                 if h.ndim != 3:
                     raise ValueError(f"x: a recurrent layer expects (B, T, F) input inside Sequential, "
                                      f"got shape {shape_str(h.shape)}")
+                if stream and not keep and st is not None and lengths is None and h.shape[1] == 1 \
+                        and not b.bidirectional:
+                    y_t, s = b.step(h[:, 0], st)
+                    h = y_t[:, None]
+                    new_states.append(s)
+                    r += 1
+                    continue
                 inp = h if b.batch_first else h.transpose(1, 0, 2)
                 y, s = (b.forward if keep else b)(inp, st, lengths)
                 h = y if b.batch_first else y.transpose(1, 0, 2)
@@ -481,7 +490,7 @@ class Sequential(_Trainable):
                     p /= p.sum()
                     tok = int(rng.choice(len(p), p=p))
                 res[i] = tok
-                out, states = self._run(np.array([[tok]]), None, states, keep=False)
+                out, states = self._run(np.array([[tok]]), None, states, keep=False, stream=True)
             return res
         finally:
             self.train(was)
@@ -620,8 +629,9 @@ class Seq2Seq(_Trainable):
             self.train(was)
 
     def _step(self, tokens, st):
-        y, st = self.decoder(self.tgt_embedding(np.asarray(tokens)[:, None]), st)
-        z = self.out(y[:, 0]).astype(np.float64)
+        # the decoder's streaming step: st belongs to the decoding loop (it is overwritten)
+        y, st = self.decoder.step(self.tgt_embedding(np.asarray(tokens)[:, None])[:, 0], st)
+        z = self.out(y).astype(np.float64)
         z -= z.max(axis=-1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=-1, keepdims=True)), st
 

@@ -2120,12 +2120,6 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
     else gemv_rows<T>(N, K, W, ldw, x, T(0), y);
 }
 
-template <class T> int64_t step_work(const StepJob<T>& j) {
-    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    const int64_t B = j.batch > 1 ? j.batch : 1;
-    return 2 * G * j.hid + B * (2 * j.hid + j.out) + 64;
-}
-
 // Threads for one streaming step: the hidden units are split over the team, each thread
 // streaming its rows of the weights (as the batch-1 recurrence does), at least `grain` units
 // a thread. A step is one parallel region (1-2 us with the workers spinning, tens of us when
@@ -2152,73 +2146,80 @@ template <class T> int step_threads(const StepJob<T>& j, int64_t grain) {
 #endif
 }
 
-// One step of one layer; `prod(mat, v, out, r0, n)` computes rows [r0, r0 + n) of M v into
-// out[r0, r0 + n) for mat = IH (W_ih, GH x I), HH (W_hh, GH x P; Cho's GRU: its r,z rows,
-// 2H x H), HN (Cho's GRU: W_hn, H x H) or HR (W_hr, P x H). The plain and the packed step
-// differ only in that product. Thread `tid` of a team of `team` computes its slice of the
-// hidden units (and of the output features: the projection) for every batch row, reading
-// the whole old state, and writes its slice of the new state to hnew [B, P]: the caller
-// copies hnew over h once the team is done. Cells that need a whole vector midway (the
-// projection's m, Cho's GRU's r * h) meet at a barrier there; m and r * h have a row per
-// batch row, so no thread overwrites one that another still reads.
+// One step of one layer; `prod(mat, v, ldv, out, ldo, r0, n)` computes rows [r0, r0 + n) of
+// M v for the B batch rows of v (row stride ldv) into columns [r0, r0 + n) of out (row stride
+// ldo), for mat = IH (W_ih, GH x I), HH (W_hh, GH x P; Cho's GRU: its r,z rows, 2H x H), HN
+// (Cho's GRU: W_hn, H x H) or HR (W_hr, P x H): one pass over the weights serves up to four
+// batch rows. The plain and the packed step differ only in that product. Thread `tid` of a
+// team of `team` computes its slice of the hidden units (and of the output features: the
+// projection) for every batch row, reading the whole old state, and writes its slice of the
+// new state to hnew [B, P]: the caller copies hnew over h once the team is done. Cells that
+// need a whole vector midway (the projection's m, Cho's GRU's r * h) meet at a barrier there.
 enum StepMat { M_IH, M_HH, M_HN, M_HR };
+
+template <class T> int64_t step_work(const StepJob<T>& j) {
+    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
+    const int64_t B = j.batch > 1 ? j.batch : 1;
+    return B * (2 * G * j.hid + 2 * j.hid + j.out) + 64;
+}
 
 template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod, int tid, int team) {
     const int64_t B = j.batch, I = j.in, H = j.hid, P = j.out;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    T* gx = j.work;            // [GH] x side (+ biases)
-    T* hh = gx + GH;           // [GH] hidden side
-    T* mall = hh + GH;         // [B, H] LSTM with projection: m; GRU: r * h (Cho) or W_hn h
+    T* gx = j.work;            // [B, GH] x side (+ biases)
+    T* hh = gx + B * GH;       // [B, GH] hidden side
+    T* mall = hh + B * GH;     // [B, H] LSTM with projection: m; GRU: r * h (Cho) or W_hn h
     T* hnall = mall + B * H;   // [B, P] the new state
     const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
     const Part U = part(H, team, tid, VL<T>);
     const Part Q = proj ? part(P, team, tid, VL<T>) : U;
     const int64_t u0 = U.lo, nh = U.size();
     const int64_t fold = (gru && j.lbr) ? 2 * H : GH;
-    // rows of `gates` gates of a matrix for this thread's units: one product when it has them all
-    auto rows = [&](int mat, const T* v, T* out, int gates) {
-        if (nh == H) prod(mat, v, out, 0, gates * H);
+    // rows of `gates` gates of a matrix for this thread's units, every batch row: one product
+    // when the thread has all the units
+    auto rows = [&](int mat, const T* v, int64_t ldv, T* out, int gates) {
+        if (nh == H) prod(mat, v, ldv, out, GH, 0, gates * H);
         else
-            for (int g = 0; g < gates && nh > 0; ++g) prod(mat, v, out, g * H + u0, nh);
+            for (int g = 0; g < gates && nh > 0; ++g) prod(mat, v, ldv, out, GH, g * H + u0, nh);
     };
-    for (int64_t b = 0; b < B; ++b) {
-        const T* x = j.x + b * I;
+    rows(M_IH, j.x, I, gx, G);
+    rows(M_HH, j.h, P, hh, gru_orig ? 2 : G);
+    for (int64_t b = 0; b < B && j.w.b_ih; ++b)
+        for (int g = 0; g < G; ++g)
+            for (int64_t k = g * H + u0; k < g * H + u0 + nh; ++k)
+                gx[b * GH + k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
+    for (int64_t b = 0; b < B && nh > 0; ++b) {
+        T* gb = gx + b * GH;
+        const T* hb = hh + b * GH;
         const T* h = j.h + b * P;
         T* m = mall + b * H;
         T* hnew = hnall + b * P;
-        rows(M_IH, x, gx, G);
-        for (int g = 0; g < G && j.w.b_ih; ++g)
-            for (int64_t k = g * H + u0; k < g * H + u0 + nh; ++k)
-                gx[k] += j.w.b_ih[k] + (k < fold ? j.w.b_hh[k] : T(0));
         if (lstm) {
             T* c = j.c + b * H;
-            rows(M_HH, h, hh, 4);
-            if (nh > 0)
-                lstm_fwd_row<T>(nh, gx + u0, gx + H + u0, gx + 2 * H + u0, gx + 3 * H + u0, hh + u0,
-                                hh + H + u0, hh + 2 * H + u0, hh + 3 * H + u0, c + u0, c + u0,
-                                (proj ? m : hnew) + u0, pi ? pi + u0 : nullptr,
-                                pi ? pi + H + u0 : nullptr, pi ? pi + 2 * H + u0 : nullptr, j.coupled);
-            if (proj) {
-                barrier(team);   // m complete
-                if (Q.size() > 0) prod(M_HR, m, hnew, Q.lo, Q.size());
-            }
+            lstm_fwd_row<T>(nh, gb + u0, gb + H + u0, gb + 2 * H + u0, gb + 3 * H + u0, hb + u0,
+                            hb + H + u0, hb + 2 * H + u0, hb + 3 * H + u0, c + u0, c + u0,
+                            (proj ? m : hnew) + u0, pi ? pi + u0 : nullptr,
+                            pi ? pi + H + u0 : nullptr, pi ? pi + 2 * H + u0 : nullptr, j.coupled);
+        } else if (gru_orig) {
+            gru_orig_rz_row<T>(nh, gb + u0, gb + H + u0, hb + u0, hb + H + u0, h + u0, m + u0);
         } else if (gru) {
-            const T* bhn = j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
-            rows(M_HH, h, hh, gru_orig ? 2 : 3);
-            if (gru_orig) {
-                if (nh > 0) gru_orig_rz_row<T>(nh, gx + u0, gx + H + u0, hh + u0, hh + H + u0, h + u0, m + u0);
-                barrier(team);   // r * h complete
-                if (nh > 0) {
-                    prod(M_HN, m, hh + 2 * H, u0, nh);
-                    gru_orig_n_row<T>(nh, gx + H + u0, gx + 2 * H + u0, hh + 2 * H + u0, h + u0, hnew + u0);
-                }
-            } else if (nh > 0) {
-                gru_fwd_row<T>(nh, gx + u0, gx + H + u0, gx + 2 * H + u0, hh + u0, hh + H + u0,
-                               hh + 2 * H + u0, bhn ? bhn + u0 : nullptr, h + u0, m + u0, hnew + u0);
-            }
-        } else if (nh > 0) {
-            rows(M_HH, h, hh, 1);
-            rnn_fwd_row<T>(nh, gx + u0, hh + u0, hnew + u0, relu);
+            const T* bhn = j.w.b_hh ? j.w.b_hh + 2 * H : nullptr;
+            gru_fwd_row<T>(nh, gb + u0, gb + H + u0, gb + 2 * H + u0, hb + u0, hb + H + u0,
+                           hb + 2 * H + u0, bhn ? bhn + u0 : nullptr, h + u0, m + u0, hnew + u0);
+        } else {
+            rnn_fwd_row<T>(nh, gb + u0, hb + u0, hnew + u0, relu);
+        }
+    }
+    if (proj) {
+        barrier(team);   // m complete
+        if (Q.size() > 0) prod(M_HR, mall, H, hnall, P, Q.lo, Q.size());
+    } else if (gru_orig) {
+        barrier(team);   // r * h complete
+        if (nh > 0) {
+            prod(M_HN, mall, H, hh + 2 * H, GH, u0, nh);
+            for (int64_t b = 0; b < B; ++b)
+                gru_orig_n_row<T>(nh, gx + b * GH + H + u0, gx + b * GH + 2 * H + u0,
+                                  hh + b * GH + 2 * H + u0, j.h + b * P + u0, hnall + b * P + u0);
         }
     }
 }
@@ -2227,20 +2228,34 @@ template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod, 
 template <class T, class Prod> void step_team(const StepJob<T>& j, int nth, Prod&& prod) {
     run_team(nth, [&](int tid, int team) { step_with(j, prod, tid, team); });
     const int64_t G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    std::memcpy(j.h, j.work + 2 * G * j.hid + j.batch * j.hid, sizeof(T) * j.batch * j.out);
+    std::memcpy(j.h, j.work + j.batch * (2 * G * j.hid + j.hid), sizeof(T) * j.batch * j.out);
+}
+
+// Y[b, 0:N] = W[0:N, :] X[b, :] for B rows of X, up to four rows per pass over W.
+template <class T>
+inline void step_rows(int64_t B, int64_t N, int64_t K, const T* W, int64_t ldw, const T* X,
+                      int64_t ldx, T* Y, int64_t ldy) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        const int64_t nb = B - b0 < 4 ? B - b0 : 4;
+        if (nb == 1) step_gemv<T>(N, K, W, ldw, X + b0 * ldx, Y + b0 * ldy);
+        else small_nt<T>(nb, N, K, W, ldw, X + b0 * ldx, ldx, Y + b0 * ldy, ldy);
+    }
 }
 
 template <class T> void step(const StepJob<T>& j) {
-    const int64_t I = j.in, H = j.hid, P = j.out;
+    const int64_t I = j.in, H = j.hid, P = j.out, B = j.batch;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    step_team(j, step_threads(j, 2 * VL<T>), [&](int mat, const T* v, T* out, int64_t r0, int64_t n) {
+    step_team(j, step_threads(j, 2 * VL<T>), [&](int mat, const T* v, int64_t ldv, T* out, int64_t ldo,
+                                                 int64_t r0, int64_t n) {
         switch (mat) {
-            case M_IH: step_gemv<T>(n, I, j.w.w_ih + r0 * I, I, v, out + r0); break;
-            case M_HH:   // Cho's GRU: its r,z rows (the first 2H)
-                step_gemv<T>(n, gru_orig ? H : P, j.w.w_hh + r0 * (gru_orig ? H : P), gru_orig ? H : P, v, out + r0);
+            case M_IH: step_rows<T>(B, n, I, j.w.w_ih + r0 * I, I, v, ldv, out + r0, ldo); break;
+            case M_HH: {   // Cho's GRU: its r,z rows (the first 2H)
+                const int64_t K = gru_orig ? H : P;
+                step_rows<T>(B, n, K, j.w.w_hh + r0 * K, K, v, ldv, out + r0, ldo);
                 break;
-            case M_HN: step_gemv<T>(n, H, j.w.w_hh + (2 * H + r0) * H, H, v, out + r0); break;
-            default: step_gemv<T>(n, H, j.w.w_hr + r0 * H, H, v, out + r0); break;
+            }
+            case M_HN: step_rows<T>(B, n, H, j.w.w_hh + (2 * H + r0) * H, H, v, ldv, out + r0, ldo); break;
+            default: step_rows<T>(B, n, H, j.w.w_hr + r0 * H, H, v, ldv, out + r0, ldo); break;
         }
     });
 }
@@ -2489,15 +2504,22 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     // thread's units), each product over all rows of its matrix (r0 = 0).
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     const StepPack<T> L = step_pack_layout(j);
-    step_team(j, 1, [&](int mat, const T* v, T* out, int64_t, int64_t) {
+    step_team(j, 1, [&](int mat, const T* v, int64_t ldv, T* out, int64_t ldo, int64_t, int64_t) {
+        // the batch rows SMALL_ROWS at a time against all columns of the packed panels
+        auto rows = [&](int64_t N, int64_t K, const T* bp) {
+            for (int64_t b0 = 0; b0 < j.batch; b0 += SMALL_ROWS) {
+                const int64_t mb = j.batch - b0 < SMALL_ROWS ? j.batch - b0 : SMALL_ROWS;
+                small_rows<T>(mb, N, K, v + b0 * ldv, ldv, 1, bp, T(1), T(0), out + b0 * ldo, ldo, rv);
+            }
+        };
         switch (mat) {
-            case M_IH: small_rows<T>(1, GH, I, v, I, 1, pk + L.ih, T(1), T(0), out, GH, rv); break;
+            case M_IH: rows(GH, I, pk + L.ih); break;
             case M_HH:
-                if (gru_orig) small_rows<T>(1, 2 * H, H, v, H, 1, pk + L.hh, T(1), T(0), out, 2 * H, rv);
-                else small_rows<T>(1, GH, P, v, P, 1, pk + L.hh, T(1), T(0), out, GH, rv);
+                if (gru_orig) rows(2 * H, H, pk + L.hh);
+                else rows(GH, P, pk + L.hh);
                 break;
-            case M_HN: small_rows<T>(1, H, H, v, H, 1, pk + L.hn, T(1), T(0), out, H, rv); break;
-            default: small_rows<T>(1, P, H, v, H, 1, pk + L.hr, T(1), T(0), out, P, rv); break;
+            case M_HN: rows(H, H, pk + L.hn); break;
+            default: rows(P, H, pk + L.hr); break;
         }
     });
 }
