@@ -303,10 +303,10 @@ STEP_VARIANTS = {
 
 @pytest.mark.parametrize("isa", rc._core.available_isas().split(","))
 def test_c_step_equals_python_for_every_cell_size_and_isa(tmp_path, isa):
-    """The C API's step (weights packed at load; fused one-pass kernels for LSTM, GRU and RNN)
-    equals the Python layer over a sequence, for every variant, sizes that are not multiples
-    of the unit groups, batch 3, two layers, in a child process per ISA (the library chooses
-    its kernels once)."""
+    """The C API's step (weights packed at load; fused one-pass kernels for LSTM, GRU and RNN;
+    from four batch rows the row-major step) equals the Python layer over a sequence, for every
+    variant, sizes that are not multiples of the unit groups, batch 3 and 5, two layers, in a
+    child process per ISA (the library chooses its kernels once)."""
     cases = []
     rng = np.random.default_rng(5)
     for name, make in STEP_VARIANTS.items():
@@ -314,7 +314,7 @@ def test_c_step_equals_python_for_every_cell_size_and_isa(tmp_path, isa):
             layer = make(I, H)
             path = tmp_path / f"{name}_{I}_{H}.rnnc"
             layer.save(path)
-            x = rng.standard_normal((12, 3, I)).astype(np.float32)
+            x = rng.standard_normal((12, 5, I)).astype(np.float32)
             y, _ = layer(x)
             np.save(tmp_path / f"{name}_{I}_{H}_x.npy", x)
             np.save(tmp_path / f"{name}_{I}_{H}_y.npy", y)
@@ -326,22 +326,23 @@ from test_native import c_api, fptr
 lib = c_api()
 bad = []
 for path, stem in {cases!r}:
-    x = np.load({str(tmp_path)!r} + "/" + stem + "_x.npy")
-    want = np.load({str(tmp_path)!r} + "/" + stem + "_y.npy")
+  for B in (3, 5):   # batch rows are independent: the first three of the five-row sequence
+    x = np.load({str(tmp_path)!r} + "/" + stem + "_x.npy")[:, :B]
+    want = np.load({str(tmp_path)!r} + "/" + stem + "_y.npy")[:, :B]
     h = ctypes.c_void_p()
     assert lib.rnncore_model_load(path.encode(), ctypes.byref(h)) == 0, lib.rnncore_last_error()
     st = ctypes.c_void_p()
-    assert lib.rnncore_state_create(h, 3, ctypes.byref(st)) == 0
+    assert lib.rnncore_state_create(h, B, ctypes.byref(st)) == 0
     O = want.shape[-1]
     got = np.zeros_like(want)
     for t in range(x.shape[0]):
         xt = np.ascontiguousarray(x[t])
-        yt = np.zeros((3, O), np.float32)
-        assert lib.rnncore_step(h, st, fptr(xt), 3, x.shape[2], fptr(yt), yt.size) == 0, lib.rnncore_last_error()
+        yt = np.zeros((B, O), np.float32)
+        assert lib.rnncore_step(h, st, fptr(xt), B, x.shape[2], fptr(yt), yt.size) == 0, lib.rnncore_last_error()
         got[t] = yt
     err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
     if not err <= 2e-6:
-        bad.append((stem, err))
+        bad.append((stem, B, err))
     lib.rnncore_state_free(st)
     lib.rnncore_model_free(h)
 print("BAD", bad)
