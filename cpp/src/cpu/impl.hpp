@@ -1641,8 +1641,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const bool local_g = fuse && (j.infer || rnn);
     const bool blocked = fuse && !local_g && j.gate_team;
 
-    const int nth = j.max_threads > 0 && rec_threads(B, G, H, P) > j.max_threads ? j.max_threads
-                                                                                : rec_threads(B, G, H, P);
+    const int want = rec_threads(B, G, H, P);
+    const int nth = j.max_threads > 0 && want > j.max_threads ? j.max_threads : want;
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
@@ -2134,7 +2134,7 @@ template <class T> int step_threads(const StepJob<T>& j, int64_t grain) {
 #ifdef _OPENMP
     const int avail = threads_for_kernels();
     if (avail <= 1 || omp_in_parallel()) return 1;
-    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
+    const int G = cell_dims(j.cell, j.hid, j.out, j.lbr).G;
     const double macs = (double)j.batch * ((double)G * j.hid * (j.in + j.out) +
                                            (j.out != j.hid ? (double)j.out * j.hid : 0.0));
     if (macs < STEP_MIN_MACS) return 1;
@@ -2157,10 +2157,13 @@ template <class T> int step_threads(const StepJob<T>& j, int64_t grain) {
 // need a whole vector midway (the projection's m, Cho's GRU's r * h) meet at a barrier there.
 enum StepMat { M_IH, M_HH, M_HN, M_HR };
 
+// The step's scratch, j.work: gx and hh [B, GH], m [B, H], then the new state [B, P].
 template <class T> int64_t step_work(const StepJob<T>& j) {
-    const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
     const int64_t B = j.batch > 1 ? j.batch : 1;
-    return B * (2 * G * j.hid + 2 * j.hid + j.out) + 64;
+    return B * (2 * cell_dims(j.cell, j.hid, j.out, j.lbr).GH + 2 * j.hid + j.out) + 64;
+}
+template <class T> T* step_hnew(const StepJob<T>& j) {
+    return j.work + j.batch * (2 * cell_dims(j.cell, j.hid, j.out, j.lbr).GH + j.hid);
 }
 
 template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod, int tid, int team) {
@@ -2169,7 +2172,7 @@ template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod, 
     T* gx = j.work;            // [B, GH] x side (+ biases)
     T* hh = gx + B * GH;       // [B, GH] hidden side
     T* mall = hh + B * GH;     // [B, H] LSTM with projection: m; GRU: r * h (Cho) or W_hn h
-    T* hnall = mall + B * H;   // [B, P] the new state
+    T* hnall = step_hnew(j);   // [B, P] the new state, after mall
     const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
     const Part U = part(H, team, tid, VL<T>);
     const Part Q = proj ? part(P, team, tid, VL<T>) : U;
@@ -2227,8 +2230,7 @@ template <class T, class Prod> void step_with(const StepJob<T>& j, Prod&& prod, 
 // Runs step_with over a team of `nth` threads, then copies the new state over the old.
 template <class T, class Prod> void step_team(const StepJob<T>& j, int nth, Prod&& prod) {
     run_team(nth, [&](int tid, int team) { step_with(j, prod, tid, team); });
-    const int64_t G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
-    std::memcpy(j.h, j.work + j.batch * (2 * G * j.hid + j.hid), sizeof(T) * j.batch * j.out);
+    std::memcpy(j.h, step_hnew(j), sizeof(T) * j.batch * j.out);
 }
 
 // Y[b, 0:N] = W[0:N, :] X[b, :] for B rows of X, up to four rows per pass over W.
