@@ -37,10 +37,10 @@ def numeric_grad(arr, loss, eps=1e-6):
     return g
 
 
-def run_child(code: str, timeout=120):
-    """Runs code in a fresh interpreter; returns CompletedProcess. A crash (segfault,
-    abort) shows as a negative return code."""
-    env = dict(os.environ)
+def run_child(code: str, timeout=120, env=None):
+    """Runs code in a fresh interpreter (with `env` added to the environment); returns
+    CompletedProcess. A crash (segfault, abort) shows as a negative return code."""
+    env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=env)
 

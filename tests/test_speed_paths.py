@@ -1,6 +1,8 @@
 """The fast paths stay exact: every ISA this CPU has and several thread counts against the
 reference, the stated error of the fast activations, weights never stale after a change,
 the streaming fast path, and the benchmark's own NumPy peer."""
+import os
+
 import numpy as np
 import pytest
 
@@ -506,3 +508,31 @@ def test_bidirectional_inference_directions_at_once(cell, threads):
         threads(2)
         y2, _ = layer(x, st, lengths=lengths)
         np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)
+
+
+def test_recurrence_without_split_phase_product_against_torch():
+    """A thread's W_hh slice larger than three quarters of the L2 is read in one sweep per step
+    after a full barrier instead of the split-phase product (two halves around the barrier).
+    RNNCORE_L2_BYTES=0 sends every slice that way: forward and backward with teams of 2 and 3
+    against PyTorch, at batch 1 (rows against several panels) and 9 (the row tiles)."""
+    from conftest import run_child
+    r = run_child("""
+        import os, sys
+        sys.path.insert(0, %r)
+        import numpy as np, rnncore as rc
+        from torch_oracle import compare_with_torch
+        assert rc.info()["l2_cache_bytes"] == 0
+        rng = np.random.default_rng(11)
+        for fwd, bwd in ((2, 2), (3, 3), (3, 2)):
+            for make in (lambda: rc.LSTM(24, 96, bidirectional=True),
+                         lambda: rc.GRU(24, 96, num_layers=2),
+                         lambda: rc.RNN(24, 96, bidirectional=True)):
+                for batch in (1, 9):
+                    layer = make()
+                    rc.set_num_threads(fwd)
+                    x = rng.standard_normal((17, batch, 24)).astype(np.float32)
+                    compare_with_torch(layer, x, lengths=[17, 3, 11, 17, 1, 8, 16, 17, 9][:batch], rng=rng,
+                                       between=lambda: rc.set_num_threads(bwd))
+        print("ok")
+    """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -121,6 +121,7 @@ template <> inline const KernelFns<float>& kernels<float>() { return active_kern
 template <> inline const KernelFns<double>& kernels<double>() { return active_kernels().f64; }
 
 int threads_for_kernels();   // current thread setting (runtime.cpp)
+int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
 namespace isa_generic { extern const KernelTable table; }
 #if defined(RNNCORE_HAVE_X86_KERNELS)

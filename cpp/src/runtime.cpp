@@ -5,6 +5,8 @@
 #include <string>
 #include <thread>
 
+#include <unistd.h>
+
 #include "kernels.hpp"
 #include "rnncore/runtime.hpp"
 
@@ -48,6 +50,24 @@ int get_num_threads() {
 #endif
 }
 int threads_for_kernels() { return get_num_threads(); }
+
+int64_t l2_cache_bytes() {
+    static const int64_t bytes = [] {
+        constexpr long long hi = 1LL << 30;
+        const char* env = std::getenv("RNNCORE_L2_BYTES");
+        if (env && *env) {
+            char* end = nullptr;
+            const long long v = std::strtoll(env, &end, 10);
+            if (end != env && *end == 0 && v >= 0 && v <= hi) return (int64_t)v;
+        }
+        long long v = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        return (int64_t)(v >= (64LL << 10) && v <= hi ? v : 1LL << 20);
+    }();
+    return bytes;
+}
 
 void fast_activation(int which, int64_t n, const float* x, float* y) {
     if (which != 0 && which != 1) throw std::invalid_argument("which: expected 0 (sigmoid) or 1 (tanh)");

@@ -15,6 +15,8 @@ void register_runtime(py::module_& m) {
           "Switch the kernels to another ISA this CPU supports (generic, avx2, avx512).");
     m.def("available_isas", &rnncore::available_isas);
     m.def("detected_isa", &rnncore::detected_isa);
+    m.def("l2_cache_bytes", &rnncore::l2_cache_bytes,
+          "One core's L2 cache in bytes as the kernels plan for it (RNNCORE_L2_BYTES overrides).");
     m.def("cuda_built", &rnncore::cuda_built);
     m.def("cuda_available", &rnncore::cuda_available);
     m.def("cuda_status", &rnncore::cuda_status);

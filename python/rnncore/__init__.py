@@ -61,6 +61,7 @@ def info() -> dict:
         "isa_detected": _core.detected_isa(),
         "isa_available": _core.available_isas(),
         "threads": _core.get_num_threads(),
+        "l2_cache_bytes": _core.l2_cache_bytes(),
         "openmp": _core.openmp_enabled(),
         "blas": "none: rnncore's own packed GEMM kernels",
         "cuda_built": _core.cuda_built(),

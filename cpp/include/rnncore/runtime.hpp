@@ -24,6 +24,11 @@ std::string detected_isa();     // best ISA this CPU supports
 
 // The float32 sigmoid (which = 0) or tanh (1) of the active kernels, for tests.
 void fast_activation(int which, int64_t n, const float* x, float* y);
+// The L2 cache of one core in bytes, as the kernels plan for it: what the OS reports
+// (sysconf), 1 MiB where it reports nothing; the environment variable RNNCORE_L2_BYTES
+// (0 to 1 GiB; tests use 0 to take the paths of slices larger than the L2) overrides it.
+// Read once.
+int64_t l2_cache_bytes();
 // Read bandwidth (GB/s) of the calling thread over a buffer of `bytes`, for benchmarks.
 double read_bandwidth(int64_t bytes, int reps);
 

@@ -517,6 +517,17 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
     }
 }
 
+// Whether a thread's slice of the recurrent weights (`bytes`, packed) takes the split-phase
+// product below. Its two phases read the slice in two halves, the own rows of every panel,
+// then the rest: between two reads of a row a whole slice passes, so a slice larger than the
+// L2 is read from the L3 at every step, where one sweep per step in alternating directions
+// (after a full barrier) finds the part of it read last still in the L2. Measured on a Xeon
+// with 2 MiB of L2 per core, T=100 B=1, two threads, split against one sweep (ms): LSTM
+// H=256 (slice 0.5 MiB) 0.48 / 0.50, H=384 (1.1 MiB) 0.95-0.99 / 0.97-1.03, H=512 (2 MiB)
+// 2.8 / 2.3-2.5, H=768 (4.5 MiB) 17.0 / 12.9; GRU H=512 (1.5 MiB) 1.38-1.43 / 1.37-1.42,
+// H=640 (2.3 MiB) 5.0-5.2 / 4.1. So the split up to three quarters of the L2.
+inline bool split_fits(int64_t bytes) { return bytes * 4 <= l2_cache_bytes() * 3; }
+
 // The per-step product of a recurrence team in two phases (the split-phase step barrier):
 // C = A @ Bp over an inner dimension of `groups` groups of gl rows, first over the rows
 // [g gl + lo, g gl + lo + n) of every group (the part of A this thread wrote itself), then,
@@ -1653,10 +1664,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        // Split-phase step barrier (see the product below): cells whose step has no barrier
-        // but the last, on the packed path.
-        const bool split = !small && team > 1 && !gru_orig && !proj;
         const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
+        // Split-phase step barrier (see the product below): cells whose step has no barrier
+        // but the last, on the packed path, with a W_hh slice that stays in the L2.
+        const bool split = !small && team > 1 && !gru_orig && !proj && split_fits(npk * (int64_t)sizeof(W));
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
@@ -1934,7 +1945,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
         // Split-phase step barrier (step C below), as in the forward.
-        const bool split = !small && team > 1 && !gru_orig && !proj;
+        const bool split = !small && team > 1 && !gru_orig && !proj &&
+                           split_fits(packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T));
         const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
         const int64_t sizes[8] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
