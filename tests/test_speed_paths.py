@@ -536,3 +536,20 @@ def test_recurrence_without_split_phase_product_against_torch():
         print("ok")
     """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("value, expect", [("262144", 262144), ("0", 0), ("abc", None), ("-5", None),
+                                           ("4096k", None), (str(1 << 31), None)])
+def test_l2_cache_bytes_override(value, expect):
+    """RNNCORE_L2_BYTES (0 to 1 GiB) sets the L2 size the kernels plan for; anything else is
+    ignored for what the OS reports (1 MiB where it reports nothing)."""
+    from conftest import run_child
+    r = run_child("import rnncore as rc; print(rc.info()['l2_cache_bytes'])", env={"RNNCORE_L2_BYTES": value})
+    assert r.returncode == 0, r.stderr
+    got = int(r.stdout.strip())
+    if expect is None:
+        default = run_child("import rnncore as rc; print(rc.info()['l2_cache_bytes'])",
+                            env={"RNNCORE_L2_BYTES": ""})
+        assert got == int(default.stdout.strip()) and (64 << 10) <= got <= (1 << 30)
+    else:
+        assert got == expect
