@@ -584,12 +584,9 @@ void Model::step(const float* x, State& st, float* y) const {
                     j.c = s.is_lstm() ? st.c[r].data() + l * B * H : nullptr;
                     work.resize(b.table->f32.step_work(j) + 64);
                     j.work = work.data();
-                    // From four batch rows the row-major step (one pass over the weights for
-                    // four rows) beats the fused blocks (one pass per row): two Zen 3 cores,
-                    // B=4, LSTM I=128 H=256 57 -> 50 us, I=H=512 290 -> 186; at B=2 the fused
-                    // step is ahead (LSTM I=128 H=256 29.5 against 35.6).
-                    if (B >= 4) b.table->f32.step(j);
-                    else b.table->f32.step_packed(j, b.packed((size_t)l));
+                    // the fused blocks, or from four batch rows where the kernels take one
+                    // row a pass the row-major step (step_packed decides; j.work fits both)
+                    b.table->f32.step_packed(j, b.packed((size_t)l));
                     in = j.h;
                 }
                 nxt.assign(in, in + B * P);

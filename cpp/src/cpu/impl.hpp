@@ -2311,17 +2311,24 @@ template <class T, int K> struct Fused {
     static constexpr int AH[8] = {0, 1, 2, 3, K == FUSED_GRU ? 6 : 4, K == FUSED_GRU ? 7 : 5, 6, 7};
 };
 
-// acc[map[v]] += v_k * (vector v of row k of w) for K rows of NV vectors; returns the end of them.
-template <class T, int NV>
-inline const T* fused_rows(int64_t K, const T* vin, const T* w, const int (&map)[8], VT<T>* acc) {
+// Batch rows one pass of the fused step takes at once, each weight vector loaded once for all
+// of them: their accumulators (8 vectors a row) stay in registers. AVX-512's 32 registers
+// hold three rows' (24 + a weight vector + three broadcasts), AVX2's 16 one row's.
+constexpr int FUSED_ROWS = VB >= 64 ? 3 : 1;
+
+// For each of R batch rows r: acc[r][map[v]] += vin[r][k] * (vector v of row k of w), over K
+// rows of NV vectors; returns the end of them.
+template <class T, int NV, int R>
+inline const T* fused_rows(int64_t K, const T* const* vin, const T* w, const int (&map)[8], VT<T> (*acc)[8]) {
     constexpr int L = VL<T>;
     _Pragma("GCC unroll 4")
     for (int64_t k = 0; k < K; ++k, w += NV * L) {
-        const T a = vin[k];
+        T a[R];
+        for (int r = 0; r < R; ++r) a[r] = vin[r][k];
         for (int v = 0; v < NV; ++v) {
             VT<T> wv;
             std::memcpy(&wv, w + v * L, sizeof wv);
-            acc[map[v]] += a * wv;
+            for (int r = 0; r < R; ++r) acc[r][map[v]] += a[r] * wv;
         }
     }
     return w;
@@ -2401,66 +2408,100 @@ template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
     }
 }
 
-// One batch row through groups [g0, g1): x [I], h [P] (read), c [H] (LSTM, in place; each
-// group its own units), hn [H] out (the group's units).
+// The cell of one batch row on a group's accumulators (units u0 on): h [P] (read), c [H] (LSTM,
+// in place), hn [H] out.
 template <class T, int K>
-void fused_row(const StepJob<T>& j, const T* pk, const T* x, const T* h, T* c, T* hn, bool rv,
-               int64_t g0, int64_t g1) {
+inline void fused_cell(const StepJob<T>& j, VT<T>* acc, int64_t u0, const T* h, T* c, T* hn) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    const int64_t H = j.hid;
+    const T* pi = K == FUSED_LSTM && j.peephole ? j.w.w_peep : nullptr;
+    if (K == FUSED_RNN) {
+        const bool relu = j.cell == (int)CellType::RNN_RELU;
+        for (int q = 0; q < 8; ++q) {
+            const int64_t u = u0 + q * L;
+            if (u >= H) break;
+            const V a = acc[q];
+            st(hn + u, relu ? (a > T(0) ? a : V{}) : vtanh(a), H - u);
+        }
+        return;
+    }
+    if (K == FUSED_LSTM) {   // both registers of units at once (see lstm_cell_n)
+        V ci[2], po[2], cn[2], hv[2];
+        for (int s = 0; s < 2; ++s) {
+            const int64_t u = u0 + s * L, rem = H - u;
+            ci[s] = rem > 0 ? ld(c + u, rem) : V{};
+            po[s] = V{};
+            if (pi && rem > 0) {
+                acc[s] += ld(pi + u, rem) * ci[s];
+                acc[2 + s] += ld(pi + H + u, rem) * ci[s];
+                po[s] = ld(pi + 2 * H + u, rem);
+            }
+        }
+        lstm_cell_n<2>(acc, acc + 2, acc + 4, acc + 6, ci, pi ? po : nullptr, j.coupled, cn, hv);
+        for (int s = 0; s < 2; ++s) {
+            const int64_t u = u0 + s * L;
+            if (u >= H) break;
+            st(c + u, cn[s], H - u);
+            st(hn + u, hv[s], H - u);
+        }
+        return;
+    }
+    for (int s = 0; s < 2; ++s) {   // GRU, linear_before_reset
+        const int64_t u = u0 + s * L;
+        if (u >= H) break;
+        const int64_t rem = H - u;
+        const V r = vsigmoid(acc[s]);
+        const V z = vsigmoid(acc[2 + s]);
+        const V nn = vtanh(acc[4 + s] + r * acc[6 + s]);
+        st(hn + u, (splat<T>(1) - z) * nn + z * ld(h + u, rem), rem);
+    }
+}
+
+// R batch rows (from row b0) through groups [g0, g1), one pass over their fused blocks:
+// x [B, I], h [B, P] (read), c [B, H] (LSTM, in place; each group its own units), hn [B, H]
+// out (the group's units).
+template <class T, int K, int R>
+void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, int64_t g0, int64_t g1) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
     constexpr int NX = Fused<T, K>::VX, NH = Fused<T, K>::VH;
     constexpr int64_t UG = Fused<T, K>::UG;
     const int64_t I = j.in, H = j.hid, P = j.out;
     const int64_t blk = fused_block<T, K>(I, P);
-    const T* pi = K == FUSED_LSTM && j.peephole ? j.w.w_peep : nullptr;
+    const T* xs[R];
+    const T* hs[R];
+    for (int r = 0; r < R; ++r) {
+        xs[r] = j.x + (b0 + r) * I;
+        hs[r] = j.h + (b0 + r) * P;
+    }
     for (int64_t gi = g0; gi < g1; ++gi) {
         const int64_t g = rv ? g1 - 1 - (gi - g0) : gi;
         const T* b = pk + g * blk;
-        V acc[8];
-        for (int q = 0; q < 8; ++q) std::memcpy(&acc[q], b + q * L, sizeof(V));
-        const T* w = fused_rows<T, NX>(I, x, b + 8 * L, Fused<T, K>::AX, acc);
-        fused_rows<T, NH>(P, h, w, Fused<T, K>::AH, acc);
-        const int64_t u0 = g * UG;
-        if (K == FUSED_RNN) {
-            const bool relu = j.cell == (int)CellType::RNN_RELU;
-            for (int q = 0; q < 8; ++q) {
-                const int64_t u = u0 + q * L;
-                if (u >= H) break;
-                const V a = acc[q];
-                st(hn + u, relu ? (a > T(0) ? a : V{}) : vtanh(a), H - u);
-            }
-            continue;
+        V acc[R][8];
+        for (int q = 0; q < 8; ++q) {
+            V bias;
+            std::memcpy(&bias, b + q * L, sizeof(V));
+            for (int r = 0; r < R; ++r) acc[r][q] = bias;
         }
-        if (K == FUSED_LSTM) {   // both registers of units at once (see lstm_cell_n)
-            V ci[2], po[2], cn[2], hv[2];
-            for (int s = 0; s < 2; ++s) {
-                const int64_t u = u0 + s * L, rem = H - u;
-                ci[s] = rem > 0 ? ld(c + u, rem) : V{};
-                po[s] = V{};
-                if (pi && rem > 0) {
-                    acc[s] += ld(pi + u, rem) * ci[s];
-                    acc[2 + s] += ld(pi + H + u, rem) * ci[s];
-                    po[s] = ld(pi + 2 * H + u, rem);
-                }
-            }
-            lstm_cell_n<2>(acc, acc + 2, acc + 4, acc + 6, ci, pi ? po : nullptr, j.coupled, cn, hv);
-            for (int s = 0; s < 2; ++s) {
-                const int64_t u = u0 + s * L;
-                if (u >= H) break;
-                st(c + u, cn[s], H - u);
-                st(hn + u, hv[s], H - u);
-            }
-            continue;
-        }
-        for (int s = 0; s < 2; ++s) {   // GRU, linear_before_reset
-            const int64_t u = u0 + s * L;
-            if (u >= H) break;
-            const int64_t rem = H - u;
-            const V r = vsigmoid(acc[s]);
-            const V z = vsigmoid(acc[2 + s]);
-            const V nn = vtanh(acc[4 + s] + r * acc[6 + s]);
-            st(hn + u, (splat<T>(1) - z) * nn + z * ld(h + u, rem), rem);
-        }
+        const T* w = fused_rows<T, NX, R>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
+        fused_rows<T, NH, R>(P, hs, w, Fused<T, K>::AH, acc);
+        for (int r = 0; r < R; ++r)
+            fused_cell<T, K>(j, acc[r], g * UG, hs[r], j.c ? j.c + (b0 + r) * H : nullptr, hn + (b0 + r) * H);
+    }
+}
+
+// Every batch row through groups [g0, g1), FUSED_ROWS rows a pass; pass p sweeps the groups
+// backwards where (rv + p) is odd (snake order from pass to pass, as from call to call).
+template <class T, int K>
+void fused_batch(const StepJob<T>& j, const T* pk, T* hn, unsigned rv, int64_t g0, int64_t g1) {
+    for (int64_t b = 0; b < j.batch; ++rv) {
+        const int64_t n = j.batch - b < FUSED_ROWS ? j.batch - b : FUSED_ROWS;
+        const bool back = rv & 1;
+        if (n == 1) fused_pass<T, K, 1>(j, pk, b, hn, back, g0, g1);
+        if constexpr (FUSED_ROWS >= 2) { if (n == 2) fused_pass<T, K, 2>(j, pk, b, hn, back, g0, g1); }
+        if constexpr (FUSED_ROWS >= 3) { if (n == 3) fused_pass<T, K, 3>(j, pk, b, hn, back, g0, g1); }
+        b += n;
     }
 }
 
@@ -2488,11 +2529,26 @@ template <class T> void step_pack(const StepJob<T>& j, T* out) {
 
 template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     const int64_t I = j.in, H = j.hid, P = j.out;
-    // Alternate the direction of the weight sweep from call to call ("snake" order): the
-    // part of the weights still in L2 from the last step is read first.
-    thread_local unsigned flip = 0;
-    const bool rv = (++flip) & 1;
     const int fk = fused_kind(j);
+    // From four batch rows the row-major step (one pass over the weights for four rows) beats
+    // blocks read once per row: two Zen 3 cores (AVX2: one row a pass), B=4, LSTM I=128 H=256
+    // 57 -> 50 us, I=H=512 290 -> 186; at B=2 the fused step is ahead (LSTM I=128 H=256 29.5
+    // against 35.6). With three rows a pass (AVX-512) the fused blocks stay ahead: two Xeon
+    // cores, C API, B=4 / 8 / 16 (us), LSTM I=128 H=256 16.0-16.2 / 24.2-24.7 / 47-51 against
+    // 37-41 / 68-80 / 135-153 row-major, GRU 12.2-12.9 / 19.5 / 36.3-36.5 against 24-28 /
+    // 54-57 / 89-93, RNN I=H=256 8.0-8.1 / 13.0-13.2 / 24.0-24.1 against 12.7-12.9 / 20.2-20.4
+    // / 38; a layer whose blocks come from the L3 a little behind (LSTM I=H=512 B=4 197-200
+    // against 190-192, B=16 598-605 against 571-575) and ahead at B=8 (301-306 against 339-340).
+    if (j.batch >= 4 && (fk == FUSED_NONE || FUSED_ROWS == 1)) {
+        step<T>(j);
+        return;
+    }
+    // Alternate the direction of the weight sweep from pass to pass and call to call ("snake"
+    // order): the part of the weights still in L2 from the last pass is read first.
+    thread_local unsigned flip = 0;
+    const unsigned f0 = flip + 1;
+    flip += fk != FUSED_NONE ? (unsigned)ceil_div(j.batch, FUSED_ROWS) : 1;
+    const bool rv = f0 & 1;
     if (fk != FUSED_NONE) {
         // The groups shared out over the team; hn [B, H] holds the new state until every
         // thread has read the old one.
@@ -2501,15 +2557,9 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
         T* hn = j.work;
         run_team(step_threads(j, UG), [&](int tid, int team) {
             const Part gp = part(ngroups, team, tid, 1);
-            for (int64_t b = 0; b < j.batch; ++b) {
-                const T* x = j.x + b * I;
-                const T* h = j.h + b * P;
-                T* c = j.c ? j.c + b * H : nullptr;
-                T* hb = hn + b * H;
-                if (fk == FUSED_LSTM) fused_row<T, FUSED_LSTM>(j, pk, x, h, c, hb, rv, gp.lo, gp.hi);
-                else if (fk == FUSED_GRU) fused_row<T, FUSED_GRU>(j, pk, x, h, c, hb, rv, gp.lo, gp.hi);
-                else fused_row<T, FUSED_RNN>(j, pk, x, h, c, hb, rv, gp.lo, gp.hi);
-            }
+            if (fk == FUSED_LSTM) fused_batch<T, FUSED_LSTM>(j, pk, hn, f0, gp.lo, gp.hi);
+            else if (fk == FUSED_GRU) fused_batch<T, FUSED_GRU>(j, pk, hn, f0, gp.lo, gp.hi);
+            else fused_batch<T, FUSED_RNN>(j, pk, hn, f0, gp.lo, gp.hi);
         });
         std::memcpy(j.h, hn, sizeof(T) * j.batch * H);
         return;
