@@ -3,7 +3,8 @@
 // step written with Eigen fixed-size matrices the way RTNeural's compile-time API computes it
 // (eigen_ref.cpp, -O3, -march=native with EIGEN_REF_NATIVE=ON as run.sh sets; built when
 // Eigen 3 is found), and next to the RTNeural figures quoted in the speed issue; then rnncore
-// with every core (a step of a large layer splits its hidden units over the threads).
+// with every core (a step of a large layer splits its hidden units over the threads), and
+// last a step of several batch rows with every core.
 //   bash benchmarks/cpp/run.sh      (saves the layers from Python, builds, runs)
 // Arguments: MODEL_FILE:lstm|gru:I:H:QUOTED_US ... (QUOTED_US 0: none quoted)
 #include <chrono>
@@ -32,6 +33,9 @@ int main(int argc, char** argv) {
     std::printf("%-22s %9s %13s %7s %14s %7s %11s\n", "model", "rnncore", "Eigen (same", "ratio",
                 "RTNeural", "ratio", "rnncore");
     std::printf("%-22s %9s %13s %7s %14s %7s %8d thr\n", "", "1 thread", "run, native)", "", "(quoted)", "", all);
+    std::vector<rnncore::Model> models;
+    std::vector<std::string> names;
+    std::vector<long> sizes;
     for (int a = 1; a < argc; ++a) {
         const std::string arg = argv[a];
         std::vector<std::string> f;
@@ -80,6 +84,36 @@ int main(int argc, char** argv) {
             std::snprintf(qr, sizeof qr, "%.2f", best / quoted);
         }
         std::printf("%-22s %9.3f %13s %7s %14s %7s %11.3f\n", name.c_str(), best, eb, er, qb, qr, best_all);
+        models.push_back(std::move(m));
+        names.push_back(name);
+        sizes.push_back((long)(in + hid) * hid * 4);
+    }
+    // Several batch rows a step, every core: the fused blocks take up to three rows a pass
+    // (AVX-512; one on AVX2, where from four rows the row-major weights are read instead).
+    const int batches[] = {1, 2, 3, 4, 8, 16};
+    rnncore::set_num_threads(all);
+    std::printf("\nbatch rows a step, %d threads: microseconds per step\n%-22s", all, "model");
+    for (int B : batches) std::printf(" %8s%-2d", "B=", B);
+    std::printf("\n");
+    for (size_t i = 0; i < models.size(); ++i) {
+        std::printf("%-22s", names[i].c_str());
+        for (int B : batches) {
+            rnncore::Model& m = models[i];
+            auto st = m.new_state(B);
+            std::vector<float> x((size_t)B * m.input_size(), 0.1f), y((size_t)B * m.output_size());
+            const int steps = (int)std::max<long>(100, std::min<long>(n / 4, 1000000000L / (sizes[i] * 2 * B)));
+            for (int k = 0; k < std::min(warm, steps); ++k) m.step(x.data(), st, y.data());
+            double b = 1e30;
+            for (int rep = 0; rep < reps; ++rep) {
+                const auto t0 = std::chrono::steady_clock::now();
+                for (int k = 0; k < steps; ++k) m.step(x.data(), st, y.data());
+                const double us =
+                    std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
+                if (us < b) b = us;
+            }
+            std::printf(" %10.2f", b);
+        }
+        std::printf("\n");
     }
     return 0;
 }

@@ -2142,18 +2142,30 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 // a step 15-25% faster (GRU I=64 H=128 6.8 -> 5.9 us), at 3e4-4e4 no faster; with idle gaps
 // between steps (the workers asleep) the smallest threaded layers lost 2-4 us.
 constexpr double STEP_MIN_MACS = 9.0e4;
-template <class T> int step_threads(const StepJob<T>& j, int64_t grain) {
+// The fused blocks of the C++ step (fused_pass) do the same work in less time: their
+// threshold scales with the vector width (AVX-512 1.8e5) and doubles from two batch rows (the
+// rows of a pass share their weight loads). Two Xeon cores (AVX-512), C API, one thread
+// against two (us): B=1 LSTM I=64 H=128 (1e5 multiply-adds) 3.2-3.3 / 3.8, GRU I=H=128 3.2 /
+// 3.7-3.8, GRU I=128 H=256 (3e5) 7.4 / 5.6; B=4 LSTM I=32 H=64 (1e5) 2.7 / 3.8-3.9, B=8 (2e5)
+// 4.0 / 4.9-5.1, LSTM I=64 H=128 B=2 (2e5) 3.7-4.2 / 4.7-4.8, B=4 (4e5) 7.2 / 6.9, GRU I=H=128
+// B=8 (8e5) 11.4-11.5 / 9.2-9.9. (Python's step, reading the row-major weights, keeps
+// STEP_MIN_MACS: there GRU I=H=128 B=1 4.1 us threaded against 5.4 alone, LSTM I=64 H=128
+// B=2 8.2-9.0 against 10.7-11.6.)
+template <class T> double fused_min_macs(const StepJob<T>& j) {
+    return STEP_MIN_MACS * (VB / 32.0) * (j.batch > 1 ? 2 : 1);
+}
+template <class T> int step_threads(const StepJob<T>& j, int64_t grain, double min_macs = STEP_MIN_MACS) {
 #ifdef _OPENMP
     const int avail = threads_for_kernels();
     if (avail <= 1 || omp_in_parallel()) return 1;
     const int G = cell_dims(j.cell, j.hid, j.out, j.lbr).G;
     const double macs = (double)j.batch * ((double)G * j.hid * (j.in + j.out) +
                                            (j.out != j.hid ? (double)j.out * j.hid : 0.0));
-    if (macs < STEP_MIN_MACS) return 1;
+    if (macs < min_macs) return 1;
     const int64_t by_units = j.hid / grain > 1 ? j.hid / grain : 1;
     return (int)(avail < by_units ? avail : by_units);
 #else
-    (void)j; (void)grain;
+    (void)j; (void)grain; (void)min_macs;
     return 1;
 #endif
 }
@@ -2555,7 +2567,7 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
         const int64_t UG = fk == FUSED_RNN ? Fused<T, FUSED_RNN>::UG : Fused<T, FUSED_LSTM>::UG;
         const int64_t ngroups = ceil_div(H, UG);
         T* hn = j.work;
-        run_team(step_threads(j, UG), [&](int tid, int team) {
+        run_team(step_threads(j, UG, fused_min_macs(j)), [&](int tid, int team) {
             const Part gp = part(ngroups, team, tid, 1);
             if (fk == FUSED_LSTM) fused_batch<T, FUSED_LSTM>(j, pk, hn, f0, gp.lo, gp.hi);
             else if (fk == FUSED_GRU) fused_batch<T, FUSED_GRU>(j, pk, hn, f0, gp.lo, gp.hi);
