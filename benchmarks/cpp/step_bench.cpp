@@ -28,6 +28,19 @@ int main(int argc, char** argv) {
     }
     const int all = (int)std::thread::hardware_concurrency() > 1 ? (int)std::thread::hardware_concurrency() : 1;
     const int warm = 2000, n = 20000, reps = 7;
+    // Microseconds per call of step(): the best of `reps` runs of `steps` calls, after a warm-up.
+    auto best_us = [&](int steps, auto&& step) {
+        for (int i = 0; i < std::min(warm, steps); ++i) step();
+        double b = 1e30;
+        for (int rep = 0; rep < reps; ++rep) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int i = 0; i < steps; ++i) step();
+            const double us =
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
+            if (us < b) b = us;
+        }
+        return b;
+    };
     std::printf("rnncore %s, isa %s, batch 1, fp32: microseconds per step (best of %d x %d)\n",
                 rnncore::version(), rnncore::isa_name().c_str(), reps, n);
     std::printf("%-22s %9s %13s %7s %14s %7s %11s\n", "model", "rnncore", "Eigen (same", "ratio",
@@ -56,16 +69,7 @@ int main(int argc, char** argv) {
         const int steps = (int)std::max<long>(200, std::min<long>(n, 4000000000L / ((long)(in + hid) * hid * 4 * 8)));
         auto time_steps = [&](int threads) {
             rnncore::set_num_threads(threads);
-            for (int i = 0; i < std::min(warm, steps); ++i) m.step(x.data(), st, y.data());
-            double b = 1e30;
-            for (int rep = 0; rep < reps; ++rep) {
-                const auto t0 = std::chrono::steady_clock::now();
-                for (int i = 0; i < steps; ++i) m.step(x.data(), st, y.data());
-                const double us =
-                    std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
-                if (us < b) b = us;
-            }
-            return b;
+            return best_us(steps, [&] { m.step(x.data(), st, y.data()); });
         };
         const double best = time_steps(1);
         const double best_all = time_steps(all);
@@ -102,16 +106,7 @@ int main(int argc, char** argv) {
             auto st = m.new_state(B);
             std::vector<float> x((size_t)B * m.input_size(), 0.1f), y((size_t)B * m.output_size());
             const int steps = (int)std::max<long>(100, std::min<long>(n / 4, 1000000000L / (sizes[i] * 2 * B)));
-            for (int k = 0; k < std::min(warm, steps); ++k) m.step(x.data(), st, y.data());
-            double b = 1e30;
-            for (int rep = 0; rep < reps; ++rep) {
-                const auto t0 = std::chrono::steady_clock::now();
-                for (int k = 0; k < steps; ++k) m.step(x.data(), st, y.data());
-                const double us =
-                    std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / steps;
-                if (us < b) b = us;
-            }
-            std::printf(" %10.2f", b);
+            std::printf(" %10.2f", best_us(steps, [&] { m.step(x.data(), st, y.data()); }));
         }
         std::printf("\n");
     }
