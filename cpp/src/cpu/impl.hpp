@@ -2143,17 +2143,15 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 // between steps (the workers asleep) the smallest threaded layers lost 2-4 us.
 constexpr double STEP_MIN_MACS = 9.0e4;
 // The fused blocks of the C++ step (fused_pass) do the same work in less time: their
-// threshold scales with the vector width (AVX-512 1.8e5) and doubles from two batch rows (the
-// rows of a pass share their weight loads). Two Xeon cores (AVX-512), C API, one thread
+// threshold scales with the vector width (AVX-512 1.8e5) and doubles from two batch rows where
+// a pass takes several (they share its weight loads). Two Xeon cores (AVX-512), C API, one thread
 // against two (us): B=1 LSTM I=64 H=128 (1e5 multiply-adds) 3.2-3.3 / 3.8, GRU I=H=128 3.2 /
 // 3.7-3.8, GRU I=128 H=256 (3e5) 7.4 / 5.6; B=4 LSTM I=32 H=64 (1e5) 2.7 / 3.8-3.9, B=8 (2e5)
 // 4.0 / 4.9-5.1, LSTM I=64 H=128 B=2 (2e5) 3.7-4.2 / 4.7-4.8, B=4 (4e5) 7.2 / 6.9, GRU I=H=128
 // B=8 (8e5) 11.4-11.5 / 9.2-9.9. (Python's step, reading the row-major weights, keeps
 // STEP_MIN_MACS: there GRU I=H=128 B=1 4.1 us threaded against 5.4 alone, LSTM I=64 H=128
 // B=2 8.2-9.0 against 10.7-11.6.)
-template <class T> double fused_min_macs(const StepJob<T>& j) {
-    return STEP_MIN_MACS * (VB / 32.0) * (j.batch > 1 ? 2 : 1);
-}
+template <class T> double fused_min_macs(const StepJob<T>& j);
 template <class T> int step_threads(const StepJob<T>& j, int64_t grain, double min_macs = STEP_MIN_MACS) {
 #ifdef _OPENMP
     const int avail = threads_for_kernels();
@@ -2501,6 +2499,10 @@ void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, in
         for (int r = 0; r < R; ++r)
             fused_cell<T, K>(j, acc[r], g * UG, hs[r], j.c ? j.c + (b0 + r) * H : nullptr, hn + (b0 + r) * H);
     }
+}
+
+template <class T> double fused_min_macs(const StepJob<T>& j) {
+    return STEP_MIN_MACS * (VB / 32.0) * (FUSED_ROWS > 1 && j.batch > 1 ? 2 : 1);
 }
 
 // Every batch row through groups [g0, g1), FUSED_ROWS rows a pass; pass p sweeps the groups
