@@ -2326,16 +2326,25 @@ template <class T, int K> struct Fused {
 // hold three rows' (24 + a weight vector + three broadcasts), AVX2's 16 one row's.
 constexpr int FUSED_ROWS = VB >= 64 ? 3 : 1;
 
+// More rows a pass where the accumulators are taken in two halves (the vectors 0-3 of every
+// weight row, then the rest; each weight vector still loaded once): 6 x 4 accumulators, a
+// weight vector and six broadcasts fit AVX-512's registers. Two Xeon cores, C API (us), five
+// rows in halves against six: LSTM I=H=512 B=6 216-220 / 133-136, B=12 342-356 / 263-271, B=16
+// 464-468 / 376-388; LSTM I=128 H=256 B=12 36-38 / 33-36; against three whole rows a pass
+// (3 + 1 and 3 + 3 + ... rows): LSTM I=H=512 B=4 199-200 / 120-121, LSTM I=128 H=256 B=4
+// 16.2-17.2 / 13.7-13.8, GRU I=128 H=256 B=16 40.6-40.7 / 37.7-38.3.
+constexpr int FUSED_ROWS_HALVES = VB >= 64 ? 6 : 1;
+
 // For each of R batch rows r: acc[r][map[v]] += vin[r][k] * (vector v of row k of w), over K
-// rows of NV vectors; returns the end of them.
-template <class T, int NV, int R>
+// rows of NV vectors, the vectors v in [V0, V1); returns the end of the rows.
+template <class T, int NV, int R, int V0 = 0, int V1 = NV>
 inline const T* fused_rows(int64_t K, const T* const* vin, const T* w, const int (&map)[8], VT<T> (*acc)[8]) {
     constexpr int L = VL<T>;
     _Pragma("GCC unroll 4")
     for (int64_t k = 0; k < K; ++k, w += NV * L) {
         T a[R];
         for (int r = 0; r < R; ++r) a[r] = vin[r][k];
-        for (int v = 0; v < NV; ++v) {
+        for (int v = V0; v < V1; ++v) {
             VT<T> wv;
             std::memcpy(&wv, w + v * L, sizeof wv);
             for (int r = 0; r < R; ++r) acc[r][map[v]] += a[r] * wv;
@@ -2471,7 +2480,7 @@ inline void fused_cell(const StepJob<T>& j, VT<T>* acc, int64_t u0, const T* h, 
 // R batch rows (from row b0) through groups [g0, g1), one pass over their fused blocks:
 // x [B, I], h [B, P] (read), c [B, H] (LSTM, in place; each group its own units), hn [B, H]
 // out (the group's units).
-template <class T, int K, int R>
+template <class T, int K, int R, bool HALVES = false>
 void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, int64_t g0, int64_t g1) {
     typedef VT<T> V;
     constexpr int L = VL<T>;
@@ -2494,8 +2503,15 @@ void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, in
             std::memcpy(&bias, b + q * L, sizeof(V));
             for (int r = 0; r < R; ++r) acc[r][q] = bias;
         }
-        const T* w = fused_rows<T, NX, R>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
-        fused_rows<T, NH, R>(P, hs, w, Fused<T, K>::AH, acc);
+        if constexpr (HALVES) {   // accumulators 0-3 (vectors 0-3), then the rest
+            const T* w = fused_rows<T, NX, R, 0, 4>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
+            fused_rows<T, NH, R, 0, 4>(P, hs, w, Fused<T, K>::AH, acc);
+            fused_rows<T, NX, R, 4, NX>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
+            fused_rows<T, NH, R, 4, NH>(P, hs, w, Fused<T, K>::AH, acc);
+        } else {
+            const T* w = fused_rows<T, NX, R>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
+            fused_rows<T, NH, R>(P, hs, w, Fused<T, K>::AH, acc);
+        }
         for (int r = 0; r < R; ++r)
             fused_cell<T, K>(j, acc[r], g * UG, hs[r], j.c ? j.c + (b0 + r) * H : nullptr, hn + (b0 + r) * H);
     }
@@ -2507,14 +2523,28 @@ template <class T> double fused_min_macs(const StepJob<T>& j) {
 
 // Every batch row through groups [g0, g1), FUSED_ROWS rows a pass; pass p sweeps the groups
 // backwards where (rv + p) is odd (snake order from pass to pass, as from call to call).
+// Rows of the next pass with `left` rows to go: from four rows up to FUSED_ROWS_HALVES in
+// halves, fewer whole (up to FUSED_ROWS).
+inline int64_t fused_pass_rows(int64_t left) {
+    const int64_t most = FUSED_ROWS_HALVES > FUSED_ROWS ? FUSED_ROWS_HALVES : FUSED_ROWS;
+    return left < most ? left : most;
+}
+inline unsigned fused_passes(int64_t batch) {
+    unsigned n = 0;
+    for (int64_t b = 0; b < batch; b += fused_pass_rows(batch - b)) ++n;
+    return n;
+}
 template <class T, int K>
 void fused_batch(const StepJob<T>& j, const T* pk, T* hn, unsigned rv, int64_t g0, int64_t g1) {
     for (int64_t b = 0; b < j.batch; ++rv) {
-        const int64_t n = j.batch - b < FUSED_ROWS ? j.batch - b : FUSED_ROWS;
+        const int64_t n = fused_pass_rows(j.batch - b);
         const bool back = rv & 1;
         if (n == 1) fused_pass<T, K, 1>(j, pk, b, hn, back, g0, g1);
         if constexpr (FUSED_ROWS >= 2) { if (n == 2) fused_pass<T, K, 2>(j, pk, b, hn, back, g0, g1); }
         if constexpr (FUSED_ROWS >= 3) { if (n == 3) fused_pass<T, K, 3>(j, pk, b, hn, back, g0, g1); }
+        if constexpr (FUSED_ROWS_HALVES >= 4) { if (n == 4) fused_pass<T, K, 4, true>(j, pk, b, hn, back, g0, g1); }
+        if constexpr (FUSED_ROWS_HALVES >= 5) { if (n == 5) fused_pass<T, K, 5, true>(j, pk, b, hn, back, g0, g1); }
+        if constexpr (FUSED_ROWS_HALVES >= 6) { if (n == 6) fused_pass<T, K, 6, true>(j, pk, b, hn, back, g0, g1); }
         b += n;
     }
 }
@@ -2561,7 +2591,7 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     // order): the part of the weights still in L2 from the last pass is read first.
     thread_local unsigned flip = 0;
     const unsigned f0 = flip + 1;
-    flip += fk != FUSED_NONE ? (unsigned)ceil_div(j.batch, FUSED_ROWS) : 1;
+    flip += fk != FUSED_NONE ? fused_passes(j.batch) : 1;
     const bool rv = f0 & 1;
     if (fk != FUSED_NONE) {
         // The groups shared out over the team; hn [B, H] holds the new state until every
