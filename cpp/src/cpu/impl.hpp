@@ -2328,12 +2328,13 @@ constexpr int FUSED_ROWS = VB >= 64 ? 3 : 1;
 
 // More rows a pass where the accumulators are taken in two halves (the vectors 0-3 of every
 // weight row, then the rest; each weight vector still loaded once): 6 x 4 accumulators, a
-// weight vector and six broadcasts fit AVX-512's registers. Two Xeon cores, C API (us), five
+// weight vector and six broadcasts fit AVX-512's 32 registers, 2 x 4 and three more AVX2's 16. Two Xeon cores, C API (us), five
 // rows in halves against six: LSTM I=H=512 B=6 216-220 / 133-136, B=12 342-356 / 263-271, B=16
 // 464-468 / 376-388; LSTM I=128 H=256 B=12 36-38 / 33-36; against three whole rows a pass
 // (3 + 1 and 3 + 3 + ... rows): LSTM I=H=512 B=4 199-200 / 120-121, LSTM I=128 H=256 B=4
 // 16.2-17.2 / 13.7-13.8, GRU I=128 H=256 B=16 40.6-40.7 / 37.7-38.3.
-constexpr int FUSED_ROWS_HALVES = VB >= 64 ? 6 : 1;
+constexpr int FUSED_ROWS_HALVES = VB >= 64 ? 6 : VB >= 32 ? 2 : 1;
+constexpr int FUSED_MAX = FUSED_ROWS_HALVES > FUSED_ROWS ? FUSED_ROWS_HALVES : FUSED_ROWS;
 
 // For each of R batch rows r: acc[r][map[v]] += vin[r][k] * (vector v of row k of w), over K
 // rows of NV vectors, the vectors v in [V0, V1); returns the end of the rows.
@@ -2518,33 +2519,32 @@ void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, in
 }
 
 template <class T> double fused_min_macs(const StepJob<T>& j) {
-    return STEP_MIN_MACS * (VB / 32.0) * (FUSED_ROWS > 1 && j.batch > 1 ? 2 : 1);
+    return STEP_MIN_MACS * (VB / 32.0) * (FUSED_MAX > 1 && j.batch > 1 ? 2 : 1);
 }
 
-// Every batch row through groups [g0, g1), FUSED_ROWS rows a pass; pass p sweeps the groups
-// backwards where (rv + p) is odd (snake order from pass to pass, as from call to call).
-// Rows of the next pass with `left` rows to go: from four rows up to FUSED_ROWS_HALVES in
-// halves, fewer whole (up to FUSED_ROWS).
-inline int64_t fused_pass_rows(int64_t left) {
-    const int64_t most = FUSED_ROWS_HALVES > FUSED_ROWS ? FUSED_ROWS_HALVES : FUSED_ROWS;
-    return left < most ? left : most;
-}
+// Rows of the next pass with `left` rows to go (at most FUSED_MAX).
+inline int64_t fused_pass_rows(int64_t left) { return left < FUSED_MAX ? left : FUSED_MAX; }
 inline unsigned fused_passes(int64_t batch) {
     unsigned n = 0;
     for (int64_t b = 0; b < batch; b += fused_pass_rows(batch - b)) ++n;
     return n;
 }
+
+// fused_pass for n rows (R <= n <= FUSED_MAX): whole up to FUSED_ROWS, in halves beyond.
+template <class T, int K, int R = 1>
+void fused_pass_n(int64_t n, const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, int64_t g0,
+                  int64_t g1) {
+    if (n == R) return fused_pass<T, K, R, (R > FUSED_ROWS)>(j, pk, b0, hn, rv, g0, g1);
+    if constexpr (R < FUSED_MAX) fused_pass_n<T, K, R + 1>(n, j, pk, b0, hn, rv, g0, g1);
+}
+
+// Every batch row through groups [g0, g1), fused_pass_rows rows a pass; pass p sweeps the
+// groups backwards where (rv + p) is odd (snake order from pass to pass, as from call to call).
 template <class T, int K>
 void fused_batch(const StepJob<T>& j, const T* pk, T* hn, unsigned rv, int64_t g0, int64_t g1) {
     for (int64_t b = 0; b < j.batch; ++rv) {
         const int64_t n = fused_pass_rows(j.batch - b);
-        const bool back = rv & 1;
-        if (n == 1) fused_pass<T, K, 1>(j, pk, b, hn, back, g0, g1);
-        if constexpr (FUSED_ROWS >= 2) { if (n == 2) fused_pass<T, K, 2>(j, pk, b, hn, back, g0, g1); }
-        if constexpr (FUSED_ROWS >= 3) { if (n == 3) fused_pass<T, K, 3>(j, pk, b, hn, back, g0, g1); }
-        if constexpr (FUSED_ROWS_HALVES >= 4) { if (n == 4) fused_pass<T, K, 4, true>(j, pk, b, hn, back, g0, g1); }
-        if constexpr (FUSED_ROWS_HALVES >= 5) { if (n == 5) fused_pass<T, K, 5, true>(j, pk, b, hn, back, g0, g1); }
-        if constexpr (FUSED_ROWS_HALVES >= 6) { if (n == 6) fused_pass<T, K, 6, true>(j, pk, b, hn, back, g0, g1); }
+        fused_pass_n<T, K>(n, j, pk, b, hn, rv & 1, g0, g1);
         b += n;
     }
 }
