@@ -2328,11 +2328,13 @@ constexpr int FUSED_ROWS = VB >= 64 ? 3 : 1;
 
 // More rows a pass where the accumulators are taken in two halves (the vectors 0-3 of every
 // weight row, then the rest; each weight vector still loaded once): 6 x 4 accumulators, a
-// weight vector and six broadcasts fit AVX-512's 32 registers, 2 x 4 and three more AVX2's 16. Two Xeon cores, C API (us), five
-// rows in halves against six: LSTM I=H=512 B=6 216-220 / 133-136, B=12 342-356 / 263-271, B=16
-// 464-468 / 376-388; LSTM I=128 H=256 B=12 36-38 / 33-36; against three whole rows a pass
-// (3 + 1 and 3 + 3 + ... rows): LSTM I=H=512 B=4 199-200 / 120-121, LSTM I=128 H=256 B=4
-// 16.2-17.2 / 13.7-13.8, GRU I=128 H=256 B=16 40.6-40.7 / 37.7-38.3.
+// weight vector and six broadcasts fit AVX-512's 32 registers; 2 x 4 and three more AVX2's
+// 16. Two Xeon cores, C API (us), three whole rows a pass (3 + 1, 3 + 3 + ...) against
+// halves: LSTM I=H=512 B=4 199-200 / 120-121, B=16 604-611 / 376-388; LSTM I=128 H=256 B=4
+// 16.2-17.2 / 13.7-13.8; GRU I=128 H=256 B=16 40.6-40.7 / 37.7-38.3; five rows in halves
+// against six: LSTM I=H=512 B=6 216-220 / 133-136, B=12 342-356 / 263-271. AVX2 forced on the
+// Xeon, one row a pass against two in halves: LSTM I=H=512 B=2 184-187 / 118, B=3 268-279 /
+// 210-211, LSTM I=128 H=256 B=2 15.2 / 11.9.
 constexpr int FUSED_ROWS_HALVES = VB >= 64 ? 6 : VB >= 32 ? 2 : 1;
 constexpr int FUSED_MAX = FUSED_ROWS_HALVES > FUSED_ROWS ? FUSED_ROWS_HALVES : FUSED_ROWS;
 
