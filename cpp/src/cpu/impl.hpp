@@ -1008,7 +1008,13 @@ void gemv_nt(int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t 
     // rows, read from memory) against one row with eight steps of k in flight, alternating
     // processes, three rounds: a step of LSTM I=H=1024 2.27-2.52 ms against 2.58-2.86, GRU
     // I=H=512 138-174 us against 155-183.
-    constexpr int RB = 3;
+    // AVX-512's 32 registers take more rows a block where several X rows share each W load:
+    // six rows for two X rows (12 accumulators), four for three or four (16). Two Xeon cores,
+    // one `step` from Python (us), three rows a block against these: LSTM I=64 H=128 B=2
+    // 10.9-11.6 / 9.4-10.2, B=4 15.2-16.3 / 12.8-13.0; LSTM I=128 H=256 B=3 33.2-35.7 / 28.2-29.7,
+    // B=4 38-42 / 30-33; GRU I=256 H=512 B=4 104-109 / 79-83 (six rows for three or four X
+    // rows ran slower at small layers: LSTM I=64 H=128 B=4 15.2 / 17.6-18.3).
+    constexpr int RB = VB >= 64 && NB == 2 ? 6 : VB >= 64 && NB >= 3 ? 4 : 3;
     const int64_t KB = K / L * L;
     auto hsum = [](V v) { T s = 0; for (int i = 0; i < L; ++i) s += v[i]; return s; };
     auto store = [&](int64_t n, int b, T sum) {
