@@ -305,8 +305,8 @@ STEP_VARIANTS = {
 def test_c_step_equals_python_for_every_cell_size_and_isa(tmp_path, isa):
     """The C API's step (weights packed at load; fused one-pass kernels for LSTM, GRU and RNN:
     on AVX-512 up to three batch rows a pass whole and four to six in two halves of the
-    accumulators (13 rows: 6 + 6 + 1), on AVX2 one row a pass, where from four rows the
-    row-major step takes over) equals the Python layer over a sequence, for every variant,
+    accumulators (13 rows: 6 + 6 + 1), on AVX2 up to two rows a pass in halves, where from
+    four rows the row-major step takes over) equals the Python layer over a sequence, for every variant,
     sizes that are not multiples of the unit groups, batch 1-5, 7 and 13, two layers, in a
     child process per ISA (the library chooses its kernels once)."""
     cases = []

@@ -584,8 +584,8 @@ void Model::step(const float* x, State& st, float* y) const {
                     j.c = s.is_lstm() ? st.c[r].data() + l * B * H : nullptr;
                     work.resize(b.table->f32.step_work(j) + 64);
                     j.work = work.data();
-                    // the fused blocks, or from four batch rows where the kernels take one
-                    // row a pass the row-major step (step_packed decides; j.work fits both)
+                    // the fused blocks, or from four batch rows where a fused pass takes
+                    // fewer the row-major step (step_packed decides; j.work fits both)
                     b.table->f32.step_packed(j, b.packed((size_t)l));
                     in = j.h;
                 }

@@ -1951,10 +1951,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
         const bool small = B <= SMALL_B && TT <= SMALL_T;   // row-major weights read in place
         // Split-phase step barrier (step C below), as in the forward.
-        const bool split = !small && team > 1 && !gru_orig && !proj &&
-                           split_fits(packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T));
+        const int64_t npk = small ? 0 : packed_b_size<T>(Kc, nq);
+        const bool split = !small && team > 1 && !gru_orig && !proj && split_fits(npk * (int64_t)sizeof(T));
         const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
-        const int64_t sizes[8] = {small ? 0 : packed_b_size<T>(Kc, nq), B * (nh > nq ? nh : nq),
+        const int64_t sizes[8] = {npk, B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
                                   proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
                                   gru ? B * nh : 0, bj.g.b_ih ? G * nh : 0, two_bias ? G * nh : 0};
@@ -2148,16 +2148,6 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 // a step 15-25% faster (GRU I=64 H=128 6.8 -> 5.9 us), at 3e4-4e4 no faster; with idle gaps
 // between steps (the workers asleep) the smallest threaded layers lost 2-4 us.
 constexpr double STEP_MIN_MACS = 9.0e4;
-// The fused blocks of the C++ step (fused_pass) do the same work in less time: their
-// threshold scales with the vector width (AVX-512 1.8e5) and doubles from two batch rows where
-// a pass takes several (they share its weight loads). Two Xeon cores (AVX-512), C API, one thread
-// against two (us): B=1 LSTM I=64 H=128 (1e5 multiply-adds) 3.2-3.3 / 3.8, GRU I=H=128 3.2 /
-// 3.7-3.8, GRU I=128 H=256 (3e5) 7.4 / 5.6; B=4 LSTM I=32 H=64 (1e5) 2.7 / 3.8-3.9, B=8 (2e5)
-// 4.0 / 4.9-5.1, LSTM I=64 H=128 B=2 (2e5) 3.7-4.2 / 4.7-4.8, B=4 (4e5) 7.2 / 6.9, GRU I=H=128
-// B=8 (8e5) 11.4-11.5 / 9.2-9.9. (Python's step, reading the row-major weights, keeps
-// STEP_MIN_MACS: there GRU I=H=128 B=1 4.1 us threaded against 5.4 alone, LSTM I=64 H=128
-// B=2 8.2-9.0 against 10.7-11.6.)
-template <class T> double fused_min_macs(const StepJob<T>& j);
 template <class T> int step_threads(const StepJob<T>& j, int64_t grain, double min_macs = STEP_MIN_MACS) {
 #ifdef _OPENMP
     const int avail = threads_for_kernels();
@@ -2344,6 +2334,19 @@ constexpr int FUSED_ROWS = VB >= 64 ? 3 : 1;
 constexpr int FUSED_ROWS_HALVES = VB >= 64 ? 6 : VB >= 32 ? 2 : 1;
 constexpr int FUSED_MAX = FUSED_ROWS_HALVES > FUSED_ROWS ? FUSED_ROWS_HALVES : FUSED_ROWS;
 
+// The fused blocks of the C++ step (fused_pass) do the same work in less time: their
+// threshold scales with the vector width (AVX-512 1.8e5) and doubles from two batch rows where
+// a pass takes several (they share its weight loads). Two Xeon cores (AVX-512), C API, one thread
+// against two (us): B=1 LSTM I=64 H=128 (1e5 multiply-adds) 3.2-3.3 / 3.8, GRU I=H=128 3.2 /
+// 3.7-3.8, GRU I=128 H=256 (3e5) 7.4 / 5.6; B=4 LSTM I=32 H=64 (1e5) 2.7 / 3.8-3.9, B=8 (2e5)
+// 4.0 / 4.9-5.1, LSTM I=64 H=128 B=2 (2e5) 3.7-4.2 / 4.7-4.8, B=4 (4e5) 7.2 / 6.9, GRU I=H=128
+// B=8 (8e5) 11.4-11.5 / 9.2-9.9. (Python's step, reading the row-major weights, keeps
+// STEP_MIN_MACS: there GRU I=H=128 B=1 4.1 us threaded against 5.4 alone, LSTM I=64 H=128
+// B=2 8.2-9.0 against 10.7-11.6.)
+template <class T> double fused_min_macs(const StepJob<T>& j) {
+    return STEP_MIN_MACS * (VB / 32.0) * (FUSED_MAX > 1 && j.batch > 1 ? 2 : 1);
+}
+
 // For each of R batch rows r: acc[r][map[v]] += vin[r][k] * (vector v of row k of w), over K
 // rows of NV vectors, the vectors v in [V0, V1); returns the end of the rows.
 template <class T, int NV, int R, int V0 = 0, int V1 = NV>
@@ -2526,17 +2529,8 @@ void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, in
     }
 }
 
-template <class T> double fused_min_macs(const StepJob<T>& j) {
-    return STEP_MIN_MACS * (VB / 32.0) * (FUSED_MAX > 1 && j.batch > 1 ? 2 : 1);
-}
-
 // Rows of the next pass with `left` rows to go (at most FUSED_MAX).
 inline int64_t fused_pass_rows(int64_t left) { return left < FUSED_MAX ? left : FUSED_MAX; }
-inline unsigned fused_passes(int64_t batch) {
-    unsigned n = 0;
-    for (int64_t b = 0; b < batch; b += fused_pass_rows(batch - b)) ++n;
-    return n;
-}
 
 // fused_pass for n rows (R <= n <= FUSED_MAX): whole up to FUSED_ROWS, in halves beyond.
 template <class T, int K, int R = 1>
@@ -2583,15 +2577,16 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     const int64_t I = j.in, H = j.hid, P = j.out;
     const int fk = fused_kind(j);
     // From four batch rows the row-major step (one pass over the weights for four rows) beats
-    // blocks read once per row: two Zen 3 cores (AVX2: one row a pass), B=4, LSTM I=128 H=256
-    // 57 -> 50 us, I=H=512 290 -> 186; at B=2 the fused step is ahead (LSTM I=128 H=256 29.5
-    // against 35.6). With three rows a pass (AVX-512) the fused blocks stay ahead: two Xeon
+    // fused passes of fewer rows: two Zen 3 cores (AVX2, then one row a pass), B=4, LSTM I=128
+    // H=256 57 -> 50 us, I=H=512 290 -> 186; at B=2 the fused step is ahead (LSTM I=128 H=256
+    // 29.5 against 35.6). With three rows a pass (AVX-512) the fused blocks were ahead: two Xeon
     // cores, C API, B=4 / 8 / 16 (us), LSTM I=128 H=256 16.0-16.2 / 24.2-24.7 / 47-51 against
     // 37-41 / 68-80 / 135-153 row-major, GRU 12.2-12.9 / 19.5 / 36.3-36.5 against 24-28 /
     // 54-57 / 89-93, RNN I=H=256 8.0-8.1 / 13.0-13.2 / 24.0-24.1 against 12.7-12.9 / 20.2-20.4
     // / 38; a layer whose blocks come from the L3 a little behind (LSTM I=H=512 B=4 197-200
-    // against 190-192, B=16 598-605 against 571-575) and ahead at B=8 (301-306 against 339-340).
-    if (j.batch >= 4 && (fk == FUSED_NONE || FUSED_ROWS == 1)) {
+    // against 190-192, B=16 598-605 against 571-575) and ahead at B=8 (301-306 against 339-340);
+    // with six (halves, FUSED_ROWS_HALVES) ahead there too.
+    if (j.batch >= 4 && (fk == FUSED_NONE || FUSED_MAX < 4)) {
         step<T>(j);
         return;
     }
@@ -2599,7 +2594,7 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     // order): the part of the weights still in L2 from the last pass is read first.
     thread_local unsigned flip = 0;
     const unsigned f0 = flip + 1;
-    flip += fk != FUSED_NONE ? fused_passes(j.batch) : 1;
+    flip += fk != FUSED_NONE ? (unsigned)ceil_div(j.batch, FUSED_MAX) : 1;
     const bool rv = f0 & 1;
     if (fk != FUSED_NONE) {
         // The groups shared out over the team; hn [B, H] holds the new state until every
