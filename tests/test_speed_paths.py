@@ -538,6 +538,51 @@ def test_recurrence_without_split_phase_product_against_torch():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def test_recurrence_w_hh_in_place_against_torch():
+    """At up to four batch rows a W_hh slice larger than three quarters of the L2 is read in
+    place (row-major, nothing packed or hashed) unless the layer is frozen (its packed copy is
+    checked by address only). RNNCORE_L2_BYTES=0 sends every slice that way: training against
+    PyTorch at batch 1-4 with lengths, teams of 2 and 3; inference against the frozen copy
+    (the packed one-sweep product); calls alternating between batch 2 (in place) and 9
+    (packed, kept) with the weights edited in place between them."""
+    from conftest import run_child
+    r = run_child("""
+        import os, sys
+        sys.path.insert(0, %r)
+        import numpy as np, rnncore as rc
+        from torch_oracle import compare_with_torch
+        rng = np.random.default_rng(12)
+        for team in (2, 3):
+            rc.set_num_threads(team)
+            for make in (lambda: rc.LSTM(24, 96, bidirectional=True),
+                         lambda: rc.GRU(24, 96, num_layers=2),
+                         lambda: rc.RNN(24, 96, nonlinearity="relu")):
+                for batch in (1, 2, 3, 4):
+                    layer = make()
+                    x = rng.standard_normal((17, batch, 24)).astype(np.float32)
+                    lengths = [17, 3, 11, 9][:batch]
+                    compare_with_torch(layer, x, lengths=lengths, rng=rng)
+                    layer.eval()
+                    y, _ = layer(x, lengths=lengths)
+                    yf, _ = layer.frozen()(x, lengths=lengths)
+                    np.testing.assert_allclose(y, yf, rtol=1e-5, atol=1e-5)
+                layer = make()
+                layer.eval()
+                x2 = rng.standard_normal((12, 2, 24)).astype(np.float32)
+                x9 = rng.standard_normal((12, 9, 24)).astype(np.float32)
+                for step in range(4):
+                    for name, w in layer.params.items():
+                        if "weight_hh" in name:
+                            w *= 1.25 if step %% 2 else 0.75
+                    x = x9 if step %% 2 else x2
+                    y, _ = layer(x)
+                    yf, _ = layer.frozen()(x)
+                    np.testing.assert_allclose(y, yf, rtol=1e-5, atol=1e-5)
+        print("ok")
+    """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("value, expect", [("262144", 262144), ("0", 0), ("abc", None), ("-5", None),
                                            ("4096k", None), (str(1 << 31), None)])
 def test_l2_cache_bytes_override(value, expect):

@@ -986,6 +986,9 @@ constexpr int64_t SMALL_T = 16;
 // With packed weights kept across calls (PackSet) a call pays only the hash of W_hh, one
 // read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
 constexpr int64_t SMALL_T_KEPT = 7;
+// Rows of W_hh per chunk of the in-place product over a slice larger than the L2 (see
+// dir_forward): 32, 64 and 128 alike (GRU T=25 B=1 I=H=1024).
+constexpr int64_t INPLACE_ROWS = 64;
 // The packed path projects the input inside the recurrence, FUSE_ROWS rows (steps * batch)
 // at a time (see dir_forward).
 constexpr int64_t FUSE_ROWS = 64;
@@ -1200,6 +1203,7 @@ void small_nn(int64_t B, int64_t K, int64_t N, const T* W, int64_t ldw, const T*
 // GEMMs with few rows of A (M <= SMALL_M) read B in place instead of packing it: packing
 // a large weight matrix would cost more than the product. Columns are split over threads.
 constexpr int64_t SMALL_M = 32;
+constexpr int64_t SMALL_M_KC_BYTES = 32 * 1024;
 
 template <class T>
 void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
@@ -1208,10 +1212,25 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
     const int64_t nb = ceil_div(N, blk);
     auto task = [&](int64_t i) {
         const int64_t n0 = i * blk, nn = N - n0 < blk ? N - n0 : blk;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int64_t mb = M - m < 4 ? M - m : 4;
-            if (tb) small_nt<T>(mb, nn, K, B + n0 * ldb, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
-            else small_nn<T>(mb, K, nn, B + n0, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
+        // B not transposed, several passes of four rows of A: the task's column block of B
+        // (K rows of nn elements, each a short run of its own row) is taken SMALL_M_KC_BYTES
+        // at a time by every pass, so the passes after the first read it from the L1. Each
+        // pass reading all K rows took the block from the L3 or memory every time, in runs
+        // too short for the prefetchers. Measured on the AVX-512 Xeon (2 MiB of L2 a core),
+        // training step, two threads, alternating processes: LSTM T=25 B=1 I=H=1024 (dx =
+        // dG W_ih, M=25, K=4096: 4 ms -> 1.8) 24.0-24.6 -> 21.0-21.2 ms; GRU 15.5 -> 13.2-13.7;
+        // RNN 3.3 -> 2.7; LSTM T=16 B=2 I=H=512 3.88 -> 3.57; 16 KiB and 32 KiB alike, 64 KiB
+        // and 128 KiB slower, 256-512 columns a task no faster.
+        const int64_t kc_rows = SMALL_M_KC_BYTES / (nn * (int64_t)sizeof(T));
+        const int64_t kc = !tb && M > 4 ? (kc_rows > 16 ? kc_rows : 16) : K;
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t kk = K - k0 < kc ? K - k0 : kc;
+            const T bk = k0 == 0 ? beta : T(1);
+            for (int64_t m = 0; m < M; m += 4) {
+                const int64_t mb = M - m < 4 ? M - m : 4;
+                if (tb) small_nt<T>(mb, nn, K, B + n0 * ldb, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
+                else small_nn<T>(mb, kk, nn, B + k0 * ldb + n0, ldb, A + m * lda + k0, lda, C + m * ldc + n0, ldc, bk);
+            }
         }
     };
 #ifdef _OPENMP
@@ -1670,10 +1689,24 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        const int64_t npk = small ? 0 : packed_b_size<T>(K1, Gk * nh);
+        const bool fits = split_fits(packed_b_size<T>(K1, Gk * nh) * (int64_t)sizeof(W));
         // Split-phase step barrier (see the product below): cells whose step has no barrier
         // but the last, on the packed path, with a W_hh slice that stays in the L2.
-        const bool split = !small && team > 1 && !gru_orig && !proj && split_fits(npk * (int64_t)sizeof(W));
+        const bool split = !small && team > 1 && !gru_orig && !proj && fits;
+        // W_hh read in place (row-major, as on the unpacked path) at up to four batch rows
+        // where the slice does not stay in the L2 and the packed copy would be checked by its
+        // content: every step then streams the slice from the L3 either way, and the packed
+        // copy costs its hash (one more read of W_hh a call, often from memory: the peers'
+        // data evict it) or, when the weights changed (training), its packing. Measured on
+        // the AVX-512 Xeon (2 MiB of L2 a core), two threads, alternating processes, in place
+        // against packed (ms): inference T=25 B=1 I=H=1024 LSTM 7.50-7.61 / 7.73-7.96, GRU
+        // 5.02-5.18 / 5.37-5.59, B=4 LSTM 10.9-11.2 / 11.2-11.5; T=100 B=1 I=H=1024 GRU
+        // 20.5-20.8 / 21.0-21.4, LSTM 29.9-30.0 / 29.5-30.3; training forward T=25 B=1 LSTM 8.0
+        // / 8.3. Frozen copies (address-checked, no hash) keep the packed slice: GRU T=25
+        // 4.96-5.15 packed against 5.30-5.44 in place.
+        const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
+                             !fits && !(j.packed && j.packed->trusted);
+        const int64_t npk = small || inplace ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
@@ -1694,10 +1727,11 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hh : 0,
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
                                        (uint64_t)ih_packed,
-                                       ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2};
+                                       ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2,
+                                       (uint64_t)inplace};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
-                for (int g = 0; g < Gk; ++g)
+                for (int g = 0; g < Gk && !inplace; ++g)
                     key = content_hash(j.w.w_hh + (g * H + U.lo) * K1, nh * K1 * (int64_t)sizeof(T), key);
                 if (gru_orig) key = content_hash(j.w.w_hh + (2 * H + U.lo) * H, nh * H * (int64_t)sizeof(T), key);
                 if (proj) key = content_hash(j.w.w_hr + Q.lo * H, nq * H * (int64_t)sizeof(T), key);
@@ -1751,7 +1785,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             for (int g = 0; ih_packed && nh > 0 && g < G; ++g)
                 pack_b_rows<T>(I, nh, j.w.w_ih, I, [&](int64_t n) { return g * H + u0 + n; },
                                pki + g * npi1);
-            if (nh > 0 && !small) {
+            if (nh > 0 && !small && !inplace) {
                 pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                                [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
                 if (gru_orig)
@@ -1804,6 +1838,16 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             } else if (nh > 0 && small) {
                 for (int g = 0; g < Gk; ++g)
                     small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
+            } else if (nh > 0 && inplace) {
+                // the slice's rows in chunks of INPLACE_ROWS, in alternating directions step to
+                // step (as the packed sweep): the chunks read last are still in the L2
+                const int64_t nck = ceil_div(nh, INPLACE_ROWS), total = Gk * nck;
+                for (int64_t i = 0; i < total; ++i) {
+                    const int64_t c = (q & 1) ? total - 1 - i : i;
+                    const int64_t g = c / nck, r0 = (c % nck) * INPLACE_ROWS;
+                    const int64_t nr = nh - r0 < INPLACE_ROWS ? nh - r0 : INPLACE_ROWS;
+                    small_nt<T>(B, nr, K1, j.w.w_hh + (g * H + u0 + r0) * K1, K1, hprev, P, hh + g * nh + r0, Gk * nh);
+                }
             } else if (nh > 0 && split && q > 0) {
                 // The previous step's barrier was only arrived at: first the part of the
                 // product over this thread's own slice of h (written by itself), then, once the
