@@ -541,7 +541,9 @@ def test_recurrence_without_split_phase_product_against_torch():
 def test_recurrence_w_hh_in_place_against_torch():
     """At up to four batch rows a W_hh slice larger than three quarters of the L2 is read in
     place (row-major, nothing packed or hashed) unless the layer is frozen (its packed copy is
-    checked by address only). RNNCORE_L2_BYTES=0 sends every slice that way: training against
+    checked by address only), and the backward's dh product, past twice the L2, reads W_hh in
+    place by rows (each thread its own units' rows, the team's partial sums added over each
+    output slice). RNNCORE_L2_BYTES=0 sends every slice both ways: training against
     PyTorch at batch 1-4 with lengths, teams of 2 and 3; inference against the frozen copy
     (the packed one-sweep product); calls alternating between batch 2 (in place) and 9
     (packed, kept) with the weights edited in place between them."""
