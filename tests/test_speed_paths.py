@@ -540,13 +540,14 @@ def test_recurrence_without_split_phase_product_against_torch():
 
 def test_recurrence_w_hh_in_place_against_torch():
     """At up to four batch rows a W_hh slice larger than three quarters of the L2 is read in
-    place (row-major, nothing packed or hashed) unless the layer is frozen (its packed copy is
-    checked by address only), and the backward's dh product, past twice the L2, reads W_hh in
+    place (row-major, nothing packed or hashed), by frozen copies too (their results stay the
+    layer's bit for bit), and the backward's dh product, past twice the L2, reads W_hh in
     place by rows (each thread its own units' rows, the team's partial sums added over each
     output slice). RNNCORE_L2_BYTES=0 sends every slice both ways: training against
     PyTorch at batch 1-4 with lengths, teams of 2 and 3; inference against the frozen copy
-    (the packed one-sweep product); calls alternating between batch 2 (in place) and 9
-    (packed, kept) with the weights edited in place between them."""
+    (equal) and a bfloat16 layer over the same weights rounded (the packed one-sweep product;
+    close); calls alternating between batch 2 (in place) and 9 (packed, kept) with the
+    weights edited in place between them."""
     from conftest import run_child
     r = run_child("""
         import os, sys
@@ -567,7 +568,14 @@ def test_recurrence_w_hh_in_place_against_torch():
                     layer.eval()
                     y, _ = layer(x, lengths=lengths)
                     yf, _ = layer.frozen()(x, lengths=lengths)
-                    np.testing.assert_allclose(y, yf, rtol=1e-5, atol=1e-5)
+                    assert np.array_equal(y, yf)
+                    for name, w in layer.params.items():   # exactly representable in bfloat16
+                        if "weight_hh" in name:
+                            w[...] = (w.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+                    y, _ = layer(x, lengths=lengths)
+                    layer.inference_precision = "bfloat16"
+                    y16, _ = layer(x, lengths=lengths)
+                    np.testing.assert_allclose(y16, y, rtol=1e-5, atol=1e-5)
                 layer = make()
                 layer.eval()
                 x2 = rng.standard_normal((12, 2, 24)).astype(np.float32)
@@ -579,7 +587,9 @@ def test_recurrence_w_hh_in_place_against_torch():
                     x = x9 if step %% 2 else x2
                     y, _ = layer(x)
                     yf, _ = layer.frozen()(x)
-                    np.testing.assert_allclose(y, yf, rtol=1e-5, atol=1e-5)
+                    assert np.array_equal(y, yf)
+                    if step == 3:   # against PyTorch after the edits
+                        compare_with_torch(layer, x, rng=rng, check_grads=False)
         print("ok")
     """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

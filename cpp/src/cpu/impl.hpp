@@ -1702,10 +1702,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // against packed (ms): inference T=25 B=1 I=H=1024 LSTM 7.50-7.61 / 7.73-7.96, GRU
         // 5.02-5.18 / 5.37-5.59, B=4 LSTM 10.9-11.2 / 11.2-11.5; T=100 B=1 I=H=1024 GRU
         // 20.5-20.8 / 21.0-21.4, LSTM 29.9-30.0 / 29.5-30.3; training forward T=25 B=1 LSTM 8.0
-        // / 8.3. Frozen copies (address-checked, no hash) keep the packed slice: GRU T=25
-        // 4.96-5.15 packed against 5.30-5.44 in place.
-        const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
-                             !fits && !(j.packed && j.packed->trusted);
+        // / 8.3. Frozen copies and the C++ Model (address-checked, no hash) take the same path,
+        // so that their results stay the layer's bit for bit, though for them the packed slice
+        // was faster at the GRU (T=25 4.96-5.15 packed against 5.30-5.44 in place).
+        const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj && !fits;
         const int64_t npk = small || inplace ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
