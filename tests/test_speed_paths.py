@@ -539,7 +539,7 @@ def test_recurrence_without_split_phase_product_against_torch():
 
 
 def test_recurrence_w_hh_in_place_against_torch():
-    """At up to four batch rows a W_hh slice larger than three quarters of the L2 is read in
+    """At up to four batch rows a W_hh slice larger than twice the L2 is read in
     place (row-major, nothing packed or hashed), by frozen copies too (their results stay the
     layer's bit for bit), and the backward's dh product, past twice the L2, reads W_hh in
     place by rows (each thread its own units' rows, the team's partial sums added over each

@@ -1694,10 +1694,13 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // but the last, on the packed path, with a W_hh slice that stays in the L2.
         const bool split = !small && team > 1 && !gru_orig && !proj && fits;
         // W_hh read in place (row-major, as on the unpacked path) at up to four batch rows
-        // where the slice does not stay in the L2 and the packed copy would be checked by its
-        // content: every step then streams the slice from the L3 either way, and the packed
-        // copy costs its hash (one more read of W_hh a call, often from memory: the peers'
-        // data evict it) or, when the weights changed (training), its packing. Measured on
+        // where the slice exceeds twice the L2: every step then streams it from the L3 either
+        // way, and a packed copy costs its hash (one more read of W_hh a call, often from
+        // memory: the peers' data evict it) or, when the weights changed (training), its
+        // packing. Between 3/4 and 2 L2s the packed slice, most of it kept in the L2 by the
+        // alternating sweeps, is faster (one process, alternating, ms, packed / in place: RNN
+        // T=25 B=1 I=H=1024, 2 MiB, 1.00-1.05 / 1.21-1.28; LSTM T=100 B=1 I=768 H=512, 2 MiB,
+        // 3.9-4.1 / 4.8-5.1; GRU I=768 H=512, 3.4 MiB, 8.4-8.8 / 8.9-9.0). Measured on
         // the AVX-512 Xeon (2 MiB of L2 a core), two threads, alternating processes, in place
         // against packed (ms): inference T=25 B=1 I=H=1024 LSTM 7.50-7.61 / 7.73-7.96, GRU
         // 5.02-5.18 / 5.37-5.59, B=4 LSTM 10.9-11.2 / 11.2-11.5; T=100 B=1 I=H=1024 GRU
@@ -1705,7 +1708,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // / 8.3. Frozen copies and the C++ Model (address-checked, no hash) take the same path,
         // so that their results stay the layer's bit for bit, though for them the packed slice
         // was faster at the GRU (T=25 4.96-5.15 packed against 5.30-5.44 in place).
-        const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj && !fits;
+        const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
+                             packed_b_size<T>(K1, Gk * nh) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
         const int64_t npk = small || inplace ? 0 : packed_b_size<T>(K1, Gk * nh);
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
