@@ -1999,7 +1999,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // / 68.3-69.3, GRU 48.7-50.2 / 49.4-49.6. Slices of one to two L2s stay packed: LSTM T=100
     // B=1 I=256 H=512 (2 MiB) 8.7-8.9 / 9.6-10.1, RNN T=25 B=4 I=H=1024 (2 MiB) 6.1-6.4 /
     // 6.3-6.6 (with the snake order most of a packed slice stays in the L2).
-    const bool rows_dh_shape = B <= SMALL_B && !(B <= SMALL_B && TT <= SMALL_T) && !gru_orig && !proj;
+    const bool rows_dh_shape = B <= SMALL_B && TT > SMALL_T && !gru_orig && !proj;   // not the short path
     auto rows_dh_team = [&](int team) {   // from the largest thread's slice: alike in a team
         const int64_t nmax = ceil_div(ceil_div(H, (int64_t)VL<T>), (int64_t)team) * VL<T>;
         return packed_b_size<T>(Kc, nmax < H ? nmax : H) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
