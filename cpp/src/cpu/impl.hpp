@@ -1998,9 +1998,17 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // 31.7-33.7 / 28.2-28.6, GRU B=2 17.2-17.8 / 16.0-16.4; T=100 B=1 I=H=1024 LSTM 71.6-72.8
     // / 68.3-69.3, GRU 48.7-50.2 / 49.4-49.6. Slices of one to two L2s stay packed: LSTM T=100
     // B=1 I=256 H=512 (2 MiB) 8.7-8.9 / 9.6-10.1, RNN T=25 B=4 I=H=1024 (2 MiB) 6.1-6.4 /
-    // 6.3-6.6 (with the snake order most of a packed slice stays in the L2).
-    const bool rows_dh_shape = B <= SMALL_B && TT > SMALL_T && !gru_orig && !proj;   // not the short path
+    // 6.3-6.6 (with the snake order most of a packed slice stays in the L2). The short path
+    // (up to 16 steps: nothing packed) takes it at every size: its column slice read in place
+    // took each row's part in runs of 512 bytes or less, once per 128 columns (one process,
+    // alternating, ms, column slice / by rows): training LSTM T=16 B=1 I=H=1024 16.3-16.7 /
+    // 12.2-12.3, I=H=512 3.12-3.15 / 2.08-2.14 (one thread 7.2-7.3 / 5.1), GRU T=10 B=1 I=H=1024
+    // 7.4-7.6 / 5.7-5.9, GRU T=12 B=2 I=256 H=512 2.03-2.08 / 1.44-1.46, LSTM T=8 B=4 I=H=1024
+    // 12.2-13.0 / 10.2-11.0, RNN T=10 B=4 I=H=1024 3.16-3.24 / 2.82-2.88; LSTM T=16 B=1 I=128
+    // H=256 0.44-0.48 / 0.41-0.46; I=32 H=64 alike.
+    const bool rows_dh_shape = B <= SMALL_B && !gru_orig && !proj;
     auto rows_dh_team = [&](int team) {   // from the largest thread's slice: alike in a team
+        if (TT <= SMALL_T) return true;
         const int64_t nmax = ceil_div(ceil_div(H, (int64_t)VL<T>), (int64_t)team) * VL<T>;
         return packed_b_size<T>(Kc, nmax < H ? nmax : H) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
     };
@@ -2138,7 +2146,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 sbar.wait(bsense);   // the r gate gradients complete
             }
             // C. dh of the previous step, own output slice
-            if (nq > 0 && small) {
+            if (nq > 0 && small && !inplace) {
                 small_nn<T>(B, Kc, nq, j.w.w_hh + q0, P, dght, LD, tmp, nq);
             } else if (nq > 0 && inplace) {   // the team's partial sums over the own slice
                 const T* parts = rows_dh + (q & 1) * team * B * P;
