@@ -544,7 +544,7 @@ def test_recurrence_w_hh_in_place_against_torch():
     layer's bit for bit), and the backward's dh product, past twice the L2, reads W_hh in
     place by rows (each thread its own units' rows, the team's partial sums added over each
     output slice). RNNCORE_L2_BYTES=0 sends every slice both ways: training against
-    PyTorch at batch 1-4 with lengths, teams of 2 and 3; inference against the frozen copy
+    PyTorch at batch 1-4 with lengths, teams of 2 and 3, every ISA of the CPU; inference against the frozen copy
     (equal) and a bfloat16 layer over the same weights rounded (the packed one-sweep product;
     close); calls alternating between batch 2 (in place) and 9 (packed, kept) with the
     weights edited in place between them."""
@@ -555,7 +555,8 @@ def test_recurrence_w_hh_in_place_against_torch():
         import numpy as np, rnncore as rc
         from torch_oracle import compare_with_torch
         rng = np.random.default_rng(12)
-        for team in (2, 3):
+        for isa, team in [(isa, team) for isa in rc._core.available_isas().split(",") for team in (2, 3)]:
+            rc._core.set_isa(isa)
             rc.set_num_threads(team)
             for make in (lambda: rc.LSTM(24, 96, bidirectional=True),
                          lambda: rc.GRU(24, 96, num_layers=2),
