@@ -989,6 +989,18 @@ constexpr int64_t SMALL_T_KEPT = 7;
 // Rows of W_hh per chunk of the in-place product over a slice larger than the L2 (see
 // dir_forward): 32, 64 and 128 alike (GRU T=25 B=1 I=H=1024).
 constexpr int64_t INPLACE_ROWS = 64;
+// f(g, r0, n, i) for the rows [r0, r0 + n) of each of `groups` groups of `rows` rows, in chunks
+// of `chunk`, the i-th chunk visited; last to first where `reverse` (the in-place products'
+// alternating sweeps: the chunks read last are still in the L2 when the next step starts).
+template <class F>
+inline void snake_chunks(int groups, int64_t rows, int64_t chunk, bool reverse, F&& f) {
+    const int64_t nck = ceil_div(rows, chunk), total = groups * nck;
+    for (int64_t i = 0; i < total; ++i) {
+        const int64_t c = reverse ? total - 1 - i : i;
+        const int64_t r0 = (c % nck) * chunk;
+        f((int)(c / nck), r0, rows - r0 < chunk ? rows - r0 : chunk, i);
+    }
+}
 // The packed path projects the input inside the recurrence, FUSE_ROWS rows (steps * batch)
 // at a time (see dir_forward).
 constexpr int64_t FUSE_ROWS = 64;
@@ -1221,16 +1233,19 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
         // dG W_ih, M=25, K=4096: 4 ms -> 1.8) 24.0-24.6 -> 21.0-21.2 ms; GRU 15.5 -> 13.2-13.7;
         // RNN 3.3 -> 2.7; LSTM T=16 B=2 I=H=512 3.88 -> 3.57; 16 KiB and 32 KiB alike, 64 KiB
         // and 128 KiB slower, 256-512 columns a task no faster.
+        if (tb) {
+            for (int64_t m = 0; m < M; m += 4)
+                small_nt<T>(M - m < 4 ? M - m : 4, nn, K, B + n0 * ldb, ldb, A + m * lda, lda, C + m * ldc + n0,
+                            ldc, beta);
+            return;
+        }
         const int64_t kc_rows = SMALL_M_KC_BYTES / (nn * (int64_t)sizeof(T));
-        const int64_t kc = !tb && M > 4 ? (kc_rows > 16 ? kc_rows : 16) : K;
+        const int64_t kc = M > 4 ? (kc_rows > 16 ? kc_rows : 16) : K;
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t kk = K - k0 < kc ? K - k0 : kc;
-            const T bk = k0 == 0 ? beta : T(1);
-            for (int64_t m = 0; m < M; m += 4) {
-                const int64_t mb = M - m < 4 ? M - m : 4;
-                if (tb) small_nt<T>(mb, nn, K, B + n0 * ldb, ldb, A + m * lda, lda, C + m * ldc + n0, ldc, beta);
-                else small_nn<T>(mb, kk, nn, B + k0 * ldb + n0, ldb, A + m * lda + k0, lda, C + m * ldc + n0, ldc, bk);
-            }
+            for (int64_t m = 0; m < M; m += 4)
+                small_nn<T>(M - m < 4 ? M - m : 4, kk, nn, B + k0 * ldb + n0, ldb, A + m * lda + k0, lda,
+                            C + m * ldc + n0, ldc, k0 == 0 ? beta : T(1));
         }
     };
 #ifdef _OPENMP
@@ -1689,7 +1704,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
-        const bool fits = split_fits(packed_b_size<T>(K1, Gk * nh) * (int64_t)sizeof(W));
+        const int64_t slice = packed_b_size<T>(K1, Gk * nh);   // elements of the packed W_hh slice
+        const bool fits = split_fits(slice * (int64_t)sizeof(W));
         // Split-phase step barrier (see the product below): cells whose step has no barrier
         // but the last, on the packed path, with a W_hh slice that stays in the L2.
         const bool split = !small && team > 1 && !gru_orig && !proj && fits;
@@ -1709,8 +1725,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // so that their results stay the layer's bit for bit, though for them the packed slice
         // was faster at the GRU (T=25 4.96-5.15 packed against 5.30-5.44 in place).
         const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
-                             packed_b_size<T>(K1, Gk * nh) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
-        const int64_t npk = small || inplace ? 0 : packed_b_size<T>(K1, Gk * nh);
+                             slice * (int64_t)sizeof(W) > 2 * l2_cache_bytes();
+        const int64_t npk = small || inplace ? 0 : slice;
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
@@ -1842,16 +1858,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             } else if (nh > 0 && small) {
                 for (int g = 0; g < Gk; ++g)
                     small_nt<T>(B, nh, K1, j.w.w_hh + (g * H + u0) * K1, K1, hprev, P, hh + g * nh, Gk * nh);
-            } else if (nh > 0 && inplace) {
-                // the slice's rows in chunks of INPLACE_ROWS, in alternating directions step to
-                // step (as the packed sweep): the chunks read last are still in the L2
-                const int64_t nck = ceil_div(nh, INPLACE_ROWS), total = Gk * nck;
-                for (int64_t i = 0; i < total; ++i) {
-                    const int64_t c = (q & 1) ? total - 1 - i : i;
-                    const int64_t g = c / nck, r0 = (c % nck) * INPLACE_ROWS;
-                    const int64_t nr = nh - r0 < INPLACE_ROWS ? nh - r0 : INPLACE_ROWS;
+            } else if (nh > 0 && inplace) {   // alternating directions, as the packed sweep
+                snake_chunks(Gk, nh, INPLACE_ROWS, q & 1, [&](int g, int64_t r0, int64_t nr, int64_t) {
                     small_nt<T>(B, nr, K1, j.w.w_hh + (g * H + u0 + r0) * K1, K1, hprev, P, hh + g * nh + r0, Gk * nh);
-                }
+                });
             } else if (nh > 0 && split && q > 0) {
                 // The previous step's barrier was only arrived at: first the part of the
                 // product over this thread's own slice of h (written by itself), then, once the
@@ -2012,7 +2022,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const int64_t nmax = ceil_div(ceil_div(H, (int64_t)VL<T>), (int64_t)team) * VL<T>;
         return packed_b_size<T>(Kc, nmax < H ? nmax : H) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
     };
-    const int max_team = gteam > rec_threads(B, G, H, P) ? gteam : rec_threads(B, G, H, P);
+    const int rteam = rec_threads(B, G, H, P), max_team = gteam > rteam ? gteam : rteam;
     T* rows_dh = rows_dh_shape && TT > 0 && rows_dh_team(max_team) ? alloc<T>(2 * max_team * B * P) : nullptr;
     StepBarrier sbar;
     auto body = [&](int tid, int team) {
@@ -2118,13 +2128,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             T* own_part = inplace ? rows_dh + ((q & 1) * team + tid) * B * P : nullptr;
             if (inplace && nh > 0) {
                 const int64_t kc_rows = SMALL_M_KC_BYTES / (P * (int64_t)sizeof(T));
-                const int64_t kc = kc_rows > 8 ? kc_rows : 8, nck = ceil_div(nh, kc), total = G * nck;
-                for (int64_t i = 0; i < total; ++i) {   // alternating directions, as the forward
-                    const int64_t c = (q & 1) ? total - 1 - i : i;
-                    const int64_t g = c / nck, k0 = (c % nck) * kc, kk = nh - k0 < kc ? nh - k0 : kc;
+                snake_chunks(G, nh, kc_rows > 8 ? kc_rows : 8, q & 1, [&](int g, int64_t k0, int64_t kk, int64_t i) {
                     small_nn<T>(B, kk, P, j.w.w_hh + (g * H + u0 + k0) * P, P, dght + g * H + u0 + k0, LD,
                                 own_part, P, i == 0 ? T(0) : T(1));
-                }
+                });
             } else if (inplace) {
                 std::memset(own_part, 0, sizeof(T) * B * P);
             }
@@ -2188,11 +2195,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         }
         std::free(mem);
     };
-    run_team(gteam > 0 ? gteam : rec_threads(B, G, H, P), body);
+    run_team(gteam > 0 ? gteam : rteam, body);
     if (mismatch) {   // the team differs from the forward's: row-major gates, any team
         unblock_gates<T>(j, gteam);
         gteam = 0;
-        run_team(rec_threads(B, G, H, P), body);
+        run_team(rteam, body);
     }
     std::free(rows_dh);
     if (failed) throw std::bad_alloc();
