@@ -611,3 +611,56 @@ def test_l2_cache_bytes_override(value, expect):
         assert got == int(default.stdout.strip()) and (64 << 10) <= got <= (1 << 30)
     else:
         assert got == expect
+
+
+def test_phase_times():
+    """RNNCORE_PHASES=1 (read once) has the kernels time their phases: every phase of a training
+    step is reported per thread of the team and in seconds (the elementwise and matrix phases of
+    a batched LSTM take time; their sum is the step's time within its bookkeeping), a
+    bidirectional layer (two teams at once) and a second team size add to the same table, reset
+    clears it, and the results are the untimed ones bit for bit. Without the variable the
+    table is empty."""
+    from conftest import run_child
+    code = """
+        import numpy as np, rnncore as rc, time
+        names = ["forward.pack", "forward.projection", "forward.product", "forward.cell", "forward.sync",
+                 "backward.pack", "backward.cell", "backward.product", "backward.sync",
+                 "backward.weight_grads", "backward.input_grads"]
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((30, 16, 24)).astype(np.float32)
+        rc.set_num_threads(2)
+        layer = rc.LSTM(24, 64, seed=1)
+        layer.train()
+        t = time.perf_counter()
+        y, _ = layer.forward(x)
+        dx = layer.backward(np.ones_like(y))[0]
+        wall = time.perf_counter() - t
+        p = rc._core.phase_times(True)
+        if not rc._core.phase_timing():
+            assert p == {}, p
+        else:
+            assert list(p) == names, list(p)
+            assert all(len(v) == 2 for v in p.values()), p
+            for n in ("forward.projection", "forward.product", "forward.cell", "backward.cell",
+                      "backward.product", "backward.weight_grads", "backward.input_grads"):
+                assert p[n][0] > 0 and p[n][1] >= 0, (n, p[n])
+            assert 0 < sum(v[0] for v in p.values()) <= wall, (p, wall)
+            assert all(v == [] for v in rc._core.phase_times(True).values())
+            rc.set_num_threads(3)
+            bi = rc.GRU(24, 64, bidirectional=True, seed=2)
+            bi.train()
+            yb, _ = bi.forward(x)
+            bi.backward(np.ones_like(yb))
+            p = rc._core.phase_times(False)
+            assert all(len(v) == 3 for v in p.values()) and p["backward.product"][2] > 0, p
+            assert rc._core.phase_times(True) == p
+        import hashlib
+        print(hashlib.sha256(np.concatenate([y.ravel(), dx.ravel()]).tobytes()).hexdigest())
+        print("ok")
+    """
+    digests = []
+    for env in ({"RNNCORE_PHASES": "1"}, {"RNNCORE_PHASES": "0"}, {"RNNCORE_PHASES": ""}):
+        r = run_child(code, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+        digests.append(r.stdout.split()[-2])
+    assert digests[0] == digests[1] == digests[2], digests

@@ -79,6 +79,49 @@ double read_bandwidth(int64_t bytes, int reps) {
     return kernels<float>().read_bandwidth(bytes, reps);
 }
 
+namespace {
+constexpr int PHASE_THREADS = MAX_TEAM;
+int64_t phase_ns[PH_COUNT][PHASE_THREADS];   // atomics: a bidirectional layer runs two teams at once
+int phase_threads_seen = 0;
+}  // namespace
+
+bool phase_timing() {
+    static const bool on = [] {
+        const char* env = std::getenv("RNNCORE_PHASES");
+        return env && *env && std::string(env) != "0";
+    }();
+    return on;
+}
+
+std::string phase_names() {
+    return "forward.pack,forward.projection,forward.product,forward.cell,forward.sync,backward.pack,"
+           "backward.cell,backward.product,backward.sync,backward.weight_grads,backward.input_grads";
+}
+
+void phase_add(int phase, int tid, int64_t nanoseconds) {
+    if (phase < 0 || phase >= PH_COUNT || tid < 0 || tid >= PHASE_THREADS) return;
+    __atomic_fetch_add(&phase_ns[phase][tid], nanoseconds, __ATOMIC_RELAXED);
+    int seen = __atomic_load_n(&phase_threads_seen, __ATOMIC_RELAXED);
+    while (tid + 1 > seen &&
+           !__atomic_compare_exchange_n(&phase_threads_seen, &seen, tid + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+
+std::vector<std::vector<double>> phase_times(bool reset) {
+    std::vector<std::vector<double>> out;
+    if (!phase_timing()) return out;
+    const int n = __atomic_load_n(&phase_threads_seen, __ATOMIC_RELAXED);
+    for (int p = 0; p < PH_COUNT; ++p) {
+        std::vector<double> row((size_t)n);
+        for (int t = 0; t < n; ++t)
+            row[(size_t)t] = 1e-9 * (double)(reset ? __atomic_exchange_n(&phase_ns[p][t], (int64_t)0, __ATOMIC_RELAXED)
+                                                  : __atomic_load_n(&phase_ns[p][t], __ATOMIC_RELAXED));
+        out.push_back(row);
+    }
+    if (reset) __atomic_store_n(&phase_threads_seen, 0, __ATOMIC_RELAXED);
+    return out;
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
     return true;

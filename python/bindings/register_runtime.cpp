@@ -1,5 +1,6 @@
 // Bindings of the runtime: version, threads, ISA, CUDA status.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "rnncore/runtime.hpp"
 
@@ -17,6 +18,24 @@ void register_runtime(py::module_& m) {
     m.def("detected_isa", &rnncore::detected_isa);
     m.def("l2_cache_bytes", &rnncore::l2_cache_bytes,
           "One core's L2 cache in bytes as the kernels plan for it (RNNCORE_L2_BYTES overrides).");
+    m.def("phase_timing", &rnncore::phase_timing,
+          "Whether the kernels time their phases (RNNCORE_PHASES=1 in the environment, read once).");
+    m.def("phase_times", [](bool reset) {
+              py::dict d;
+              const auto times = rnncore::phase_times(reset);
+              if (times.empty()) return d;
+              const std::string names = rnncore::phase_names();
+              size_t start = 0;
+              for (const auto& row : times) {
+                  const size_t end = names.find(',', start);
+                  d[py::str(names.substr(start, end == std::string::npos ? std::string::npos : end - start))] =
+                      py::cast(row);
+                  start = end == std::string::npos ? names.size() : end + 1;
+              }
+              return d;
+          }, py::arg("reset") = true,
+          "Seconds per phase of the recurrence kernels, per team thread, since the last reset "
+          "({} unless RNNCORE_PHASES=1).");
     m.def("cuda_built", &rnncore::cuda_built);
     m.def("cuda_available", &rnncore::cuda_available);
     m.def("cuda_status", &rnncore::cuda_status);

@@ -285,6 +285,9 @@ def bench_shape(cell, shape, peers, train=True):
         row["ratio_frozen"] = row["rnncore_frozen"] / row[best]
     if "train_torch" in row:
         row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
+    if "train_rnncore" in row:
+        # forward + backward: the backward's products (dh, dW_ih | dW_hh, dx) are twice the forward's
+        row["train_gflops"] = 3 * flops(cell, T, B, I, H) / row["train_rnncore"] / 1e9
     return row
 
 
@@ -401,7 +404,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
                         f"max rel. change {r['bf16_err']:.1e}")
             if "train_ratio" in r:
                 msg += (f"  | train rnncore {_fmt_ms(r['train_rnncore'])} torch {_fmt_ms(r['train_torch'])} "
-                        f"ratio {r['train_ratio']:.2f}")
+                        f"ratio {r['train_ratio']:.2f}  {r['train_gflops']:.0f} GFLOP/s "
+                        f"({100 * r['train_gflops'] / machine_peak:.0f}% of sgemm peak)")
             print(msg, flush=True)
     steps = [bench_step(c, peers) for c in (cells or CELLS)] if step else []
     for s in steps:
@@ -429,14 +433,14 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
              f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
              f"{bw['l2_per_core']:.0f} GB/s per core.",
              "",
-             "| cell | T, B, I, H | rnncore | NumPy | PyTorch | ONNX Runtime | ratio | vs NumPy | GFLOP/s | train rnncore | train PyTorch | train ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cell | T, B, I, H | rnncore | NumPy | PyTorch | ONNX Runtime | ratio | vs NumPy | GFLOP/s | train rnncore | train PyTorch | train ratio | train GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
                      f"{_fmt_ms(r.get('numpy'))} | {_fmt_ms(r.get('torch'))} | {_fmt_ms(r.get('ort'))} | "
                      f"{r['ratio']:.2f} | {r['ratio_numpy']:.3f} | {r['gflops']:.0f} | "
                      f"{_fmt_ms(r.get('train_rnncore'))} | {_fmt_ms(r.get('train_torch'))} | "
-                     f"{r.get('train_ratio', float('nan')):.2f} |")
+                     f"{r.get('train_ratio', float('nan')):.2f} | {r.get('train_gflops', float('nan')):.0f} |")
     if steps:
         lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | NumPy us | PyTorch cell us | ratio vs PyTorch |",
                   "|---|---|---|---|---|"]

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace rnncore {
 
@@ -31,6 +32,17 @@ void fast_activation(int which, int64_t n, const float* x, float* y);
 int64_t l2_cache_bytes();
 // Read bandwidth (GB/s) of the calling thread over a buffer of `bytes`, for benchmarks.
 double read_bandwidth(int64_t bytes, int reps);
+
+// Where a recurrence spends its time, by phase, for profiling: with RNNCORE_PHASES=1 in the
+// environment (read once), the kernels add the seconds each thread of a recurrence team spends
+// in each phase (names in phase_names(): forward.pack, forward.projection, forward.product,
+// forward.cell, forward.sync, backward.pack, backward.cell, backward.product, backward.sync,
+// backward.weight_grads, backward.input_grads; the last two are the calling thread's wall time
+// of the team's GEMMs). phase_times() returns them, per phase the seconds of threads 0..n-1 (n
+// the most threads seen), and clears them if reset; empty when the variable is not set.
+bool phase_timing();
+std::string phase_names();      // comma-separated, in the order of phase_times()
+std::vector<std::vector<double>> phase_times(bool reset);
 
 bool cuda_built();
 bool cuda_available();

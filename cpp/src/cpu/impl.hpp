@@ -1385,6 +1385,26 @@ struct StepBarrier {
     }
 };
 
+// The opt-in phase profile (runtime.hpp: phase_times): a thread's clock, which charges the
+// time since its last mark to a phase. Off, a mark is one predictable branch.
+struct PhaseClock {
+    bool on;
+    int tid;
+    int64_t t = 0;
+    static int64_t now() {
+        timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    }
+    explicit PhaseClock(int id) : on(phase_timing()), tid(id) { if (on) t = now(); }
+    void mark(int phase) {
+        if (!on) return;
+        const int64_t n = now();
+        phase_add(phase, tid, n - t);
+        t = n;
+    }
+};
+
 template <class F> void run_team(int nth, F&& body) {
 #ifdef _OPENMP
     if (nth > 1) {
@@ -1697,6 +1717,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     int failed = 0;
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
+        PhaseClock clock(tid);
         sbar.join(team);
         if (tid == 0 && j.gate_team) *j.gate_team = blocked ? team : 0;
         int bsense = 0;
@@ -1822,6 +1843,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 j.packed->packs += 1;
             }
         }
+        clock.mark(PH_FWD_PACK);   // the kept slot's check, and its packing if stale
         const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
         const T* bhn = gru && j.lbr && j.w.b_hh ? j.w.b_hh + 2 * H + u0 : nullptr;
         // The unpacked path's input projection: this thread's gate columns of every step, from
@@ -1849,6 +1871,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                 bias ? bias + u0 : nullptr, H, gb, gs, ldg, xp);
                 }
             }
+            clock.mark(PH_FWD_PROJ);
             const T* hprev = j.hbuf + (t + rev) * B * P;
             T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* yt = j.y + t * B * j.ldy;
@@ -1873,6 +1896,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             } else if (split && q > 0) {
                 sbar.await(bsense);
             }
+            clock.mark(PH_FWD_PRODUCT);   // with the split phase, its wait for the others
             for (int64_t b = 0; b < B && nh > 0; ++b) {
                 T* g = grow(t, b);
                 const T* hb = hh + b * Gk * nh;
@@ -1940,10 +1964,13 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             }
             // the new state is complete before the next step reads it (with split, the next
             // step awaits the others after the product over its own slice)
+            clock.mark(PH_FWD_CELL);   // (Cho's GRU and projections: their second product too)
             if (split) sbar.arrive(bsense);
             else sbar.wait(bsense);
+            clock.mark(PH_FWD_SYNC);
         }
         if (split && TT > 0) sbar.await(bsense);
+        clock.mark(PH_FWD_SYNC);
         std::free(mem);
     });
     std::free(bias);
@@ -2026,6 +2053,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     T* rows_dh = rows_dh_shape && TT > 0 && rows_dh_team(max_team) ? alloc<T>(2 * max_team * B * P) : nullptr;
     StepBarrier sbar;
     auto body = [&](int tid, int team) {
+        PhaseClock clock(tid);
         if (gteam > 0 && team != gteam) {   // fewer threads than asked for (nested, limits)
             if (tid == 0) mismatch = 1;
             return;
@@ -2060,6 +2088,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
         const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
+        clock.mark(PH_BWD_PACK);
 
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
@@ -2125,6 +2154,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             // W_hh (contiguous rows, the slice the forward streamed), into its partial sum of
             // the step (two sets, by the parity of the step: a thread may still be summing the
             // last step's while another writes this one's)
+            clock.mark(PH_BWD_CELL);
             T* own_part = inplace ? rows_dh + ((q & 1) * team + tid) * B * P : nullptr;
             if (inplace && nh > 0) {
                 const int64_t kc_rows = SMALL_M_KC_BYTES / (P * (int64_t)sizeof(T));
@@ -2138,8 +2168,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             // The step's gate gradients complete. Split phase (cells with one barrier a step,
             // packed weights): arrive, take the part of the dh product over the own units' gate
             // columns (written by this thread), then await the others for the rest.
+            clock.mark(PH_BWD_PRODUCT);
             if (split) sbar.arrive(bsense);
             else sbar.wait(bsense);
+            clock.mark(PH_BWD_SYNC);
             if (gru_orig) {
                 if (nh > 0 && small)
                     small_nn<T>(B, H, nh, j.w.w_hh + 2 * H * H + u0, H, dgt + 2 * H, LD, tmp, nh);
@@ -2170,6 +2202,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             } else if (nq > 0) {
                 gemm_pb<T>(B, nq, Kc, dght, LD, pk, T(0), tmp, nq, q & 1);
             }
+            clock.mark(PH_BWD_PRODUCT);   // (with the split phase, its wait for the others)
             for (int64_t b = 0; b < B && nq > 0; ++b) {
                 if (!active(j.lengths, b, t)) continue;
                 T* dhb = dh + b * P + q0;
@@ -2188,6 +2221,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     if (two_bias) add_row<T>(nh, dght + b * LD + g * H + u0, bsumh + g * nh);
                 }
             }
+            clock.mark(PH_BWD_CELL);
         }
         for (int g = 0; g < G && bsum && nh > 0; ++g) {   // disjoint ranges: no race
             add_row<T>(nh, bsum + g * nh, bj.g.b_ih + g * H + u0);
@@ -2205,6 +2239,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     if (failed) throw std::bad_alloc();
 
     // Weight gradients: GEMMs over all steps (dW_ih and dW_hh in one where they share dG).
+    PhaseClock clock(0);   // the calling thread's wall time of the team's GEMMs
     const int64_t R = TT * B;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
     if (!gru_orig && dgh == bj.dgx) {   // one pass over dG^T for both: [dW_ih | dW_hh]
@@ -2236,8 +2271,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
         }
     }
+    clock.mark(PH_BWD_WEIGHTS);
     gemm<T>(false, false, R, I, GH, T(1), bj.dgx, LD, j.w.w_ih, I,
             bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
+    clock.mark(PH_BWD_INPUT);
 }
 
 // ------------------------------------------------------------------ streaming step
