@@ -121,15 +121,16 @@ template <> inline const KernelFns<float>& kernels<float>() { return active_kern
 template <> inline const KernelFns<double>& kernels<double>() { return active_kernels().f64; }
 
 int threads_for_kernels();   // current thread setting (runtime.cpp)
+int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
-// Phases of a recurrence for the opt-in profile (runtime.hpp: phase_timing, phase_times).
+// Phases of a recurrence for the opt-in profile (runtime.hpp: phase_timing, phase_times), in
+// the order of phase_names().
 enum Phase : int {
     PH_FWD_PACK, PH_FWD_PROJ, PH_FWD_PRODUCT, PH_FWD_CELL, PH_FWD_SYNC,
     PH_BWD_PACK, PH_BWD_CELL, PH_BWD_PRODUCT, PH_BWD_SYNC, PH_BWD_WEIGHTS, PH_BWD_INPUT, PH_COUNT
 };
 bool phase_timing();                                        // RNNCORE_PHASES=1 (read once)
 void phase_add(int phase, int tid, int64_t nanoseconds);   // only while phase_timing()
-int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
 namespace isa_generic { extern const KernelTable table; }
 #if defined(RNNCORE_HAVE_X86_KERNELS)

@@ -35,11 +35,15 @@ double read_bandwidth(int64_t bytes, int reps);
 
 // Where a recurrence spends its time, by phase, for profiling: with RNNCORE_PHASES=1 in the
 // environment (read once), the kernels add the seconds each thread of a recurrence team spends
-// in each phase (names in phase_names(): forward.pack, forward.projection, forward.product,
-// forward.cell, forward.sync, backward.pack, backward.cell, backward.product, backward.sync,
-// backward.weight_grads, backward.input_grads; the last two are the calling thread's wall time
-// of the team's GEMMs). phase_times() returns them, per phase the seconds of threads 0..n-1 (n
-// the most threads seen), and clears them if reset; empty when the variable is not set.
+// in each phase (names in phase_names()): forward.pack (the kept packed weights' check, their
+// packing when stale, scratch), forward.projection (x @ W_ih^T), forward.product (h @ W_hh^T
+// of each step, with the split-phase product's wait for the others), forward.cell (the gate
+// arithmetic; Cho's GRU and projected LSTMs: their second product too), forward.sync (the
+// step barrier), the same for the backward's time loop (backward.cell: the gate gradients,
+// dh += dy, the bias sums), and backward.weight_grads and backward.input_grads, the calling
+// thread's wall time of the team's GEMMs after the loop. phase_times() returns them, per phase
+// the seconds of threads 0..n-1 (n the most threads seen), and clears them if reset; empty when
+// the variable is not set. A streaming step is not timed.
 bool phase_timing();
 std::string phase_names();      // comma-separated, in the order of phase_times()
 std::vector<std::vector<double>> phase_times(bool reset);
