@@ -93,9 +93,10 @@ bool phase_timing() {
     return on;
 }
 
-std::string phase_names() {
-    return "forward.pack,forward.projection,forward.product,forward.cell,forward.sync,backward.pack,"
-           "backward.cell,backward.product,backward.sync,backward.weight_grads,backward.input_grads";
+std::vector<std::string> phase_names() {
+    return {"forward.pack", "forward.projection", "forward.product", "forward.cell", "forward.sync",
+            "backward.pack", "backward.cell", "backward.product", "backward.sync",
+            "backward.weight_grads", "backward.input_grads"};
 }
 
 void phase_add(int phase, int tid, int64_t nanoseconds) {

@@ -23,15 +23,8 @@ void register_runtime(py::module_& m) {
     m.def("phase_times", [](bool reset) {
               py::dict d;
               const auto times = rnncore::phase_times(reset);
-              if (times.empty()) return d;
-              const std::string names = rnncore::phase_names();
-              size_t start = 0;
-              for (const auto& row : times) {
-                  const size_t end = names.find(',', start);
-                  d[py::str(names.substr(start, end == std::string::npos ? std::string::npos : end - start))] =
-                      py::cast(row);
-                  start = end == std::string::npos ? names.size() : end + 1;
-              }
+              const auto names = rnncore::phase_names();
+              for (size_t i = 0; i < times.size(); ++i) d[py::str(names[i])] = py::cast(times[i]);
               return d;
           }, py::arg("reset") = true,
           "Seconds per phase of the recurrence kernels, per team thread, since the last reset "

@@ -45,7 +45,7 @@ double read_bandwidth(int64_t bytes, int reps);
 // the seconds of threads 0..n-1 (n the most threads seen), and clears them if reset; empty when
 // the variable is not set. A streaming step is not timed.
 bool phase_timing();
-std::string phase_names();      // comma-separated, in the order of phase_times()
+std::vector<std::string> phase_names();   // in the order of phase_times()
 std::vector<std::vector<double>> phase_times(bool reset);
 
 bool cuda_built();
