@@ -204,7 +204,7 @@ void pack_a(bool ta, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
 // a: packed (element (r, k) at a[k * MR + r]) or, with inplace, a plain row-major block read
 // where it lies (a[r * lda + k]: the per-step products, whose few rows of A are already in L1).
 // b: packed elements of type W (T, or bf16 widened as loaded: load_w2).
-template <class T, int mr, bool inplace = false, class W = T>
+template <class T, int mr, bool inplace = false, class W = T, bool PF = false>
 __attribute__((noinline)) void micro(int64_t K, const T* __restrict a, const W* __restrict b, T* __restrict c,
                   int64_t ldc, int64_t ncols, T alpha, T beta, int64_t lda = 0,
                   const char* pf = nullptr, int64_t pfq = 0) {
@@ -227,7 +227,8 @@ RNNCORE_UNROLL_ROWS
             __builtin_prefetch(b + (k + 16) * 2 * L, 0, 3);
             if constexpr (2 * L * sizeof(T) > 64) __builtin_prefetch(b + (k + 16) * 2 * L + L, 0, 3);
         }
-        if (pf) {   // another panel into the L2: pfq / 256 bytes a step of k (gemm_pb's stream)
+        if constexpr (PF) {   // another panel into the L2: pfq / 256 bytes a step of k (gemm_pb stream;
+                    // a separate instantiation: a run-time test here cost the loop ~5%)
             const int64_t off = (k * pfq) >> 8;
             __builtin_prefetch(pf + off, 0, 2);
             if (pfq > 64 * 256) __builtin_prefetch(pf + off + 64, 0, 2);
@@ -369,12 +370,12 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
 }
 
 // micro<T, mr, inplace> for a run-time row count mr (1..MR).
-template <class T, bool inplace = false, int R = MR, class W = T>
+template <class T, bool inplace = false, int R = MR, class W = T, bool PF = false>
 inline void micro_dispatch(int mr, int64_t K, const T* a, const W* b, T* c, int64_t ldc,
                            int64_t ncols, T alpha, T beta, int64_t lda = 0,
                            const char* pf = nullptr, int64_t pfq = 0) {
-    if (mr == R) micro<T, R, inplace>(K, a, b, c, ldc, ncols, alpha, beta, lda, pf, pfq);
-    else if constexpr (R > 1) micro_dispatch<T, inplace, R - 1>(mr, K, a, b, c, ldc, ncols, alpha, beta, lda, pf, pfq);
+    if (mr == R) micro<T, R, inplace, W, PF>(K, a, b, c, ldc, ncols, alpha, beta, lda, pf, pfq);
+    else if constexpr (R > 1) micro_dispatch<T, inplace, R - 1, W, PF>(mr, K, a, b, c, ldc, ncols, alpha, beta, lda, pf, pfq);
 }
 
 // Every buffer the kernels allocate ends in PREFETCH_PAD spare bytes, written once: the
@@ -541,8 +542,12 @@ inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
                 pf = reinterpret_cast<const char*>(Bp + (j + 1) * KP * nr) + (i - 1) * share;
                 pfq = share * 256 / K;
             }
-            micro_dispatch<T, true>(mr, K, A + m0 * lda, Bp + j * KP * nr, C + m0 * ldc + n0, ldc, nc,
-                                    T(1), beta, lda, pf, pfq);
+            if (pf)
+                micro_dispatch<T, true, MR, W, true>(mr, K, A + m0 * lda, Bp + j * KP * nr, C + m0 * ldc + n0,
+                                                     ldc, nc, T(1), beta, lda, pf, pfq);
+            else
+                micro_dispatch<T, true, MR, W>(mr, K, A + m0 * lda, Bp + j * KP * nr, C + m0 * ldc + n0, ldc,
+                                               nc, T(1), beta, lda);
         }
     }
 }
