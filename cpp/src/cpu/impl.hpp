@@ -227,8 +227,7 @@ RNNCORE_UNROLL_ROWS
             __builtin_prefetch(b + (k + 16) * 2 * L, 0, 3);
             if constexpr (2 * L * sizeof(T) > 64) __builtin_prefetch(b + (k + 16) * 2 * L + L, 0, 3);
         }
-        if constexpr (PF) {   // another panel into the L2: pfq / 256 bytes a step of k (gemm_pb stream;
-                    // a separate instantiation: a run-time test here cost the loop ~5%)
+        if constexpr (PF) {   // another panel into the L2: pfq / 256 bytes a step of k (gemm_pb's stream)
             const int64_t off = (k * pfq) >> 8;
             __builtin_prefetch(pf + off, 0, 2);
             if (pfq > 64 * 256) __builtin_prefetch(pf + off + 64, 0, 2);
@@ -509,12 +508,14 @@ inline uint64_t content_hash(const void* data, int64_t bytes, uint64_t seed) {
 // for 24 FMAs, ~32 GB/s at full speed against ~29) while the L3 idles through the others. So
 // the second and third tiles (the second alone, of two) fetch the next panel into the L2, half
 // each, and every tile runs from the L2. Measured on the AVX-512 Xeon (2 MiB of L2 a core), two
-// threads, alternating in one process (ms, without / with): inference T=50 B=32 I=H=1024 LSTM
-// 88.7 / 82.3, GRU 67.5 / 61.9; T=100 B=64 I=256 H=512 LSTM 72.5 / 70.6, GRU 54.2 / 53.2;
-// training LSTM T=50 B=32 I=H=1024, phases: projection 43.3 / 39.1, forward products 41.2 /
-// 37.2, backward products 40.8 / 37.9. Where the weights stay in the L2 the prefetches only
-// cost their issue slots (RNN T=100 B=64 H=512, LSTM B=16 H=256: 1-1.5% slower), so callers
-// set it only where they do not.
+// threads, against the build before it in alternating processes, together with the projection
+// moved after the product (dir_forward_w) (ms, before / after): inference T=50 B=32 I=H=1024
+// LSTM 85.3-88.1 / 79.9-81.0, GRU 63.5-65.1 / 61.5-61.7; T=100 B=64 I=256 H=512 LSTM 66.4-67.6
+// / 64.9-65.4; training within the noise (phases of LSTM T=50 B=32 I=H=1024: projection 43.3
+// / 39.1, forward products 41.2 / 37.2, backward products 40.8 / 37.9). Where the weights stay
+// in the L2 the prefetches would only take issue slots, so callers set it only where they do
+// not; the prefetching loop is its own instantiation of the micro-kernel, so the others have no
+// test in their loop (a run-time test there slowed every product).
 template <class T, class W = T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const W* Bp,
                     T beta, T* C, int64_t ldc, bool reverse = false, int64_t kpanel = 0,
