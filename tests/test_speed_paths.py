@@ -512,9 +512,12 @@ def test_bidirectional_inference_directions_at_once(cell, threads):
 
 def test_recurrence_without_split_phase_product_against_torch():
     """A thread's W_hh slice larger than three quarters of the L2 is read in one sweep per step
-    after a full barrier instead of the split-phase product (two halves around the barrier).
-    RNNCORE_L2_BYTES=0 sends every slice that way: forward and backward with teams of 2 and 3
-    against PyTorch, at batch 1 (rows against several panels) and 9 (the row tiles)."""
+    after a full barrier instead of the split-phase product (two halves around the barrier),
+    with the input projection after the product, and from 13 rows on the later row tiles of
+    each panel prefetch the next one (gemm_pb's stream). RNNCORE_L2_BYTES=0 sends every slice
+    that way: forward and backward with teams of 2 and 3 against PyTorch, at batch 1 (rows
+    against several panels), 9 (one row tile), 16 (two: one prefetching tile) and 30 (three:
+    two prefetching tiles)."""
     from conftest import run_child
     r = run_child("""
         import os, sys
@@ -527,11 +530,12 @@ def test_recurrence_without_split_phase_product_against_torch():
             for make in (lambda: rc.LSTM(24, 96, bidirectional=True),
                          lambda: rc.GRU(24, 96, num_layers=2),
                          lambda: rc.RNN(24, 96, bidirectional=True)):
-                for batch in (1, 9):
+                for batch in (1, 9, 16, 30):
                     layer = make()
                     rc.set_num_threads(fwd)
                     x = rng.standard_normal((17, batch, 24)).astype(np.float32)
-                    compare_with_torch(layer, x, lengths=[17, 3, 11, 17, 1, 8, 16, 17, 9][:batch], rng=rng,
+                    lengths = ([17, 3, 11, 17, 1, 8, 16, 17, 9] * 4)[:batch]
+                    compare_with_torch(layer, x, lengths=lengths, rng=rng,
                                        between=lambda: rc.set_num_threads(bwd))
         print("ok")
     """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
