@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
 import rnncore
-
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+from rnncore.bench import GATES, sgemm_peak
 
 
 def phase_flops(cell, B, T, H, I):
@@ -35,13 +35,8 @@ def phase_flops(cell, B, T, H, I):
 
 
 def print_phases(cell, B, T, H, I, steps, times):
-    from rnncore import _core
-    a = np.random.default_rng(0).standard_normal((1536, 1536)).astype(np.float32)
-    _core.gemm(a, a)
-    t = time.perf_counter()
-    for _ in range(5):
-        _core.gemm(a, a)
-    peak = 5 * 2 * 1536 ** 3 / (time.perf_counter() - t) / 1e9
+    # rnncore's own GEMM only (no peer library passed)
+    peak = sgemm_peak(types.SimpleNamespace(torch=None), rnncore.get_num_threads())["rnncore"]
     fl = phase_flops(cell, B, T, H, I)
     print(f"phases of one step (ms; rnncore sgemm {peak:.0f} GFLOP/s on {rnncore.get_num_threads()} threads):")
     print(f"  {'phase':24s} {'thread 0':>9s} {'slowest':>9s}  GFLOP/s (% of sgemm), W_hh read")
