@@ -210,7 +210,7 @@ void register_classic(py::module_& m) {
     m.def("second_order_forward",
           [](int64_t I, int64_t H, int64_t r, const py::list& params, const py::array& x,
              const py::object& h0, const py::object& lengths, bool keep) {
-              if (std::string(py::str(x.dtype())) == "float64")
+              if (x.dtype().equal(py::dtype::of<double>()))
                   return so_forward<double>(I, H, r, params, x, h0, lengths, keep);
               return so_forward<float>(I, H, r, params, x, h0, lengths, keep);
           },
@@ -229,7 +229,7 @@ void register_classic(py::module_& m) {
     m.def("rtrl_step",
           [](const LayerSpec& s, const py::list& params, const py::array& x, const py::array& h,
              const py::object& c, const py::array& P) {
-              if (std::string(py::str(P.dtype())) == "float64") rtrl_t<double>(s, params, x, h, c, P);
+              if (P.dtype().equal(py::dtype::of<double>())) rtrl_t<double>(s, params, x, h, c, P);
               else rtrl_t<float>(s, params, x, h, c, P);
           },
           py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("P"),

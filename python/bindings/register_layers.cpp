@@ -48,7 +48,9 @@ template <class T> py::array_t<T> checked(py::handle obj, const std::string& nam
                                   ? " of dtype " + std::string(py::str(obj.attr("dtype")))
                                   : std::string()));
     auto a = py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
-    if (shape_of(a) != shape)
+    bool same = a.ndim() == (py::ssize_t)shape.size();   // (no allocation on the way that passes)
+    for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
+    if (!same)
         throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
                               shape_str(shape_of(a)));
     return a;
@@ -326,7 +328,7 @@ void register_layers(py::module_& m) {
               else if (precision == "bfloat16") prec = Precision::BFloat16;
               else throw py::value_error("recurrent_precision: expected 'float32' or 'bfloat16', got '" +
                                          precision + "'");
-              if (std::string(py::str(x.dtype())) == "float64")
+              if (x.dtype().equal(py::dtype::of<double>()))
                   return forward_t<double>(s, params, x, h0, c0, lengths, masks, keep, packed, prec);
               return forward_t<float>(s, params, x, h0, c0, lengths, masks, keep, packed, prec);
           },

@@ -281,38 +281,50 @@ RNNCORE_UNROLL_ROWS
     }
 }
 
-// mr (1 or 2) rows against NP consecutive panels: 2*NP*mr independent accumulators.
+// mr rows against NP consecutive panels: 2*NP*mr independent accumulators, times KS: the k
+// steps go round KS sets of them, summed at the end, so that a product of few panels (a
+// small layer's W_hh slice at batch 1: 2 accumulators a panel) is not bound by the latency
+// of one chain of K dependent FMAs (4 cycles each) but by the FMA ports (2 a cycle).
 // A is read in place: element (r, k) at a[r * ars + k * aks] (packed: ars = 1, aks = MR;
 // a plain row-major matrix: ars = lda, aks = 1), so small batches need no packing.
-template <class T, int mr, int NP, class W = T>
+template <class T, int mr, int NP, class W = T, int KS = 1>
 inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t aks,
                        const W* __restrict b, int64_t pstride, T* __restrict c, int64_t ldc,
                        int64_t ncols, T alpha, T beta) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>;
-    V acc[mr][2 * NP];
-    for (int r = 0; r < mr; ++r)
-        for (int q = 0; q < 2 * NP; ++q) acc[r][q] = V{};
-    for (int64_t k = 0; k < K; ++k) {
+    V acc[KS][mr][2 * NP];
+    for (int s = 0; s < KS; ++s)
+        for (int r = 0; r < mr; ++r)
+            for (int q = 0; q < 2 * NP; ++q) acc[s][r][q] = V{};
+    auto step = [&](int s, int64_t k) {
         T av[mr];
         for (int r = 0; r < mr; ++r) av[r] = a[r * ars + k * aks];
         for (int p = 0; p < NP; ++p) {
             V b0, b1;
             load_w2(b + p * pstride + k * 2 * L, b0, b1);
             for (int r = 0; r < mr; ++r) {
-                acc[r][2 * p] += av[r] * b0;
-                acc[r][2 * p + 1] += av[r] * b1;
+                acc[s][r][2 * p] += av[r] * b0;
+                acc[s][r][2 * p + 1] += av[r] * b1;
             }
         }
-    }
+    };
+    int64_t k = 0;
+    for (; k + KS <= K; k += KS)
+        for (int s = 0; s < KS; ++s) step(s, k + s);
+    for (; k < K; ++k) step(0, k);
+    for (int w = 1; w < KS; w *= 2)            // the sets' sum as a tree
+        for (int s = 0; s + w < KS; s += 2 * w)
+            for (int r = 0; r < mr; ++r)
+                for (int q = 0; q < 2 * NP; ++q) acc[s][r][q] += acc[s + w][r][q];
     if (alpha == T(1) && beta == T(0) && ncols == 2 * NP * L) {      // the common case: plain stores
         for (int r = 0; r < mr; ++r)
-            for (int q = 0; q < 2 * NP; ++q) std::memcpy(c + r * ldc + q * L, &acc[r][q], sizeof(V));
+            for (int q = 0; q < 2 * NP; ++q) std::memcpy(c + r * ldc + q * L, &acc[0][r][q], sizeof(V));
         return;
     }
     for (int r = 0; r < mr; ++r) {
         T tmp[2 * NP * L];
-        for (int q = 0; q < 2 * NP; ++q) std::memcpy(tmp + q * L, &acc[r][q], sizeof(V));
+        for (int q = 0; q < 2 * NP; ++q) std::memcpy(tmp + q * L, &acc[0][r][q], sizeof(V));
         T* cr = c + r * ldc;
         if (beta == T(0)) {
             for (int64_t j = 0; j < ncols; ++j) cr[j] = alpha * tmp[j];
@@ -327,12 +339,15 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // reverse the panels are visited last to first: alternating the direction step after step
 // ("snake" order) keeps the most recently used part of a weight slice that is a little larger
 // than the cache resident for the next step, instead of evicting everything in LRU order.
+// The panels left over (fewer than NP) go one at a time with KS sets of accumulators, at
+// least 8 in all.
 template <class T, int mr, int NP, class W = T>
 void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const W* Bp,
                   T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel) {
     const int nr = NR<T>;
     const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
     const int64_t groups = ceil_div(nt, NP);
+    constexpr int KS = 2 * mr >= 8 ? 1 : 8 / (2 * mr) + (8 % (2 * mr) != 0);
     for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t g = reverse ? groups - 1 - gi : gi;
         const int64_t j0 = g * NP;
@@ -342,7 +357,7 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
         }
         for (int64_t j = j0; j < nt && j < j0 + NP; ++j) {
             const int64_t n0 = j * nr, nc = N - n0 < nr ? N - n0 : nr;
-            micro_wide<T, mr, 1>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
+            micro_wide<T, mr, 1, W, KS>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
         }
     }
 }
