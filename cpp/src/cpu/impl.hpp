@@ -339,8 +339,8 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // reverse the panels are visited last to first: alternating the direction step after step
 // ("snake" order) keeps the most recently used part of a weight slice that is a little larger
 // than the cache resident for the next step, instead of evicting everything in LRU order.
-// The panels left over (fewer than NP) go one at a time with KS sets of accumulators, at
-// least 8 in all.
+// Groups of fewer than 8 accumulators take KSM sets of them, and the panels left over (fewer
+// than NP) go one at a time with KS sets: at least 8 in all.
 template <class T, int mr, int NP, class W = T>
 void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const W* Bp,
                   T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel) {
@@ -348,11 +348,12 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
     const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
     const int64_t groups = ceil_div(nt, NP);
     constexpr int KS = 2 * mr >= 8 ? 1 : 8 / (2 * mr) + (8 % (2 * mr) != 0);
+    constexpr int KSM = 2 * mr * NP >= 8 ? 1 : 8 / (2 * mr * NP) + (8 % (2 * mr * NP) != 0);
     for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t g = reverse ? groups - 1 - gi : gi;
         const int64_t j0 = g * NP;
         if (j0 + NP <= nt && (j0 + NP) * nr <= N) {
-            micro_wide<T, mr, NP>(K, A, ars, aks, Bp + j0 * ps, ps, C + j0 * nr, ldc, NP * nr, alpha, beta);
+            micro_wide<T, mr, NP, W, KSM>(K, A, ars, aks, Bp + j0 * ps, ps, C + j0 * nr, ldc, NP * nr, alpha, beta);
             continue;
         }
         for (int64_t j = j0; j < nt && j < j0 + NP; ++j) {
@@ -369,8 +370,17 @@ constexpr int64_t SMALL_ROWS = VB >= 64 ? 6 : 2;
 template <class T, class W = T>   // 1 <= M <= SMALL_ROWS
 void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks,
                 const W* Bp, T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel = 0) {
+    // One row: two panels at a time (two sets of their 4 accumulators) rather than four (one
+    // set of 8): half the concurrent weight streams, and the alternating sweeps reuse what is
+    // left in L1 at a finer grain. Two Xeon cores, T=100 B=1, alternating processes, three
+    // rounds (us, four panels / two): RNN H=64 18.4-18.9 / 16.9-17.0, H=128 67.7-70.8 /
+    // 58.7-60.3, H=384 289-298 / 257-262, H=512 454-468 / 432-443; GRU H=64 44.5-44.9 /
+    // 42.4-42.9, H=128 193-219 / 183, H=384 770-782 / 727-745; LSTM H=256 490-514 / 476-480;
+    // RNN H=256 137-138 / 141-147 (its split-phase halves); the others alike. Not with AVX2
+    // (a panel's k row is one cache line there; forced on the same Xeon, two panels ran GRU
+    // H=512 7% slower, LSTM H=256 up to 8%), which keeps four.
     if (M == 1) {
-        small_rows_n<T, 1, 4>(N, K, A, ars, aks, Bp, alpha, beta, C, ldc, reverse, kpanel);
+        small_rows_n<T, 1, VB >= 64 ? 2 : 4>(N, K, A, ars, aks, Bp, alpha, beta, C, ldc, reverse, kpanel);
     } else if (M == 2 || SMALL_ROWS < 3) {
         small_rows_n<T, 2, 2>(N, K, A, ars, aks, Bp, alpha, beta, C, ldc, reverse, kpanel);
     } else if constexpr (SMALL_ROWS >= 6) {
