@@ -378,7 +378,7 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
     // 42.4-42.9, H=128 193-219 / 183, H=384 770-782 / 727-745; LSTM H=256 490-514 / 476-480;
     // RNN H=256 137-138 / 141-147 (its split-phase halves); the others alike. Not with AVX2
     // (a panel's k row is one cache line there; forced on the same Xeon, two panels ran GRU
-    // H=512 7% slower, LSTM H=256 up to 8%), which keeps four.
+    // H=512 6-10% slower, LSTM H=256 up to 8%), which keeps four.
     if (M == 1) {
         small_rows_n<T, 1, VB >= 64 ? 2 : 4>(N, K, A, ars, aks, Bp, alpha, beta, C, ldc, reverse, kpanel);
     } else if (M == 2 || SMALL_ROWS < 3) {
