@@ -307,12 +307,16 @@ def test_c_step_equals_python_for_every_cell_size_and_isa(tmp_path, isa):
     on AVX-512 up to three batch rows a pass whole and four to six in two halves of the
     accumulators (13 rows: 6 + 6 + 1), on AVX2 up to two rows a pass in halves, where from
     four rows the row-major step takes over) equals the Python layer over a sequence, for every variant,
-    sizes that are not multiples of the unit groups, batch 1-5, 7 and 13, two layers, in a
+    sizes that are not multiples of the unit groups (the plain RNN's groups of 4 or 8 vectors of
+    units), batch 1-5, 7 and 13, two layers, in a
     child process per ISA (the library chooses its kernels once)."""
     cases = []
     rng = np.random.default_rng(5)
     for name, make in STEP_VARIANTS.items():
-        for I, H in ((3, 5), (32, 64), (17, 70), (9, 130)):
+        # the plain RNN also over several 4-vector unit groups with a partial last one (H=200 on
+        # AVX-512) and several groups of 8 (H=300)
+        extra = ((8, 200), (5, 300)) if name == "rnn_tanh" else ()
+        for I, H in ((3, 5), (32, 64), (17, 70), (9, 130)) + extra:
             layer = make(I, H)
             path = tmp_path / f"{name}_{I}_{H}.rnnc"
             layer.save(path)

@@ -2525,21 +2525,33 @@ template <class T> void step(const StepJob<T>& j) {
 // panel layout, read by the wide micro-kernels, with the row gate passes.
 template <class T> struct StepPack { int64_t ih, hh, hn, hr, total; };
 
-enum FusedKind { FUSED_NONE, FUSED_LSTM, FUSED_GRU, FUSED_RNN };
+enum FusedKind { FUSED_NONE, FUSED_LSTM, FUSED_GRU, FUSED_RNN, FUSED_RNN4 };
 
 template <class T> inline int fused_kind(const StepJob<T>& j) {
     if (j.cell == (int)CellType::LSTM) return j.out == j.hid ? FUSED_LSTM : FUSED_NONE;
     if (j.cell == (int)CellType::GRU) return j.lbr ? FUSED_GRU : FUSED_NONE;
-    return FUSED_RNN;
+    // The plain RNN's groups: 8 vectors of units, or 4 for layers under two groups of 8 (with
+    // two sets of accumulators at one batch row): a group of 8 vectors padded a 64-unit layer to
+    // 128 on AVX-512, twice its weights to read. Two Xeon cores, C++ `Model::step`, I=32,
+    // alternating (ns, groups of 8 / 4): B=1 H=32 154-166 / 111, H=64 319-328 / 150-152, H=96
+    // 461-473 / 380-387, H=128 567-571 / 488-494, H=192 1439-1442 / 1133-1137; B=2 H=64 423-430 /
+    // 226-232, H=192 1806-1829 / 1406-1410; B=6 H=64 1005 / 560-569. From two groups of 8 the
+    // 8-vector groups were ahead (H=256 B=3 2482-2687 against 2936-3075). With AVX2 (forced)
+    // the 4-vector groups lost where they save no padding (H=64, one group of 8: B=1 198-205
+    // against 212-247), so there only where they do (H=32 144 -> 103, H=96 483 -> 375).
+    const int64_t u8 = 8 * VL<T>, u4 = 4 * VL<T>;
+    const bool four = j.hid < 2 * u8 && (VB >= 64 || ceil_div(j.hid, u4) * u4 < ceil_div(j.hid, u8) * u8);
+    return four ? FUSED_RNN4 : FUSED_RNN;
 }
 
-// Vectors per weight row on the x side / the h side, units per group.
+// Vectors per weight row on the x side / the h side, units per group (the plain RNN: 8 or 4
+// vectors of units, FUSED_RNN or FUSED_RNN4; see fused_kind).
 // The accumulator each stored vector of a row feeds, x side (AX) and h side (AH): the GRU's
 // n_x (accumulators 4, 5) is fed by the x side only, its n_h (6, 7) by the h side only.
 template <class T, int K> struct Fused {
-    static constexpr int VX = K == FUSED_GRU ? 6 : 8;
+    static constexpr int VX = K == FUSED_GRU ? 6 : K == FUSED_RNN4 ? 4 : 8;
     static constexpr int VH = VX;
-    static constexpr int64_t UG = K == FUSED_RNN ? 8 * VL<T> : 2 * VL<T>;
+    static constexpr int64_t UG = K == FUSED_RNN ? 8 * VL<T> : K == FUSED_RNN4 ? 4 * VL<T> : 2 * VL<T>;
     static constexpr int AX[8] = {0, 1, 2, 3, 4, 5, 6, 7};
     static constexpr int AH[8] = {0, 1, 2, 3, K == FUSED_GRU ? 6 : 4, K == FUSED_GRU ? 7 : 5, 6, 7};
 };
@@ -2592,6 +2604,36 @@ inline const T* fused_rows(int64_t K, const T* const* vin, const T* w, const int
     return w;
 }
 
+// fused_rows over all NV vectors with the odd rows k into a second set of accumulators, acc2
+// (the caller adds them): two chains of dependent FMAs instead of one, where R rows of a few
+// vectors are too few accumulators to fill the FMA ports.
+template <class T, int NV, int R>
+inline const T* fused_rows2(int64_t K, const T* const* vin, const T* w, const int (&map)[8], VT<T> (*acc)[8],
+                            VT<T> (*acc2)[8]) {
+    constexpr int L = VL<T>;
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2, w += 2 * NV * L) {
+        T a0[R], a1[R];
+        for (int r = 0; r < R; ++r) {
+            a0[r] = vin[r][k];
+            a1[r] = vin[r][k + 1];
+        }
+        for (int v = 0; v < NV; ++v) {
+            VT<T> w0, w1;
+            std::memcpy(&w0, w + v * L, sizeof w0);
+            std::memcpy(&w1, w + (NV + v) * L, sizeof w1);
+            for (int r = 0; r < R; ++r) {
+                acc[r][map[v]] += a0[r] * w0;
+                acc2[r][map[v]] += a1[r] * w1;
+            }
+        }
+    }
+    if (k == K) return w;
+    const T* vt[R];   // the odd last row
+    for (int r = 0; r < R; ++r) vt[r] = vin[r] + k;
+    return fused_rows<T, NV, R>(K - k, vt, w, map, acc);
+}
+
 template <class T, int K> inline int64_t fused_block(int64_t I, int64_t P) {
     return (8 + I * Fused<T, K>::VX + P * Fused<T, K>::VH) * (int64_t)VL<T>;
 }
@@ -2606,6 +2648,7 @@ template <class T> StepPack<T> step_pack_layout(const StepJob<T>& j) {
         case FUSED_LSTM: L.total = ceil_div(H, Fused<T, FUSED_LSTM>::UG) * fused_block<T, FUSED_LSTM>(j.in, P); return L;
         case FUSED_GRU: L.total = ceil_div(H, Fused<T, FUSED_GRU>::UG) * fused_block<T, FUSED_GRU>(j.in, P); return L;
         case FUSED_RNN: L.total = ceil_div(H, Fused<T, FUSED_RNN>::UG) * fused_block<T, FUSED_RNN>(j.in, P); return L;
+        case FUSED_RNN4: L.total = ceil_div(H, Fused<T, FUSED_RNN4>::UG) * fused_block<T, FUSED_RNN4>(j.in, P); return L;
         default: break;
     }
     auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
@@ -2629,7 +2672,11 @@ template <class T, int K> void fused_pack(const StepJob<T>& j, T* out) {
     // Row of W (x side when hside is false) feeding accumulator q, lane e of group g; -1: none.
     auto row = [&](int64_t g, int q, int e, bool hside) -> int64_t {
         int64_t unit, gate;
-        if (K == FUSED_RNN) { unit = g * UG + q * L + e; gate = 0; }
+        if (K == FUSED_RNN || K == FUSED_RNN4) {
+            if (q >= Fused<T, K>::VX) return -1;
+            unit = g * UG + q * L + e;
+            gate = 0;
+        }
         else { unit = g * UG + (q & 1) * L + e; gate = q / 2; }
         if (unit >= H) return -1;
         if (K == FUSED_GRU && gate == 3) { if (!hside) return -1; gate = 2; }   // n_h
@@ -2674,9 +2721,9 @@ inline void fused_cell(const StepJob<T>& j, VT<T>* acc, int64_t u0, const T* h, 
     constexpr int L = VL<T>;
     const int64_t H = j.hid;
     const T* pi = K == FUSED_LSTM && j.peephole ? j.w.w_peep : nullptr;
-    if (K == FUSED_RNN) {
+    if (K == FUSED_RNN || K == FUSED_RNN4) {
         const bool relu = j.cell == (int)CellType::RNN_RELU;
-        for (int q = 0; q < 8; ++q) {
+        for (int q = 0; q < Fused<T, K>::VX; ++q) {
             const int64_t u = u0 + q * L;
             if (u >= H) break;
             const V a = acc[q];
@@ -2745,8 +2792,18 @@ void fused_pass(const StepJob<T>& j, const T* pk, int64_t b0, T* hn, bool rv, in
         if constexpr (HALVES) {   // accumulators 0-3 (vectors 0-3), then the rest
             const T* w = fused_rows<T, NX, R, 0, 4>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
             fused_rows<T, NH, R, 0, 4>(P, hs, w, Fused<T, K>::AH, acc);
-            fused_rows<T, NX, R, 4, NX>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
-            fused_rows<T, NH, R, 4, NH>(P, hs, w, Fused<T, K>::AH, acc);
+            if constexpr (NX > 4) {
+                fused_rows<T, NX, R, 4, NX>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
+                fused_rows<T, NH, R, 4, NH>(P, hs, w, Fused<T, K>::AH, acc);
+            }
+        } else if constexpr (R * NX < 8 && K == FUSED_RNN4) {   // 4 vectors at one row: two sets
+            V acc2[R][8];
+            for (int r = 0; r < R; ++r)
+                for (int q = 0; q < 8; ++q) acc2[r][q] = V{};
+            const T* w = fused_rows2<T, NX, R>(I, xs, b + 8 * L, Fused<T, K>::AX, acc, acc2);
+            fused_rows2<T, NH, R>(P, hs, w, Fused<T, K>::AH, acc, acc2);
+            for (int r = 0; r < R; ++r)
+                for (int q = 0; q < NX; ++q) acc[r][q] += acc2[r][q];
         } else {
             const T* w = fused_rows<T, NX, R>(I, xs, b + 8 * L, Fused<T, K>::AX, acc);
             fused_rows<T, NH, R>(P, hs, w, Fused<T, K>::AH, acc);
@@ -2783,6 +2840,7 @@ template <class T> void step_pack(const StepJob<T>& j, T* out) {
         case FUSED_LSTM: fused_pack<T, FUSED_LSTM>(j, out); return;
         case FUSED_GRU: fused_pack<T, FUSED_GRU>(j, out); return;
         case FUSED_RNN: fused_pack<T, FUSED_RNN>(j, out); return;
+        case FUSED_RNN4: fused_pack<T, FUSED_RNN4>(j, out); return;
         default: break;
     }
     const int G = j.cell == (int)CellType::LSTM ? 4 : j.cell == (int)CellType::GRU ? 3 : 1;
@@ -2826,14 +2884,16 @@ template <class T> void step_packed(const StepJob<T>& j, const T* pk) {
     if (fk != FUSED_NONE) {
         // The groups shared out over the team; hn [B, H] holds the new state until every
         // thread has read the old one.
-        const int64_t UG = fk == FUSED_RNN ? Fused<T, FUSED_RNN>::UG : Fused<T, FUSED_LSTM>::UG;
+        const int64_t UG = fk == FUSED_RNN ? Fused<T, FUSED_RNN>::UG
+                           : fk == FUSED_RNN4 ? Fused<T, FUSED_RNN4>::UG : Fused<T, FUSED_LSTM>::UG;
         const int64_t ngroups = ceil_div(H, UG);
         T* hn = j.work;
         run_team(step_threads(j, UG, fused_min_macs(j)), [&](int tid, int team) {
             const Part gp = part(ngroups, team, tid, 1);
             if (fk == FUSED_LSTM) fused_batch<T, FUSED_LSTM>(j, pk, hn, f0, gp.lo, gp.hi);
             else if (fk == FUSED_GRU) fused_batch<T, FUSED_GRU>(j, pk, hn, f0, gp.lo, gp.hi);
-            else fused_batch<T, FUSED_RNN>(j, pk, hn, f0, gp.lo, gp.hi);
+            else if (fk == FUSED_RNN) fused_batch<T, FUSED_RNN>(j, pk, hn, f0, gp.lo, gp.hi);
+            else fused_batch<T, FUSED_RNN4>(j, pk, hn, f0, gp.lo, gp.hi);
         });
         std::memcpy(j.h, hn, sizeof(T) * j.batch * H);
         return;
