@@ -341,14 +341,14 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // than the cache resident for the next step, instead of evicting everything in LRU order.
 // Groups of fewer than 8 accumulators take KSM sets of them, and the panels left over (fewer
 // than NP) go one at a time with KS sets: at least 8 in all.
+constexpr int acc_sets(int accs) { return accs >= 8 ? 1 : (8 + accs - 1) / accs; }   // sets for >= 8
 template <class T, int mr, int NP, class W = T>
 void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const W* Bp,
                   T alpha, T beta, T* C, int64_t ldc, bool reverse, int64_t kpanel) {
     const int nr = NR<T>;
     const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
     const int64_t groups = ceil_div(nt, NP);
-    constexpr int KS = 2 * mr >= 8 ? 1 : 8 / (2 * mr) + (8 % (2 * mr) != 0);
-    constexpr int KSM = 2 * mr * NP >= 8 ? 1 : 8 / (2 * mr * NP) + (8 % (2 * mr * NP) != 0);
+    constexpr int KS = acc_sets(2 * mr), KSM = acc_sets(2 * mr * NP);
     for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t g = reverse ? groups - 1 - gi : gi;
         const int64_t j0 = g * NP;
