@@ -558,7 +558,7 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
         const T* a = dgx.data() + r * GH;
         const T* ah = dgh_p + r * GH;
         for (int64_t g = 0; g < GH; ++g) {
-            const T av = a[g], ahv = ah[g];
+            const T av = a[g], ahv = lbr_gru && g < 2 * H ? a[g] : ah[g];   // dgh holds only n's
             T* wi = row + g * I;
             for (int64_t k = 0; k < I; ++k) wi[k] += av * x[k];
             const T* hin = (gru_orig && g >= 2 * H) ? extra.data() : h;   // row 0 of r * h
