@@ -1036,7 +1036,7 @@ void lstm_bwd_row(int64_t n, const T* gi, const T* gf, const T* gg, const T* go,
 // GRU (both forms): the z and n gates and the direct path dh * z; for the reset-after form
 // also the r gate and the hidden-side n gradient (dgh_n = da_n * r). The hidden-side r and z
 // gradients equal the input side's, so only dgh's n columns are written: its readers take r
-// and z from dgx (dir_backward: gh_cols).
+// and z from dgx (dir_backward: ghx).
 template <class T>
 void gru_bwd_row(int64_t n, const T* gr, const T* gz, const T* gn, const T* ex, const T* hp,
                  const T* dh, bool lbr, T* dxr, T* dxz, T* dxn, T* dhn, T* dhd, T* bs = nullptr,
@@ -2355,7 +2355,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
             // C. dh of the previous step, own output slice
             if (nq > 0 && small && !inplace) {
-                small_nn<T>(B, ghx, nq, j.w.w_hh + q0, P, dgt, LD, tmp, nq);
+                if (ghx > 0) small_nn<T>(B, ghx, nq, j.w.w_hh + q0, P, dgt, LD, tmp, nq);
                 small_nn<T>(B, Kc - ghx, nq, j.w.w_hh + ghx * P + q0, P, dght + ghx, LD, tmp, nq, T(ghx > 0));
             } else if (nq > 0 && inplace) {   // the team's partial sums over the own slice
                 const T* parts = rows_dh + (q & 1) * team * B * P;
