@@ -2314,7 +2314,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     gru_bwd_row<T>(nh, g, g + gs, g + 2 * gs, j.extra + (t * B + b) * H + u0,
                                    hprev + b * P + u0, dh + b * P + u0, j.lbr, da, da + H,
                                    da + 2 * H, dah + 2 * H, dhd + b * nh, fbias,
-                                   fbias && two_bias ? bsumh + 2 * nh : nullptr);
+                                   two_bias ? bsumh + 2 * nh : nullptr);
                 } else {
                     rnn_bwd_row<T>(nh, hnext + b * P + u0, dh + b * P + u0, da, relu, fbias);
                 }
@@ -2387,10 +2387,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             }
             for (int64_t b = 0; b < B && bsum && !fbias && nh > 0; ++b) {   // (Cho's GRU: r comes later)
                 if (!active(j.lengths, b, t)) continue;
-                for (int g = 0; g < G; ++g) {
-                    add_row<T>(nh, dgt + b * LD + g * H + u0, bsum + g * nh);
-                    if (two_bias && g * H >= ghx) add_row<T>(nh, dght + b * LD + g * H + u0, bsumh + g * nh);
-                }
+                for (int g = 0; g < G; ++g) add_row<T>(nh, dgt + b * LD + g * H + u0, bsum + g * nh);
             }
             clock.mark(PH_BWD_CELL);
         }
