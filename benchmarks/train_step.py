@@ -7,8 +7,8 @@ build alternately; the machine is noisy).
 
 With --phases the script re-runs itself with RNNCORE_PHASES=1 and prints, per phase of the
 kernels, the milliseconds of one step (thread 0 of the recurrence team, and the slowest
-thread) and, for the matrix products, their GFLOP/s against the machine's sgemm peak (the
-roofline of a batched step) and, for the per-step products, the rate at which the team reads
+thread) and, for the matrix products, their GFLOP/s in the slowest thread's time against the
+machine's sgemm peak (the roofline of a batched step) and, for the per-step products, the rate at which the team reads
 W_hh (the roofline at batch 1: the L2's or the L3's read bandwidth). The timers cost a few
 percent at batch 1.
 """
@@ -47,11 +47,13 @@ def print_phases(cell, B, T, H, I, steps, times):
         t0, tmax = per_thread[0] / steps * 1e3, max(per_thread) / steps * 1e3
         total += t0
         line = f"  {name:24s} {t0:9.2f} {tmax:9.2f}"
-        if name in fl and t0 > 0:
-            gf = fl[name] / (t0 / 1e3) / 1e9   # the team's FLOPs in thread 0's time
+        if name in fl and tmax > 0:
+            # the team's FLOPs in the slowest thread's time (the pipelined backward runs the
+            # weight and input gradients mostly on thread 1, beside the recurrence on thread 0)
+            gf = fl[name] / (tmax / 1e3) / 1e9
             line += f"  {gf:7.0f} ({100 * gf / peak:.0f}%)"
             if name.endswith(".product"):       # W_hh read once a step by the team
-                line += f"  W_hh {fl[name] / (2 * B) * 4 / (t0 / 1e3) / 1e9:.0f} GB/s"
+                line += f"  W_hh {fl[name] / (2 * B) * 4 / (tmax / 1e3) / 1e9:.0f} GB/s"
         print(line)
     print(f"  {'sum (thread 0)':24s} {total:9.2f}")
 
