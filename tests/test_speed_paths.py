@@ -324,9 +324,15 @@ def test_packed_path_training_variants_across_teams(cell, fwd_bwd, threads):
     x = rng.standard_normal((19, 9, 24))
     dy = rng.standard_normal((19, 9, 192))
     lengths = [19, 3, 11, 19, 1, 8, 16, 19, 9]
+    assert_same_grads(make[cell], x, dy, ((1, 1), fwd_bwd), threads, lengths)
+
+
+def assert_same_grads(make, x, dy, runs, threads, lengths=None):
+    """One forward + backward of a fresh layer per (forward threads, backward threads) in
+    `runs` (two): the same dx and weight gradients (float64)."""
     results = []
-    for f, b in ((1, 1), fwd_bwd):
-        layer = make[cell]()
+    for f, b in runs:
+        layer = make()
         threads(f)
         layer.forward(x, lengths=lengths)
         threads(b)
@@ -373,17 +379,7 @@ def test_pipelined_backward_variants(cell, threads):
     x = rng.standard_normal((40, 9, 24))
     layer0 = make[cell]()
     dy = rng.standard_normal((40, 9, layer0.hidden_size * layer0.num_directions))
-    results = []
-    for n in (1, 2):
-        layer = make[cell]()
-        threads(n)
-        layer.forward(x)
-        dx, _ = layer.backward(dy)
-        results.append((dx, {k: v.copy() for k, v in layer.grads.items()}))
-    (dx1, g1), (dx2, g2) = results
-    np.testing.assert_allclose(dx2, dx1, rtol=1e-10, atol=1e-12)
-    for k in g1:
-        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    assert_same_grads(make[cell], x, dy, ((1, 1), (2, 2)), threads)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])

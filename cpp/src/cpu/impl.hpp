@@ -2160,6 +2160,24 @@ template <class T> void unblock_gates(const DirJob<T>& j, int gteam) {
     std::free(tmp);
 }
 
+// The backward's dh of the previous step on the rows active at step t: the product's rows
+// (tmp, n columns), plus the GRU's direct path dh * z (dhd) where given.
+template <class T>
+void dh_rows(int64_t B, int64_t n, const int64_t* lengths, int64_t t, const T* tmp, int64_t ldt,
+             const T* dhd, int64_t ldd, T* dh, int64_t ldh) {
+    for (int64_t b = 0; b < B; ++b) {
+        if (!active(lengths, b, t)) continue;
+        T* dhb = dh + b * ldh;
+        const T* tb = tmp + b * ldt;
+        if (dhd) {
+            const T* d2 = dhd + b * ldd;
+            for (int64_t k = 0; k < n; ++k) dhb[k] = tb[k] + d2[k];
+        } else {
+            std::memcpy(dhb, tb, sizeof(T) * n);
+        }
+    }
+}
+
 // The peephole weights' gradients (LSTM), from the complete dgx.
 template <class T> void peephole_grads(const DirBackJob<T>& bj) {
     const DirJob<T>& j = bj.f;
@@ -2362,17 +2380,7 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
             if (ghx > 0) gemm_pb<T>(B, P, ghx, dgt, LD, pk, T(0), tmp, P, q & 1, Kc);
             gemm_pb<T>(B, P, Kc - ghx, dght + ghx, LD, pk + ghx * NR<T>, T(ghx > 0), tmp, P, q & 1, Kc);
             clock.mark(PH_BWD_PRODUCT);
-            for (int64_t b = 0; b < B; ++b) {
-                if (!active(j.lengths, b, t)) continue;
-                T* dhb = bj.dh + b * P;
-                const T* tb = tmp + b * P;
-                if (gru) {
-                    const T* d2 = dhd + b * H;
-                    for (int64_t k = 0; k < P; ++k) dhb[k] = tb[k] + d2[k];
-                } else {
-                    std::memcpy(dhb, tb, sizeof(T) * P);
-                }
-            }
+            dh_rows<T>(B, P, j.lengths, t, tmp, P, gru ? dhd : nullptr, H, bj.dh, P);
             __atomic_store_n(&done.v, TT - q, __ATOMIC_RELEASE);   // step q's dG complete
             clock.mark(PH_BWD_CELL);
         }
@@ -2415,8 +2423,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         unblock_gates<T>(j, gteam);
         gteam = 0;
     }
-    // Pipelined (pipe_backward): a team of two, more rows than four, the whole packed W_hh
-    // within the L2 and at least four blocks of steps.
+    // Pipelined (pipe_backward): a team of two, more than four batch rows (fewer: one core
+    // alone reads the whole W_hh from its L2 every step, where two read half each: batch 1
+    // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2 (beyond it the
+    // split product runs at the GEMM's rate already: GRU T=100 B=64 H=512 0.99, RNN T=50 B=32
+    // H=1024 1.035 pipelined) and at least four blocks of steps.
     const int rteam0 = rec_threads(B, G, H, P);
     if (rteam0 == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 &&
         split_fits(packed_b_size<T>(Kc, P) * (int64_t)sizeof(T))) {
@@ -2614,17 +2625,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 gemm_pb<T>(B, nq, Kc - ghx, dght + ghx, LD, pk + ghx * NR<T>, T(ghx > 0), tmp, nq, q & 1, Kc, stream);
             }
             clock.mark(PH_BWD_PRODUCT);   // (with the split phase, its wait for the others)
-            for (int64_t b = 0; b < B && nq > 0; ++b) {
-                if (!active(j.lengths, b, t)) continue;
-                T* dhb = dh + b * P + q0;
-                const T* tb = tmp + b * nq;
-                if (gru) {
-                    const T* d2 = dhd + b * nh;
-                    for (int64_t k = 0; k < nq; ++k) dhb[k] = tb[k] + d2[k];
-                } else {
-                    std::memcpy(dhb, tb, sizeof(T) * nq);
-                }
-            }
+            if (nq > 0) dh_rows<T>(B, nq, j.lengths, t, tmp, nq, gru ? dhd : nullptr, nh, dh + q0, P);
             for (int64_t b = 0; b < B && bsum && !fbias && nh > 0; ++b) {   // (Cho's GRU: r comes later)
                 if (!active(j.lengths, b, t)) continue;
                 for (int g = 0; g < G; ++g) add_row<T>(nh, dgt + b * LD + g * H + u0, bsum + g * nh);
