@@ -2268,12 +2268,16 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     // packed, pieces finished per half; a piece whose GEMM failed to allocate.
     struct alignas(64) Flag { int64_t v; };
     Flag done{}, next{}, pki_ready{}, fin[2]{}, failed{};
-    auto wait_for = [](const int64_t* v, int64_t want) {
+    // Spinning with pause, then yielding (few spins where the two threads outnumber the CPUs,
+    // as StepBarrier does: the thread waited for may need this one's time slice)
+    static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    const int limit = cpus > 0 && cpus < 2 ? 16 : 4000;
+    auto wait_for = [limit](const int64_t* v, int64_t want) {
         for (int spin = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) < want; ++spin) {
 #if defined(__SSE2__)
             _mm_pause();
 #endif
-            if (spin > 4000) sched_yield();
+            if (spin > limit) sched_yield();
         }
     };
     const T dx_beta = bj.dx_accumulate ? T(1) : T(0);
