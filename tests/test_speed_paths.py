@@ -365,6 +365,19 @@ def test_pipelined_backward_against_torch(cell, fwd_threads, dtype, threads):
                        between=lambda: threads(2))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("steps, batch", [(4, 64), (5, 5), (200, 6)])
+def test_pipelined_backward_block_edges(steps, batch, dtype, threads):
+    """Blocks of one step (T=4 B=64: four blocks, the fewest pipelined; T=5 B=5), and many
+    blocks of 21 rows after the ramp (T=200 B=6), with sequence lengths."""
+    rng = np.random.default_rng(14)
+    threads(2)
+    layer = rc.LSTM(20, 64, dtype=dtype)
+    x = rng.standard_normal((steps, batch, 20)).astype(dtype)
+    lengths = [steps] + list(rng.integers(1, steps + 1, size=batch - 1))
+    compare_with_torch(layer, x, lengths=lengths, rng=rng)
+
+
 @pytest.mark.parametrize("cell", ["lstm_peep_coupled", "lstm_peep", "rnn_relu", "gru"])
 def test_pipelined_backward_variants(cell, threads):
     """Variants PyTorch lacks (and the GRU, without sequence lengths): the pipelined backward
