@@ -1462,15 +1462,30 @@ inline void barrier(int team) {
 // for). GCC atomics on plain ints: no standard library template in these per-ISA units.
 // Every thread of the team calls join(team) before its first arrive: they all store the
 // same values, so no thread has to wait for another to set the barrier up.
+// Pauses a waiting thread spins before it yields: few where a team of `team` threads outnumbers
+// the CPUs (the thread waited for may need this one's time slice).
+inline int spin_limit(int team) {
+    static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);   // reads a /sys file: once
+    return cpus > 0 && team > cpus ? 16 : 4000;
+}
+// Spins until done() holds: pause, and yield after `limit` pauses.
+template <class F> inline void spin_until(F&& done, int limit) {
+    for (int spin = 0; !done(); ++spin) {
+#if defined(__SSE2__)
+        _mm_pause();
+#endif
+        if (spin > limit) sched_yield();
+    }
+}
+
 struct StepBarrier {
     alignas(64) int count = 0;
     alignas(64) int sense = 0;
     int n = 1;
     int spins = 4000;   // pauses before yielding; few when the team outnumbers the CPUs
     void join(int team) {
-        static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);   // reads a /sys file: once
         __atomic_store_n(&n, team, __ATOMIC_RELAXED);
-        __atomic_store_n(&spins, cpus > 0 && team > cpus ? 16 : 4000, __ATOMIC_RELAXED);
+        __atomic_store_n(&spins, spin_limit(team), __ATOMIC_RELAXED);
     }
     void wait(int& local) {
         arrive(local);
@@ -1488,13 +1503,8 @@ struct StepBarrier {
     }
     void await(int local) {
         if (__atomic_load_n(&n, __ATOMIC_RELAXED) <= 1) return;
-        const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
-        for (int spin = 0; __atomic_load_n(&sense, __ATOMIC_ACQUIRE) != local; ++spin) {
-#if defined(__SSE2__)
-            _mm_pause();
-#endif
-            if (spin > limit) sched_yield();
-        }
+        spin_until([&] { return __atomic_load_n(&sense, __ATOMIC_ACQUIRE) == local; },
+                   __atomic_load_n(&spins, __ATOMIC_RELAXED));
     }
 };
 
@@ -2160,6 +2170,66 @@ template <class T> void unblock_gates(const DirJob<T>& j, int gteam) {
     std::free(tmp);
 }
 
+// The backward gate pass of batch row b at step t for the units [u0, u0 + nh) (Cho's GRU: its
+// z and n gates; r comes after the step's second product): g at the row's gate activations
+// of the units (gate stride gs), dm at dL/dh of the units (the LSTM with a projection: of
+// o * tanh(c)), da / dah at the row's dgx / dgh (unit 0), dhd at the GRU's direct path dh * z
+// of the units, bs the units' bias sums [G, nh] (or null), bsn the reset-after GRU's
+// hidden-side n bias sum. A row past its sequence's end gets zero gate gradients.
+template <class T>
+inline void bwd_gate_row(const DirBackJob<T>& bj, int64_t ghx, int64_t t, int64_t b, int64_t u0, int64_t nh,
+                         const T* g, int64_t gs, const T* dm, T* da, T* dah, T* dhd, T* bs, T* bsn) {
+    const DirJob<T>& j = bj.f;
+    const int64_t B = j.batch, H = j.hid, P = j.out;
+    RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
+    const int rev = j.reverse ? 1 : 0;
+    da += u0;
+    dah += u0;
+    if (!active(j.lengths, b, t)) {
+        for (int q = 0; q < G; ++q) {
+            std::memset(da + q * H, 0, sizeof(T) * nh);
+            if (dah != da && q * H >= ghx) std::memset(dah + q * H, 0, sizeof(T) * nh);
+        }
+        return;
+    }
+    if (lstm) {
+        const T* pi = j.peephole ? j.w.w_peep + u0 : nullptr;
+        lstm_bwd_row<T>(nh, g, g + gs, g + 2 * gs, g + 3 * gs, dm, j.cbuf + (t + rev) * B * H + b * H + u0,
+                        j.cbuf + (t + 1 - rev) * B * H + b * H + u0, bj.dc + b * H + u0, pi,
+                        pi ? pi + H : nullptr, pi ? pi + 2 * H : nullptr, j.coupled, da, da + H,
+                        da + 2 * H, da + 3 * H, bs);
+    } else if (gru) {
+        gru_bwd_row<T>(nh, g, g + gs, g + 2 * gs, j.extra + (t * B + b) * H + u0,
+                       j.hbuf + (t + rev) * B * P + b * P + u0, dm, j.lbr, da, da + H, da + 2 * H,
+                       dah + 2 * H, dhd, bs, bsn);
+    } else {
+        rnn_bwd_row<T>(nh, j.hbuf + (t + 1 - rev) * B * P + b * P + u0, dm, da, relu, bs);
+    }
+}
+
+// dW_ih and dW_hh (+=) from the rows [r0, r0 + nr) of dG (steps x batch) and its gate rows
+// [m0, m1): one pass over dG^T for both where they share it; the reset-after GRU's dW_hh takes
+// its n rows from dgh (gemm_parts' A2). Not Cho's GRU.
+template <class T>
+void weight_grads(const DirBackJob<T>& bj, int64_t ghx, int64_t LD, const T* dgh, int64_t r0, int64_t nr,
+                  int64_t m0, int64_t m1) {
+    const DirJob<T>& j = bj.f;
+    const int64_t I = j.in, P = j.out;
+    const T* Hprev = j.hbuf + (j.reverse ? j.batch * P : 0) + r0 * P;   // states entering the rows' steps
+    const T* A = bj.dgx + r0 * LD + m0;
+    const int64_t mh = m1 - m0;
+    if (mh <= 0) return;
+    if (dgh == bj.dgx) {
+        const GemmPart<T> wg[2] = {{j.x + r0 * I, I, bj.g.w_ih + m0 * I, I, I},
+                                   {Hprev, P, bj.g.w_hh + m0 * P, P, P}};
+        gemm_parts<T>(true, false, mh, nr, T(1), A, LD, wg, 2, T(1));
+    } else {
+        gemm<T>(true, false, mh, I, nr, T(1), A, LD, j.x + r0 * I, I, T(1), bj.g.w_ih + m0 * I, I);
+        const GemmPart<T> wh{Hprev, P, bj.g.w_hh + m0 * P, P, P};
+        gemm_parts<T>(true, false, mh, nr, T(1), A, LD, &wh, 1, T(1), dgh + r0 * LD + m0, ghx - m0);
+    }
+}
+
 // The backward's dh of the previous step on the rows active at step t: the product's rows
 // (tmp, n columns), plus the GRU's direct path dh * z (dhd) where given.
 template <class T>
@@ -2235,8 +2305,6 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     while (bstart(nblk) < TT) ++nblk;
     const int nparts = gteam > 0 ? gteam : 1;          // the forward's team: its gate layout
     const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
-    const T* Hprev = j.hbuf + rev * B * P;             // states entering steps 0..T-1
-    const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
     const int64_t mhalf = ceil_div(GH, 2 * MR) * MR;   // the pieces' split of the gate rows
     // block k: the recurrence's positions [qlo, qhi), time rows [r0, r0 + nr)
     auto block = [&](int64_t k, int64_t& qlo, int64_t& r0, int64_t& nr) {
@@ -2248,18 +2316,9 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     const int64_t sizes[6] = {packed_b_size<T>(Kc, P), packed_b_size<T>(GH, I), B * P, gru ? B * H : 0,
                               bj.g.b_ih ? G * H : 0, two_bias ? G * H : 0};
     T* buf[6];
-    T* mem = nullptr;
-    {
-        int64_t total = 0;
-        for (int64_t n : sizes) total += round16(n);
-        mem = alloc<T>(total);
-        if (!mem) throw std::bad_alloc();
-        int64_t off = 0;
-        for (int i = 0; i < 6; ++i) {
-            buf[i] = sizes[i] > 0 ? mem + off : nullptr;
-            off += round16(sizes[i]);
-        }
-    }
+    int carve_failed = 0;
+    T* mem = team_carve<T>(sizes, buf, &carve_failed, 1);   // (outside the region: a team of one)
+    if (!mem) throw std::bad_alloc();
     T *pk = buf[0], *pki = buf[1], *tmp = buf[2], *dhd = buf[3], *bsum = buf[4];
     T* bsumh = two_bias ? buf[5] : buf[4];
     if (bsum) std::memset(bsum, 0, sizeof(T) * G * H);
@@ -2268,34 +2327,16 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     // packed, pieces finished per half; a piece whose GEMM failed to allocate.
     struct alignas(64) Flag { int64_t v; };
     Flag done{}, next{}, pki_ready{}, fin[2]{}, failed{};
-    // Spinning with pause, then yielding (few spins where the two threads outnumber the CPUs,
-    // as StepBarrier does: the thread waited for may need this one's time slice)
-    static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    const int limit = cpus > 0 && cpus < 2 ? 16 : 4000;
+    const int limit = spin_limit(2);
     auto wait_for = [limit](const int64_t* v, int64_t want) {
-        for (int spin = 0; __atomic_load_n(v, __ATOMIC_ACQUIRE) < want; ++spin) {
-#if defined(__SSE2__)
-            _mm_pause();
-#endif
-            if (spin > limit) sched_yield();
-        }
+        spin_until([&] { return __atomic_load_n(v, __ATOMIC_ACQUIRE) >= want; }, limit);
     };
     const T dx_beta = bj.dx_accumulate ? T(1) : T(0);
     // piece (k, h): half h of block k's gate rows of dW_ih and dW_hh, and half of its rows of dx
     auto piece = [&](int64_t k, int h, PhaseClock& clock) {
         int64_t qlo, r0, nr;
         block(k, qlo, r0, nr);
-        const int64_t m0 = h == 0 ? 0 : mhalf, m1 = h == 0 ? mhalf : GH, mh = m1 - m0;
-        const T* A = bj.dgx + r0 * LD + m0;
-        if (mh > 0 && dgh == bj.dgx) {
-            const GemmPart<T> wg[2] = {{j.x + r0 * I, I, bj.g.w_ih + m0 * I, I, I},
-                                       {Hprev + r0 * P, P, bj.g.w_hh + m0 * P, P, P}};
-            gemm_parts<T>(true, false, mh, nr, T(1), A, LD, wg, 2, T(1));
-        } else if (mh > 0) {   // the reset-after GRU: dW_hh's n rows from dgh
-            gemm<T>(true, false, mh, I, nr, T(1), A, LD, j.x + r0 * I, I, T(1), bj.g.w_ih + m0 * I, I);
-            const GemmPart<T> wh{Hprev + r0 * P, P, bj.g.w_hh + m0 * P, P, P};
-            gemm_parts<T>(true, false, mh, nr, T(1), A, LD, &wh, 1, T(1), dgh + r0 * LD + m0, ghx - m0);
-        }
+        weight_grads<T>(bj, ghx, LD, dgh, r0, nr, h == 0 ? 0 : mhalf, h == 0 ? mhalf : GH);
         clock.mark(PH_BWD_WEIGHTS);
         const int64_t x0 = r0 + nr * h / 2, x1 = r0 + nr * (h + 1) / 2;
         if (x1 > x0) gemm_pb<T>(x1 - x0, I, GH, bj.dgx + x0 * LD, LD, pki, dx_beta, bj.dx + x0 * I, I);
@@ -2335,50 +2376,23 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
         clock.mark(PH_BWD_PACK);
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
-            const T* hprev = j.hbuf + (t + rev) * B * P;
-            const T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             T* dgt = bj.dgx + t * B * LD;
             T* dght = dgh + t * B * LD;
             for (int64_t b = 0; b < B; ++b) {   // dh += dy on the rows that produced an output
                 if (!bj.dy || !active(j.lengths, b, t)) continue;
                 add_row<T>(P, bj.dy + (t * B + b) * bj.ldy, bj.dh + b * P);
             }
-            for (int64_t b = 0; b < B; ++b) {   // the gate gradients, part by part of the forward's team
-                T* da = dgt + b * LD;
-                T* dah = dght + b * LD;
-                if (!active(j.lengths, b, t)) {
-                    for (int g = 0; g < G; ++g) {
-                        std::memset(da + g * H, 0, sizeof(T) * H);
-                        if (dah != da && g * H >= ghx) std::memset(dah + g * H, 0, sizeof(T) * H);
-                    }
-                    continue;
-                }
+            for (int64_t b = 0; b < B; ++b)   // the gate gradients, part by part of the forward's team
                 for (int f = 0; f < nparts; ++f) {
                     const Part U = part(H, nparts, f, VL<T>);
                     const int64_t nh = U.size(), u0 = U.lo;
                     if (nh == 0) continue;
                     const T* g = gteam > 0 ? j.gates + gate_offset(TT, B, GH, G, SB, rev, t, b, u0, nh)
                                            : j.gates + (t * B + b) * GH + u0;
-                    const int64_t gs = gteam > 0 ? nh : H;
-                    T* fb = bsum ? bsum + G * u0 : nullptr;
-                    T* dhb = bj.dh + b * P + u0;
-                    if (lstm) {
-                        lstm_bwd_row<T>(nh, g, g + gs, g + 2 * gs, g + 3 * gs, dhb,
-                                        j.cbuf + (t + rev) * B * H + b * H + u0,
-                                        j.cbuf + (t + 1 - rev) * B * H + b * H + u0, bj.dc + b * H + u0,
-                                        pi ? pi + u0 : nullptr, pi ? pi + H + u0 : nullptr,
-                                        pi ? pi + 2 * H + u0 : nullptr, j.coupled,
-                                        da + u0, da + H + u0, da + 2 * H + u0, da + 3 * H + u0, fb);
-                    } else if (gru) {
-                        gru_bwd_row<T>(nh, g, g + gs, g + 2 * gs, j.extra + (t * B + b) * H + u0,
-                                       hprev + b * P + u0, dhb, j.lbr, da + u0, da + H + u0,
-                                       da + 2 * H + u0, dah + 2 * H + u0, dhd + b * H + u0, fb,
-                                       two_bias ? bsumh + G * u0 + 2 * nh : nullptr);
-                    } else {
-                        rnn_bwd_row<T>(nh, hnext + b * P + u0, dhb, da + u0, relu, fb);
-                    }
+                    bwd_gate_row<T>(bj, ghx, t, b, u0, nh, g, gteam > 0 ? nh : H, bj.dh + b * P + u0,
+                                    dgt + b * LD, dght + b * LD, dhd ? dhd + b * H + u0 : nullptr,
+                                    bsum ? bsum + G * u0 : nullptr, two_bias ? bsumh + G * u0 + 2 * nh : nullptr);
                 }
-            }
             clock.mark(PH_BWD_CELL);
             // dh of the previous step: dG @ W_hh (the reset-after GRU's r and z from dgx)
             if (ghx > 0) gemm_pb<T>(B, P, ghx, dgt, LD, pk, T(0), tmp, P, q & 1, Kc);
@@ -2409,7 +2423,6 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
     const int rev = j.reverse ? 1 : 0;
     T* dh = bj.dh;
-    T* dc = bj.dc;
     T* dgh = (gru && j.lbr) ? bj.dgh : bj.dgx;
     // The reset-after GRU's dgh holds only its n columns (gru_bwd_row): the hidden-side
     // columns below ghx are read from dgx, which holds the same values (the dh product in two
@@ -2423,7 +2436,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // Gate activations blocked by the forward's team (gate_offset): the same team reads them.
     int gteam = j.gate_team ? *j.gate_team : 0;
     const int64_t SB = fuse_steps(B);
-    if (gteam > 0 && gteam != rec_threads(B, G, H, P)) {   // the thread count changed since
+    const int rteam = rec_threads(B, G, H, P);
+    if (gteam > 0 && gteam != rteam) {   // the thread count changed since
         unblock_gates<T>(j, gteam);
         gteam = 0;
     }
@@ -2432,8 +2446,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2 (beyond it the
     // split product runs at the GEMM's rate already: GRU T=100 B=64 H=512 0.99, RNN T=50 B=32
     // H=1024 1.035 pipelined) and at least four blocks of steps.
-    const int rteam0 = rec_threads(B, G, H, P);
-    if (rteam0 == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 &&
+    if (rteam == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 &&
         split_fits(packed_b_size<T>(Kc, P) * (int64_t)sizeof(T))) {
         pipe_backward<T>(bj, gteam, ghx, Kc, LD, dgh);
         if (lstm && j.peephole) peephole_grads<T>(bj);
@@ -2466,7 +2479,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const int64_t nmax = ceil_div(ceil_div(H, (int64_t)VL<T>), (int64_t)team) * VL<T>;
         return packed_b_size<T>(Kc, nmax < H ? nmax : H) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
     };
-    const int rteam = rec_threads(B, G, H, P), max_team = gteam > rteam ? gteam : rteam;
+    const int max_team = gteam > rteam ? gteam : rteam;
     T* rows_dh = rows_dh_shape && TT > 0 && rows_dh_team(max_team) ? alloc<T>(2 * max_team * B * P) : nullptr;
     StepBarrier sbar;
     auto body = [&](int tid, int team) {
@@ -2510,13 +2523,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         if (nq > 0 && !small && !inplace) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
-        const T* pi = lstm && j.peephole ? j.w.w_peep : nullptr;
         clock.mark(PH_BWD_PACK);
 
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
             const T* hprev = j.hbuf + (t + rev) * B * P;
-            const T* hnext = j.hbuf + (t + 1 - rev) * B * P;
             auto grow = [&](int64_t b) {   // gate stride gs
                 return gteam > 0 ? j.gates + gate_offset(TT, B, GH, G, SB, rev, t, b, u0, nh)
                                  : j.gates + (t * B + b) * GH + u0;
@@ -2546,34 +2557,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                     gemm_pb<T>(B, nh, P, bj.dhs + t * B * P, P, pkr, T(0), dmb, nh, false, 0, stream);
             }
             // B. gate gradients of the own units
-            for (int64_t b = 0; b < B && nh > 0; ++b) {
-                T* da = dgt + b * LD + u0;
-                T* dah = dght + b * LD + u0;
-                if (!active(j.lengths, b, t)) {
-                    for (int g = 0; g < G; ++g) {
-                        std::memset(da + g * H, 0, sizeof(T) * nh);
-                        if (dah != da && g * H >= ghx) std::memset(dah + g * H, 0, sizeof(T) * nh);
-                    }
-                    continue;
-                }
-                const T* g = grow(b);
-                if (lstm) {
-                    const T* dm = proj ? dmb + b * nh : dh + b * P + u0;
-                    lstm_bwd_row<T>(nh, g, g + gs, g + 2 * gs, g + 3 * gs, dm,
-                                    j.cbuf + (t + rev) * B * H + b * H + u0,
-                                    j.cbuf + (t + 1 - rev) * B * H + b * H + u0, dc + b * H + u0,
-                                    pi ? pi + u0 : nullptr, pi ? pi + H + u0 : nullptr,
-                                    pi ? pi + 2 * H + u0 : nullptr, j.coupled,
-                                    da, da + H, da + 2 * H, da + 3 * H, fbias);
-                } else if (gru) {
-                    gru_bwd_row<T>(nh, g, g + gs, g + 2 * gs, j.extra + (t * B + b) * H + u0,
-                                   hprev + b * P + u0, dh + b * P + u0, j.lbr, da, da + H,
-                                   da + 2 * H, dah + 2 * H, dhd + b * nh, fbias,
-                                   two_bias ? bsumh + 2 * nh : nullptr);
-                } else {
-                    rnn_bwd_row<T>(nh, hnext + b * P + u0, dh + b * P + u0, da, relu, fbias);
-                }
-            }
+            for (int64_t b = 0; b < B && nh > 0; ++b)
+                bwd_gate_row<T>(bj, ghx, t, b, u0, nh, grow(b), gs, proj ? dmb + b * nh : dh + b * P + u0,
+                                dgt + b * LD, dght + b * LD, dhd ? dhd + b * nh : nullptr, fbias,
+                                two_bias ? bsumh + 2 * nh : nullptr);
             // In place by rows: this thread's part of dh over its own units' gate rows of
             // W_hh (contiguous rows, the slice the forward streamed), into its partial sum of
             // the step (two sets, by the parity of the step: a thread may still be summing the
@@ -2655,19 +2642,13 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     PhaseClock clock(0);   // the calling thread's wall time of the team's GEMMs
     const int64_t R = TT * B;
     const T* Hprev = j.hbuf + rev * B * P;   // states entering steps 0..T-1, time order
-    if (!gru_orig && dgh == bj.dgx) {   // one pass over dG^T for both: [dW_ih | dW_hh]
-        const GemmPart<T> wg[2] = {{j.x, I, bj.g.w_ih, I, I}, {Hprev, P, bj.g.w_hh, P, P}};
-        gemm_parts<T>(true, false, GH, R, T(1), bj.dgx, LD, wg, 2, T(1));
-    } else {
-        gemm<T>(true, false, GH, I, R, T(1), bj.dgx, LD, j.x, I, T(1), bj.g.w_ih, I);
-    }
     if (gru_orig) {
+        gemm<T>(true, false, GH, I, R, T(1), bj.dgx, LD, j.x, I, T(1), bj.g.w_ih, I);
         gemm<T>(true, false, 2 * H, H, R, T(1), bj.dgx, LD, Hprev, P, T(1), bj.g.w_hh, H);
         gemm<T>(true, false, H, H, R, T(1), bj.dgx + 2 * H, LD, j.extra, H, T(1),
                 bj.g.w_hh + 2 * H * H, H);
-    } else if (dgh != bj.dgx) {   // the rows of r and z from dgx (ghx), n's from dgh
-        const GemmPart<T> wh{Hprev, P, bj.g.w_hh, P, P};
-        gemm_parts<T>(true, false, GH, R, T(1), bj.dgx, LD, &wh, 1, T(1), dgh, ghx);
+    } else {
+        weight_grads<T>(bj, ghx, LD, dgh, 0, R, 0, GH);
     }
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
     if (lstm && j.peephole) peephole_grads<T>(bj);
