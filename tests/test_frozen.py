@@ -47,19 +47,100 @@ def test_frozen_step_and_bfloat16(cell):
     rng = np.random.default_rng(4)
     layer = variant_makers(32, 64, 16)[cell](np.float32)
     frozen = layer.frozen()
+    assert frozen._stepper.packed_bytes > 0 and layer._stepper.packed_bytes == 0
     x = rng.standard_normal((20, 3, 32)).astype(np.float32)
     state = layer.initial_state(3)
     a, sa = layer.step(x[0], state)
     b, sb = frozen.step(x[0], frozen.initial_state(3))
-    assert np.array_equal(a, b)
-    for p, q in zip(np.atleast_1d(sa) if not isinstance(sa, tuple) else sa,
-                    np.atleast_1d(sb) if not isinstance(sb, tuple) else sb):
-        assert np.array_equal(p, q)
+    # the frozen copy's step runs the fused kernels on its packed weights: the same to rounding
+    assert_close(b, a, np.float32, cell)
+    for p, q in zip((sa,) if not isinstance(sa, tuple) else sa, (sb,) if not isinstance(sb, tuple) else sb):
+        assert_close(q, p, np.float32, cell)
     layer.inference_precision = "bfloat16"
     frozen.inference_precision = "bfloat16"
     assert frozen._packed_bf16.trusted and not layer._packed_bf16.trusted
     assert np.array_equal(frozen(x)[0], layer(x)[0])
     assert np.array_equal(frozen.step(x[0], None)[0], layer.step(x[0], None)[0])
+
+
+# A frozen copy's step reads its weights packed once for the fused step kernels (the C++
+# Model's): on AVX-512 up to three batch rows a fused pass whole and four to six in two halves of
+# the accumulators, on AVX2 up to two rows a pass and the row-major step from four rows; the plain
+# RNN's units in groups of 4 or 8 vectors. Every variant, sizes that leave partial unit groups,
+# batch 1-7 and 13, two layers, float32 and float64 (the C API's step is float32 only), one and
+# two threads, every ISA: five steps against the NumPy reference over the same sequence.
+STEP_CELLS = {
+    "lstm": lambda I, H, dt: rc.LSTM(I, H, num_layers=2, dtype=dt, seed=1),
+    "lstm_proj_peep": lambda I, H, dt: rc.LSTM(I, H, proj_size=H // 2 + 1, peephole=True, dtype=dt, seed=2),
+    "lstm_coupled": lambda I, H, dt: rc.LSTM(I, H, coupled_gates=True, dtype=dt, seed=3),
+    "gru": lambda I, H, dt: rc.GRU(I, H, num_layers=2, dtype=dt, seed=4),
+    "gru_orig": lambda I, H, dt: rc.GRU(I, H, linear_before_reset=False, dtype=dt, seed=5),
+    "rnn": lambda I, H, dt: rc.RNN(I, H, dtype=dt, seed=6),
+    "rnn_relu": lambda I, H, dt: rc.RNN(I, H, nonlinearity="relu", bias=False, dtype=dt, seed=7),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(STEP_CELLS))
+def test_frozen_step_against_reference(cell, dtype, each_isa, threads):
+    rng = np.random.default_rng(8)
+    for I, H in ((3, 5), (32, 64), (17, 70), (9, 200)):
+        frozen = STEP_CELLS[cell](I, H, dtype).frozen()
+        for B in (1, 2, 3, 4, 5, 6, 7, 13):
+            x = rng.standard_normal((5, B, I)).astype(dtype)
+            yr, hr, cr = ref_forward(frozen, x, None, None)
+            for n in (1, 2):
+                threads(n)
+                state = frozen.initial_state(B)
+                ys = [frozen.step(x[t], state)[0].copy() for t in range(5)]
+                what = f"{cell} I={I} H={H} B={B} threads={n} {each_isa}"
+                assert_close(np.stack(ys), yr, dtype, what)
+                assert_close(state[0] if isinstance(state, tuple) else state, hr, dtype, what)
+                if isinstance(state, tuple):
+                    assert_close(state[1], cr, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_frozen_step_against_torch(cell, dtype):
+    """The plain cells against PyTorch's layer over the same sequence (its outputs and final
+    state), batch 1 and 5."""
+    torch = pytest.importorskip("torch")
+    from torch_oracle import torch_twin
+    rng = np.random.default_rng(9)
+    frozen = STEP_CELLS[cell](24, 48, dtype).frozen()
+    twin = torch_twin(frozen)
+    for B in (1, 5):
+        x = rng.standard_normal((7, B, 24)).astype(dtype)
+        state = frozen.initial_state(B)
+        ys = np.stack([frozen.step(x[t], state)[0].copy() for t in range(7)])
+        with torch.no_grad():
+            yt, st = twin(torch.from_numpy(x))
+        assert_close(ys, yt.numpy(), dtype, f"{cell} B={B}")
+        for got, want in zip(state if isinstance(state, tuple) else (state,),
+                             st if isinstance(st, tuple) else (st,)):
+            assert_close(got, want.numpy(), dtype, f"{cell} B={B} state")
+
+
+def test_frozen_step_keeps_the_kernels_it_packed_for():
+    """The packed copy's layout belongs to the kernels active at freeze(): after set_isa the
+    copy's steps still run those kernels, and stay right."""
+    isas = rc._core.available_isas().split(",")
+    old = rc._core.isa()
+    rng = np.random.default_rng(10)
+    try:
+        for a in isas:
+            rc._core.set_isa(a)
+            frozen = rc.LSTM(20, 40, seed=11).frozen()
+            x = rng.standard_normal((4, 3, 20)).astype(np.float32)
+            yr = ref_forward(frozen, x, None, None)[0]
+            for b in isas:
+                rc._core.set_isa(b)
+                state = frozen.initial_state(3)
+                ys = np.stack([frozen.step(x[t], state)[0].copy() for t in range(4)])
+                assert_close(ys, yr, np.float32, f"packed under {a}, stepped under {b}")
+    finally:
+        rc._core.set_isa(old)
 
 
 def test_frozen_parameters_can_never_change():

@@ -457,9 +457,26 @@ void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int
     if (s.is_lstm()) std::copy(cn.begin(), cn.end(), c);
 }
 
+namespace {
+template <class T> const KernelFns<T>& fns_of(const KernelTable& t);
+template <> const KernelFns<float>& fns_of<float>(const KernelTable& t) { return t.f32; }
+template <> const KernelFns<double>& fns_of<double>(const KernelTable& t) { return t.f64; }
+
+// The step job of layer l of a stack (its input, state and scratch set by the caller).
 template <class T>
-void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
-                const T* x, T* h, T* c, T* y) {
+StepJob<T> layer_step_job(const LayerSpec& s, int64_t l, const DirParams<T>& w, int64_t B) {
+    StepJob<T> j{};
+    j.cell = (int)s.cell;
+    j.batch = B; j.in = s.layer_input_size(l); j.hid = s.hidden_size; j.out = s.out_size();
+    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
+    j.w = w;
+    return j;
+}
+
+// One streaming step through the layers in turn: run(job, l) steps layer l of the stack.
+template <class T, class Run>
+void step_layers(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B, const T* x,
+                 T* h, T* c, T* y, const KernelFns<T>& fns, Run&& run) {
     if (s.bidirectional)
         throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
     if ((int64_t)params.size() != s.num_layers)
@@ -468,25 +485,70 @@ void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int
     if (!x || !h || !y || (s.is_lstm() && !c)) throw std::invalid_argument("step: null buffer");
     const int64_t H = s.hidden_size, P = s.out_size();
     thread_local std::vector<T> work;
-    StepJob<T> j{};
-    j.cell = (int)s.cell;
-    j.batch = B; j.hid = H; j.out = P;
-    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
-    j.in = s.input_size;
-    work.resize(kernels<T>().step_work(j) + 64);
     const T* in = x;
     for (int64_t l = 0; l < s.num_layers; ++l) {
-        j.in = s.layer_input_size(l);
-        j.w = params[l];
-        j.batch = B;
+        StepJob<T> j = layer_step_job<T>(s, l, params[l], B);
+        if (l == 0) work.resize(fns.step_work(j) + 64);   // (the same for every layer)
         j.x = in;
         j.h = h + l * B * P;
         j.c = s.is_lstm() ? c + l * B * H : nullptr;
         j.work = work.data();
-        kernels<T>().step(j);
+        run(j, l);
         in = j.h;
     }
     std::memcpy(y, h + (s.num_layers - 1) * B * P, sizeof(T) * B * P);
+}
+}  // namespace
+
+template <class T>
+void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
+                const T* x, T* h, T* c, T* y) {
+    const KernelFns<T>& fns = kernels<T>();
+    step_layers<T>(s, params, B, x, h, c, y, fns, [&](const StepJob<T>& j, int64_t) { fns.step(j); });
+}
+
+template <class T> struct StepPacks<T>::Impl {
+    const KernelTable* table;
+    std::vector<std::vector<T>> packs;   // one a layer, over-allocated by 64 bytes: see layer()
+    const T* layer(int64_t l) const {    // 64-byte aligned start (no split loads)
+        const T* p = packs[l].data();
+        const size_t mis = reinterpret_cast<uintptr_t>(p) % 64;
+        return mis ? p + (64 - mis) / sizeof(T) : p;
+    }
+};
+
+template <class T>
+StepPacks<T>::StepPacks(const LayerSpec& s, const std::vector<DirParams<T>>& params)
+    : impl_(new Impl{&active_kernels(), {}}) {
+    s.validate();
+    if (s.bidirectional)
+        throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
+    if ((int64_t)params.size() != s.num_layers)
+        throw std::invalid_argument("params: expected one entry per layer");
+    const KernelFns<T>& fns = fns_of<T>(*impl_->table);
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+        const StepJob<T> j = layer_step_job<T>(s, l, params[l], 1);
+        impl_->packs.emplace_back(fns.step_pack_size(j) + 64 / sizeof(T));
+        fns.step_pack(j, const_cast<T*>(impl_->layer(l)));
+    }
+}
+template <class T> StepPacks<T>::~StepPacks() = default;
+template <class T> int64_t StepPacks<T>::bytes() const {
+    int64_t n = 0;
+    for (const std::vector<T>& p : impl_->packs) n += (int64_t)(p.size() * sizeof(T));
+    return n;
+}
+
+template <class T>
+void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
+                const T* x, T* h, T* c, T* y, const StepPacks<T>& packs) {
+    const typename StepPacks<T>::Impl& pk = packs.impl();
+    if ((int64_t)pk.packs.size() != s.num_layers)
+        throw std::invalid_argument("step: the packed weights are another stack's");
+    // the kernels that packed them (set_isa may have changed the active ones since)
+    const KernelFns<T>& fns = fns_of<T>(*pk.table);
+    step_layers<T>(s, params, B, x, h, c, y, fns,
+                   [&](const StepJob<T>& j, int64_t l) { fns.step_packed(j, pk.layer(l)); });
 }
 
 int64_t rtrl_state_size(const LayerSpec& s) { return s.is_lstm() ? 2 * s.hidden_size : s.hidden_size; }
@@ -593,6 +655,9 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                 const T*, T*, T*, T*);                                            \
     template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
                                 const T*, T*, T*, T*, Precision, PackedWeights*);                 \
+    template class StepPacks<T>;                                                                  \
+    template void stack_step<T>(const LayerSpec&, const std::vector<DirParams<T>>&, int64_t,     \
+                                const T*, T*, T*, T*, const StepPacks<T>&);                       \
     template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \

@@ -70,33 +70,12 @@ struct Block {
     std::vector<DirParams<float>> dp;
     // predict: the recurrent weights packed at the first call and kept (they never change)
     std::shared_ptr<PackedWeights> seq_packed = std::make_shared<PackedWeights>(true);
-    // streaming: each layer's weights packed once at load by (and for) this kernel table
-    const KernelTable* table = nullptr;
-    std::vector<std::vector<float>> step_packs;   // over-allocated by 16: see packed()
-    const float* packed(size_t l) const {          // 64-byte aligned start (no split loads)
-        const float* p = step_packs[l].data();
-        const size_t mis = (reinterpret_cast<uintptr_t>(p) % 64) / sizeof(float);
-        return mis ? p + (16 - mis) : p;
-    }
+    // streaming: the weights packed once at load for the fused step kernels (StepPacks)
+    std::shared_ptr<const StepPacks<float>> step_packs;
 };
 
-StepJob<float> step_job(const LayerSpec& s, int64_t layer, const DirParams<float>& w) {
-    StepJob<float> j{};
-    j.cell = (int)s.cell;
-    j.batch = 1; j.in = s.layer_input_size(layer); j.hid = s.hidden_size; j.out = s.out_size();
-    j.peephole = s.peephole; j.coupled = s.coupled_gates; j.lbr = s.linear_before_reset;
-    j.w = w;
-    return j;
-}
-
 void pack_for_steps(Block& b) {
-    if (b.spec.bidirectional) return;
-    b.table = &active_kernels();
-    for (int64_t l = 0; l < b.spec.num_layers; ++l) {
-        const StepJob<float> j = step_job(b.spec, l, b.dp[l]);
-        b.step_packs.emplace_back(b.table->f32.step_pack_size(j) + 16);
-        b.table->f32.step_pack(j, const_cast<float*>(b.packed(b.step_packs.size() - 1)));
-    }
+    if (!b.spec.bidirectional) b.step_packs = std::make_shared<const StepPacks<float>>(b.spec, b.dp);
 }
 
 }  // namespace
@@ -554,7 +533,7 @@ void Model::step(const float* x, State& st, float* y) const {
         ++r;
     }
     if (B < 1 || r != st.h.size()) throw Error("state: it was made by another model");
-    thread_local std::vector<float> cur, nxt, work;
+    thread_local std::vector<float> cur, nxt;
     cur.assign(x, x + B * m.input_size);
     r = 0;
     for (const Block& b : m.blocks) {
@@ -566,30 +545,14 @@ void Model::step(const float* x, State& st, float* y) const {
                 break;
             case REC: {
                 const LayerSpec& s = b.spec;
-                const int64_t P = s.out_size(), H = s.hidden_size;
-                const float* in = cur.data();
-                if (m.precision == Precision::BFloat16) {   // the fused step kernels are float32
-                    nxt.resize(B * P);
-                    stack_step<float>(s, b.dp, B, in, st.h[r].data(), s.is_lstm() ? st.c[r].data() : nullptr,
-                                      nxt.data(), m.precision, b.seq_packed.get());
-                    ++r;
-                    cur.swap(nxt);
-                    break;
-                }
-                for (int64_t l = 0; l < s.num_layers; ++l) {
-                    StepJob<float> j = step_job(s, l, b.dp[l]);
-                    j.batch = B;
-                    j.x = in;
-                    j.h = st.h[r].data() + l * B * P;
-                    j.c = s.is_lstm() ? st.c[r].data() + l * B * H : nullptr;
-                    work.resize(b.table->f32.step_work(j) + 64);
-                    j.work = work.data();
-                    // the fused blocks, or from four batch rows where a fused pass takes
-                    // fewer the row-major step (step_packed decides; j.work fits both)
-                    b.table->f32.step_packed(j, b.packed((size_t)l));
-                    in = j.h;
-                }
-                nxt.assign(in, in + B * P);
+                float* c = s.is_lstm() ? st.c[r].data() : nullptr;
+                nxt.resize(B * s.out_size());
+                if (m.precision == Precision::BFloat16)   // (the fused step kernels are float32)
+                    stack_step<float>(s, b.dp, B, cur.data(), st.h[r].data(), c, nxt.data(), m.precision,
+                                      b.seq_packed.get());
+                else   // the fused blocks, or from four batch rows where a fused pass takes
+                       // fewer the row-major step (the kernels' step_packed decides)
+                    stack_step<float>(s, b.dp, B, cur.data(), st.h[r].data(), c, nxt.data(), *b.step_packs);
                 ++r;
                 cur.swap(nxt);
                 break;

@@ -199,6 +199,9 @@ struct Stepper {
     py::list keep;
     std::vector<DirParams<float>> pf;
     std::vector<DirParams<double>> pd;
+    // A frozen layer's weights packed once for the fused step kernels (float32 steps)
+    std::unique_ptr<StepPacks<float>> packs_f;
+    std::unique_ptr<StepPacks<double>> packs_d;
 
     template <class T>
     static bool exact(py::handle o, int ndim, const int64_t* shape, bool writeable) {
@@ -243,7 +246,10 @@ struct Stepper {
         {
             py::gil_scoped_release release;
             if constexpr (std::is_same<T, double>::value) {
-                stack_step<T>(spec, pd, B, xp, h, c, yp);
+                if (packs_d) stack_step<T>(spec, pd, B, xp, h, c, yp, *packs_d);
+                else stack_step<T>(spec, pd, B, xp, h, c, yp);
+            } else if (packs_f && !bf16) {
+                stack_step<T>(spec, pf, B, xp, h, c, yp, *packs_f);
             } else {
                 stack_step<T>(spec, pf, B, xp, h, c, yp, bf16 ? Precision::BFloat16 : Precision::Float32, bf16);
             }
@@ -354,7 +360,7 @@ void register_layers(py::module_& m) {
           "Backpropagation through time. Returns (dx, dh0, dc0 or None); grads accumulate.");
 
     py::class_<Stepper>(m, "Stepper")
-        .def(py::init([](const LayerSpec& s, const py::list& params, bool dbl) {
+        .def(py::init([](const LayerSpec& s, const py::list& params, bool dbl, bool frozen) {
                  if (s.bidirectional) throw py::value_error("step: a bidirectional layer needs the whole sequence");
                  auto st = std::make_unique<Stepper>();
                  st->spec = s;
@@ -362,9 +368,16 @@ void register_layers(py::module_& m) {
                  st->keep = params;
                  if (dbl) take_params<double>(s, params, &st->pd);
                  else take_params<float>(s, params, &st->pf);
+                 if (frozen && dbl) st->packs_d = std::make_unique<StepPacks<double>>(s, st->pd);
+                 else if (frozen) st->packs_f = std::make_unique<StepPacks<float>>(s, st->pf);
                  return st;
              }),
-             py::arg("spec"), py::arg("params"), py::arg("is_double"))
+             py::arg("spec"), py::arg("params"), py::arg("is_double"), py::arg("frozen") = false,
+             "frozen: the parameters never change (read-only arrays kept here): the steps read "
+             "a copy packed once for the fused step kernels")
+        .def_property_readonly("packed_bytes", [](const Stepper& st) {
+            return st.packs_f ? st.packs_f->bytes() : st.packs_d ? st.packs_d->bytes() : int64_t(0);
+        })
         .def("step",
              [](Stepper& st, py::handle x, py::handle state, PackedWeights* bf16) {
                  if (bf16 && st.dbl) throw py::value_error("bf16_packed: bfloat16 weights need a float32 layer");

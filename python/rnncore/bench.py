@@ -305,6 +305,10 @@ def bench_step(cell, peers, I=32, H=64, n=3000):
         return _median_time(run, min_time=0.2, max_reps=10) / n
 
     row = {"cell": cell, "rnncore": loop(lambda: layer.step(x, st))}
+    # a frozen() copy: its steps read weights packed once for the fused step kernels
+    fz = layer.frozen()
+    fst = fz.initial_state(1)
+    row["frozen"] = loop(lambda: fz.step(x, fst))
     p = layer.state_dict()
     nst = (np.zeros((1, H), np.float32), np.zeros((1, H), np.float32)) if cell == "LSTM" else np.zeros((1, H), np.float32)
     row["numpy"] = loop(lambda: numpy_step(cell, p, x, nst))
@@ -316,6 +320,7 @@ def bench_step(cell, peers, I=32, H=64, n=3000):
         with torch.no_grad():
             row["torch"] = loop(lambda: c(xt, hx))
         row["ratio_torch"] = row["rnncore"] / row["torch"]
+        row["ratio_frozen_torch"] = row["frozen"] / row["torch"]
     row["ratio_numpy"] = row["rnncore"] / row["numpy"]
     return row
 
@@ -409,9 +414,10 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
             print(msg, flush=True)
     steps = [bench_step(c, peers) for c in (cells or CELLS)] if step else []
     for s in steps:
-        print(f"step {s['cell']:4s} I=32 H=64 B=1: rnncore {s['rnncore'] * 1e6:.2f} us  numpy "
-              f"{s['numpy'] * 1e6:.2f} us  torch cell {s.get('torch', float('nan')) * 1e6:.2f} us  "
-              f"ratio vs torch {s.get('ratio_torch', float('nan')):.3f}  vs numpy {s['ratio_numpy']:.3f}",
+        print(f"step {s['cell']:4s} I=32 H=64 B=1: rnncore {s['rnncore'] * 1e6:.2f} us  frozen "
+              f"{s['frozen'] * 1e6:.2f} us  numpy {s['numpy'] * 1e6:.2f} us  torch cell "
+              f"{s.get('torch', float('nan')) * 1e6:.2f} us  ratio vs torch {s.get('ratio_torch', float('nan')):.3f} "
+              f"(frozen {s.get('ratio_frozen_torch', float('nan')):.3f})  vs numpy {s['ratio_numpy']:.3f}",
               flush=True)
     mem = {}
     if rss:
@@ -442,11 +448,12 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
                      f"{_fmt_ms(r.get('train_rnncore'))} | {_fmt_ms(r.get('train_torch'))} | "
                      f"{r.get('train_ratio', float('nan')):.2f} | {r.get('train_gflops', float('nan')):.0f} |")
     if steps:
-        lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | NumPy us | PyTorch cell us | ratio vs PyTorch |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| one step from Python (I=32, H=64, B=1) | rnncore us | frozen us | NumPy us | "
+                  "PyTorch cell us | ratio vs PyTorch | frozen ratio |", "|---|---|---|---|---|---|---|"]
     for s in steps:
-        lines.append(f"| {s['cell']} | {s['rnncore'] * 1e6:.2f} | {s['numpy'] * 1e6:.2f} | "
-                     f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} |")
+        lines.append(f"| {s['cell']} | {s['rnncore'] * 1e6:.2f} | {s['frozen'] * 1e6:.2f} | {s['numpy'] * 1e6:.2f} | "
+                     f"{s.get('torch', float('nan')) * 1e6:.2f} | {s.get('ratio_torch', float('nan')):.3f} | "
+                     f"{s.get('ratio_frozen_torch', float('nan')):.3f} |")
     bf = [r for r in rows if "rnncore_bf16" in r]
     if bf:
         lines += ["", f"Batch <= {BF16_MAX_BATCH}: a `frozen()` copy (the same float32 results, no per-call "

@@ -153,8 +153,10 @@ class _Recurrent(Module):
         self._packed = _core.PackedWeights(trusted=True)
         if self._packed_bf16 is not None:
             self._packed_bf16 = _core.PackedWeights(trusted=True)
+        # its steps read a copy of the weights packed once for the fused step kernels (the C++
+        # Model's): results agree with the original layer's step to rounding, not bit for bit
         self._stepper = None if self.bidirectional else _core.Stepper(
-            self._spec, self._param_list(), self.dtype == np.float64)
+            self._spec, self._param_list(), self.dtype == np.float64, frozen=True)
 
     def _param_list(self):
         return list(self.params.values())

@@ -167,6 +167,31 @@ template <class T>
 void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, int64_t batch,
                 const T* x, T* h, T* c, T* y, Precision precision, PackedWeights* packed);
 
+// A unidirectional stack's weights packed once for the fused streaming-step kernels, for
+// weights that never change (a frozen layer's, a loaded Model's): each layer's gate biases,
+// W_ih and W_hh side by side per group of hidden units, so one step reads every weight once
+// in one sequential stream and keeps the gate pre-activations in registers. Packed at
+// construction by the kernels active then (which its steps keep using); `params` (biases,
+// peepholes) must be the ones it was packed from whenever it is passed to stack_step.
+// Results agree with the step above to float32 rounding (another order of the sums), not
+// bit for bit.
+template <class T> class StepPacks {
+  public:
+    StepPacks(const LayerSpec& spec, const std::vector<DirParams<T>>& params);
+    ~StepPacks();
+    StepPacks(const StepPacks&) = delete;
+    StepPacks& operator=(const StepPacks&) = delete;
+    int64_t bytes() const;   // memory held
+    struct Impl;
+    const Impl& impl() const { return *impl_; }
+
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+template <class T>
+void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, int64_t batch,
+                const T* x, T* h, T* c, T* y, const StepPacks<T>& packs);
+
 template <class T> int64_t cache_steps(const StackCache<T>& c);
 template <class T> int64_t cache_batch(const StackCache<T>& c);
 
