@@ -2677,6 +2677,12 @@ inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x,
 // a step 15-25% faster (GRU I=64 H=128 6.8 -> 5.9 us), at 3e4-4e4 no faster; with idle gaps
 // between steps (the workers asleep) the smallest threaded layers lost 2-4 us.
 constexpr double STEP_MIN_MACS = 9.0e4;
+// Several batch rows (one pass over the weights serves up to four: small_nt) gain less from a
+// team: two Xeon cores (AVX-512), one `step` from Python, one thread against two (us): I=32
+// H=64 LSTM B=4 (1e5 multiply-adds) 6.4-7.3 / 10.4-11.8, B=8 12.1-13.3 / 14.0-14.6, GRU B=8
+// 8.7-9.3 / 11.0, RNN B=16 6.4-6.7 / 9.1-9.6; I=64 H=128 RNN B=4 5.0 / 6.1, LSTM B=2 (2e5)
+// 10.7 / 10.7; teams ahead from 2.2e5: GRU I=64 H=128 B=3 11.9 / 9.7, LSTM B=3 16.1 / 13.4.
+constexpr double STEP_MIN_MACS_ROWS = 2.0e5;
 template <class T> int step_threads(const StepJob<T>& j, int64_t grain, double min_macs = STEP_MIN_MACS) {
 #ifdef _OPENMP
     const int avail = threads_for_kernels();
@@ -2794,7 +2800,7 @@ inline void step_rows(int64_t B, int64_t N, int64_t K, const T* W, int64_t ldw, 
 template <class T> void step(const StepJob<T>& j) {
     const int64_t I = j.in, H = j.hid, P = j.out, B = j.batch;
     RNNCORE_CELL_DIMS(j.cell, H, P, j.lbr);
-    step_team(j, step_threads(j, 2 * VL<T>), [&](int mat, const T* v, int64_t ldv, T* out, int64_t ldo,
+    step_team(j, step_threads(j, 2 * VL<T>, B > 1 ? STEP_MIN_MACS_ROWS : STEP_MIN_MACS), [&](int mat, const T* v, int64_t ldv, T* out, int64_t ldo,
                                                  int64_t r0, int64_t n) {
         switch (mat) {
             case M_IH: step_rows<T>(B, n, I, j.w.w_ih + r0 * I, I, v, ldv, out + r0, ldo); break;
