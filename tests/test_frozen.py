@@ -47,11 +47,12 @@ def test_frozen_step_and_bfloat16(cell):
     rng = np.random.default_rng(4)
     layer = variant_makers(32, 64, 16)[cell](np.float32)
     frozen = layer.frozen()
-    assert frozen._stepper.packed_bytes > 0 and layer._stepper.packed_bytes == 0
+    assert frozen._stepper.packed_bytes == 0          # packed at its first step
     x = rng.standard_normal((20, 3, 32)).astype(np.float32)
     state = layer.initial_state(3)
     a, sa = layer.step(x[0], state)
     b, sb = frozen.step(x[0], frozen.initial_state(3))
+    assert frozen._stepper.packed_bytes > 0 and layer._stepper.packed_bytes == 0
     # the frozen copy's step runs the fused kernels on its packed weights: the same to rounding
     assert_close(b, a, np.float32, cell)
     for p, q in zip((sa,) if not isinstance(sa, tuple) else sa, (sb,) if not isinstance(sb, tuple) else sb):
@@ -123,8 +124,8 @@ def test_frozen_step_against_torch(cell, dtype):
 
 
 def test_frozen_step_keeps_the_kernels_it_packed_for():
-    """The packed copy's layout belongs to the kernels active at freeze(): after set_isa the
-    copy's steps still run those kernels, and stay right."""
+    """The packed copy's layout belongs to the kernels active at the first step, which packed
+    it: after set_isa the copy's steps still run those kernels, and stay right."""
     isas = rc._core.available_isas().split(",")
     old = rc._core.isa()
     rng = np.random.default_rng(10)
@@ -134,6 +135,7 @@ def test_frozen_step_keeps_the_kernels_it_packed_for():
             frozen = rc.LSTM(20, 40, seed=11).frozen()
             x = rng.standard_normal((4, 3, 20)).astype(np.float32)
             yr = ref_forward(frozen, x, None, None)[0]
+            frozen.step(x[0], frozen.initial_state(3))      # packs under a
             for b in isas:
                 rc._core.set_isa(b)
                 state = frozen.initial_state(3)

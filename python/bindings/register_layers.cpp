@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -199,7 +200,10 @@ struct Stepper {
     py::list keep;
     std::vector<DirParams<float>> pf;
     std::vector<DirParams<double>> pd;
-    // A frozen layer's weights packed once for the fused step kernels (float32 steps)
+    // A frozen layer's weights packed for the fused step kernels, at its first float32 step
+    // (about the size of its weights: none for a frozen copy that never steps)
+    bool frozen = false;
+    std::once_flag packed_once;
     std::unique_ptr<StepPacks<float>> packs_f;
     std::unique_ptr<StepPacks<double>> packs_d;
 
@@ -245,6 +249,12 @@ struct Stepper {
         T* yp = y.mutable_data();
         {
             py::gil_scoped_release release;
+            if (frozen && !bf16) {
+                std::call_once(packed_once, [&] {
+                    if (dbl) packs_d = std::make_unique<StepPacks<double>>(spec, pd);
+                    else packs_f = std::make_unique<StepPacks<float>>(spec, pf);
+                });
+            }
             if constexpr (std::is_same<T, double>::value) {
                 if (packs_d) stack_step<T>(spec, pd, B, xp, h, c, yp, *packs_d);
                 else stack_step<T>(spec, pd, B, xp, h, c, yp);
@@ -368,13 +378,12 @@ void register_layers(py::module_& m) {
                  st->keep = params;
                  if (dbl) take_params<double>(s, params, &st->pd);
                  else take_params<float>(s, params, &st->pf);
-                 if (frozen && dbl) st->packs_d = std::make_unique<StepPacks<double>>(s, st->pd);
-                 else if (frozen) st->packs_f = std::make_unique<StepPacks<float>>(s, st->pf);
+                 st->frozen = frozen;
                  return st;
              }),
              py::arg("spec"), py::arg("params"), py::arg("is_double"), py::arg("frozen") = false,
-             "frozen: the parameters never change (read-only arrays kept here): the steps read "
-             "a copy packed once for the fused step kernels")
+             "frozen: the parameters never change (read-only arrays kept here): the float32 "
+             "steps read a copy packed at the first of them for the fused step kernels")
         .def_property_readonly("packed_bytes", [](const Stepper& st) {
             return st.packs_f ? st.packs_f->bytes() : st.packs_d ? st.packs_d->bytes() : int64_t(0);
         })
