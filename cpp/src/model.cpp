@@ -12,7 +12,6 @@
 #include <sstream>
 
 #include "json.hpp"
-#include "kernels.hpp"
 #include "rnncore/layer.hpp"
 
 namespace rnncore {
