@@ -509,6 +509,7 @@ void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int
 
 template <class T> struct StepPacks<T>::Impl {
     const KernelTable* table;
+    LayerSpec spec;                      // of the stack it was packed for
     std::vector<std::vector<T>> packs;   // one a layer, over-allocated by 64 bytes: see layer()
     const T* layer(int64_t l) const {    // 64-byte aligned start (no split loads)
         const T* p = packs[l].data();
@@ -519,7 +520,7 @@ template <class T> struct StepPacks<T>::Impl {
 
 template <class T>
 StepPacks<T>::StepPacks(const LayerSpec& s, const std::vector<DirParams<T>>& params)
-    : impl_(new Impl{&active_kernels(), {}}) {
+    : impl_(new Impl{&active_kernels(), s, {}}) {
     s.validate();
     if (s.bidirectional)
         throw std::invalid_argument("step: a bidirectional layer needs the whole sequence");
@@ -543,7 +544,11 @@ template <class T>
 void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
                 const T* x, T* h, T* c, T* y, const StepPacks<T>& packs) {
     const typename StepPacks<T>::Impl& pk = packs.impl();
-    if ((int64_t)pk.packs.size() != s.num_layers)
+    const LayerSpec& q = pk.spec;   // the layout depends on all of these
+    if (q.cell != s.cell || q.input_size != s.input_size || q.hidden_size != s.hidden_size ||
+        q.num_layers != s.num_layers || q.proj_size != s.proj_size || q.bias != s.bias ||
+        q.bidirectional != s.bidirectional || q.peephole != s.peephole ||
+        q.coupled_gates != s.coupled_gates || q.linear_before_reset != s.linear_before_reset)
         throw std::invalid_argument("step: the packed weights are another stack's");
     // the kernels that packed them (set_isa may have changed the active ones since)
     const KernelFns<T>& fns = fns_of<T>(*pk.table);

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "rnncore/layer.hpp"
 #include "rnncore/model.hpp"
 #include "rnncore/rnncore.h"
 #include "rnncore/runtime.hpp"
@@ -148,6 +149,27 @@ int main(int argc, char** argv) {
         }
     }
     check(rnncore_model_load(nullptr, nullptr) == RNNCORE_ERROR_INVALID_ARGUMENT, "C API NULL");
+    {   // StepPacks: the packed step of a GRU I=5 H=7, and packs of another stack refused
+        rnncore::LayerSpec s;
+        s.cell = rnncore::CellType::GRU; s.input_size = 5; s.hidden_size = 7;
+        std::vector<float> wih(21 * 5, 0.1f), whh(21 * 7, -0.05f), bih(21, 0.2f), bhh(21, 0.0f);
+        rnncore::DirParams<float> w{};
+        w.w_ih = wih.data(); w.w_hh = whh.data(); w.b_ih = bih.data(); w.b_hh = bhh.data();
+        const std::vector<rnncore::DirParams<float>> ps{w};
+        const rnncore::StepPacks<float> packs(s, ps);
+        std::vector<float> x(2 * 5, 1.0f), h(2 * 7, 0.0f), h2(2 * 7, 0.0f), y(2 * 7), y2(2 * 7);
+        rnncore::stack_step<float>(s, ps, 2, x.data(), h.data(), nullptr, y.data(), packs);
+        rnncore::stack_step<float>(s, ps, 2, x.data(), h2.data(), nullptr, y2.data());
+        check(close(y, y2) && packs.bytes() > 0, "StepPacks step equals the in-place step");
+        rnncore::LayerSpec t = s;
+        t.hidden_size = 9;
+        std::vector<float> hw(2 * 9, 0.0f), yw(2 * 9);
+        bool refused = false;
+        try {
+            rnncore::stack_step<float>(t, ps, 2, x.data(), hw.data(), nullptr, yw.data(), packs);
+        } catch (const std::invalid_argument&) { refused = true; }
+        check(refused, "StepPacks of another stack refused");
+    }
     std::printf("isa %s\n", rnncore::isa_name().c_str());
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
