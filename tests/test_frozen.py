@@ -3,6 +3,7 @@ their kept packed weights are reused without the per-call content check; and cop
 (deepcopy, pickle) of models that keep assigning into their own blocks."""
 import copy
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -143,6 +144,37 @@ def test_frozen_step_keeps_the_kernels_it_packed_for():
                 assert_close(ys, yr, np.float32, f"packed under {a}, stepped under {b}")
     finally:
         rc._core.set_isa(old)
+
+
+def test_frozen_step_from_many_threads():
+    """Threads stepping one frozen copy at once, each with a state of its own, the first
+    steps concurrent (the copy packs once, under the GIL-free step): every thread's outputs
+    equal a lone run's."""
+    rng = np.random.default_rng(12)
+    frozen = rc.LSTM(24, 80, num_layers=2, seed=13).frozen()
+    x = rng.standard_normal((30, 3, 24)).astype(np.float32)
+    want = rc.LSTM(24, 80, num_layers=2, seed=13).frozen()
+    state = want.initial_state(3)
+    ref = np.stack([want.step(x[t], state)[0].copy() for t in range(30)])
+    outs, errors = [None] * 6, []
+    start = threading.Barrier(6)
+
+    def run(k):
+        try:
+            st = frozen.initial_state(3)
+            start.wait()
+            outs[k] = np.stack([frozen.step(x[t], st)[0].copy() for t in range(30)])
+        except Exception as e:   # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    for k in range(6):
+        assert np.array_equal(outs[k], ref), f"thread {k}"
 
 
 def test_frozen_parameters_can_never_change():
