@@ -104,6 +104,13 @@ CASES = {
                          "p = [np.zeros((4, 3), np.float32), np.zeros((4, 4), np.float32)]\n"
                          "expect(lambda: _core.forward(s, p, np.zeros((2, 1, 3), np.float32), None, None, np.array([9])))",
                          "ValueError", ["lengths", "got 9"]),
+    "core_bad_packed": ("s = _core.LayerSpec(_core.CellType.RNN_TANH, 3, 4, bias=False)\n"
+                        "p = [np.zeros((4, 3), np.float32), np.zeros((4, 4), np.float32)]\n"
+                        "expect(lambda: _core.forward(s, p, np.zeros((2, 1, 3), np.float32), packed=5))",
+                        "TypeError", ["packed", "PackedWeights or None", "int"]),
+    "core_bad_bf16_packed": ("l = rnncore.GRU(3, 4)\n"
+                             "expect(lambda: l._stepper.step(np.zeros((1, 3), np.float32), l.initial_state(1), 'x'))",
+                             "TypeError", ["bf16_packed", "PackedWeights or None", "str"]),
     "core_cache_mismatch": ("a = rnncore.GRU(3, 4); b = rnncore.GRU(3, 5); a.forward(np.zeros((2, 1, 3)))\n"
                             "expect(lambda: _core.backward(b._spec, b._param_list(), a._ctx[0], None, None, None, list(b.grads.values())))",
                             "ValueError", ["cache", "configuration"]),

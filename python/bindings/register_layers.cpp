@@ -39,6 +39,17 @@ std::vector<int64_t> shape_of(const py::array& a) {
     return s;
 }
 
+// An optional PackedWeights argument taken as a handle: given None, pybind11's caster for a
+// PackedWeights* tried its foreign-module loader (hasattr on NoneType, an AttributeError
+// formatted and dropped) at every call, ~0.5 us.
+PackedWeights* optional_packed(py::handle h, const char* name) {
+    if (h.is_none()) return nullptr;
+    if (!py::isinstance<PackedWeights>(h))
+        throw py::type_error(std::string(name) + ": expected PackedWeights or None, got " +
+                             std::string(py::str(py::type::of(h).attr("__name__"))));
+    return h.cast<PackedWeights*>();
+}
+
 template <class T> py::array_t<T> checked(py::handle obj, const std::string& name,
                                           const std::vector<int64_t>& shape) {
     if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj))
@@ -338,7 +349,8 @@ void register_layers(py::module_& m) {
     m.def("forward",
           [](const LayerSpec& s, const py::list& params, const py::array& x, const py::object& h0,
              const py::object& c0, const py::object& lengths, const py::object& masks, bool keep,
-             PackedWeights* packed, const std::string& precision) {
+             py::handle packed_arg, const std::string& precision) {
+              PackedWeights* packed = optional_packed(packed_arg, "packed");
               Precision prec;
               if (precision == "float32") prec = Precision::Float32;
               else if (precision == "bfloat16") prec = Precision::BFloat16;
@@ -351,7 +363,7 @@ void register_layers(py::module_& m) {
           py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("h0") = py::none(),
           py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
           py::arg("dropout_masks") = py::none(), py::arg("keep") = false,
-          py::arg("packed") = nullptr, py::arg("recurrent_precision") = "float32",
+          py::arg("packed") = py::none(), py::arg("recurrent_precision") = "float32",
           "Run the stack. x: (T, B, I). Returns (y, h_n, c_n or None, cache or None). packed: a "
           "PackedWeights kept by the caller, so the recurrent weights are packed once and "
           "reused while their content is unchanged. recurrent_precision: 'float32', or "
@@ -389,15 +401,7 @@ void register_layers(py::module_& m) {
         })
         .def("step",
              [](Stepper& st, py::handle x, py::handle state, py::handle bf16_packed) {
-                 // (a handle, not PackedWeights*: pybind11's caster looked None up as a foreign
-                 // type at every call, an AttributeError formatted and dropped, ~10% of a step)
-                 PackedWeights* bf16 = nullptr;
-                 if (!bf16_packed.is_none()) {
-                     if (!py::isinstance<PackedWeights>(bf16_packed))
-                         throw py::type_error("bf16_packed: expected PackedWeights or None, got " +
-                                              std::string(py::str(py::type::of(bf16_packed).attr("__name__"))));
-                     bf16 = bf16_packed.cast<PackedWeights*>();
-                 }
+                 PackedWeights* bf16 = optional_packed(bf16_packed, "bf16_packed");   // (~10% of a step)
                  if (bf16 && st.dbl) throw py::value_error("bf16_packed: bfloat16 weights need a float32 layer");
                  return st.dbl ? st.run<double>(x, state) : st.run<float>(x, state, bf16);
              },

@@ -305,8 +305,9 @@ class _Recurrent(Module):
     def _run(self, x, state, lengths, keep):
         x, h0, c0, lens, unbatched = self._prepare(x, state, lengths)
         masks = self._masks(x.shape[0], x.shape[1])
+        packed, precision = self._packing(keep)
         y, hn, cn, ctx = _core.forward(self._spec, self._param_list(), x, h0, c0, lens, masks, keep,
-                                       *self._packing(keep))
+                                       packed, precision)
         return self._outputs(y, hn, cn, unbatched), ctx, unbatched, x.shape
 
     def _packing(self, keep):
