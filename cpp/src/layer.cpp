@@ -544,11 +544,7 @@ template <class T>
 void stack_step(const LayerSpec& s, const std::vector<DirParams<T>>& params, int64_t B,
                 const T* x, T* h, T* c, T* y, const StepPacks<T>& packs) {
     const typename StepPacks<T>::Impl& pk = packs.impl();
-    const LayerSpec& q = pk.spec;   // the layout depends on all of these
-    if (q.cell != s.cell || q.input_size != s.input_size || q.hidden_size != s.hidden_size ||
-        q.num_layers != s.num_layers || q.proj_size != s.proj_size || q.bias != s.bias ||
-        q.bidirectional != s.bidirectional || q.peephole != s.peephole ||
-        q.coupled_gates != s.coupled_gates || q.linear_before_reset != s.linear_before_reset)
+    if (pk.spec != s)   // (the layout depends on the whole configuration)
         throw std::invalid_argument("step: the packed weights are another stack's");
     // the kernels that packed them (set_isa may have changed the active ones since)
     const KernelFns<T>& fns = fns_of<T>(*pk.table);

@@ -262,7 +262,7 @@ struct Stepper {
             py::gil_scoped_release release;
             if (frozen && !bf16) {
                 std::call_once(packed_once, [&] {
-                    if (dbl) packs_d = std::make_unique<StepPacks<double>>(spec, pd);
+                    if constexpr (std::is_same<T, double>::value) packs_d = std::make_unique<StepPacks<double>>(spec, pd);
                     else packs_f = std::make_unique<StepPacks<float>>(spec, pf);
                 });
             }
@@ -278,13 +278,6 @@ struct Stepper {
         return py::make_tuple(y, py::reinterpret_borrow<py::object>(state));
     }
 };
-
-bool spec_equal(const LayerSpec& a, const LayerSpec& b) {
-    return a.cell == b.cell && a.input_size == b.input_size && a.hidden_size == b.hidden_size &&
-           a.num_layers == b.num_layers && a.proj_size == b.proj_size && a.bias == b.bias &&
-           a.bidirectional == b.bidirectional && a.peephole == b.peephole &&
-           a.coupled_gates == b.coupled_gates && a.linear_before_reset == b.linear_before_reset;
-}
 
 }  // namespace
 
@@ -372,7 +365,7 @@ void register_layers(py::module_& m) {
     m.def("backward",
           [](const LayerSpec& s, const py::list& params, const Cache& c, const py::object& dy,
              const py::object& dhn, const py::object& dcn, const py::list& grads) {
-              if (!spec_equal(s, c.spec))
+              if (s != c.spec)
                   throw py::value_error("cache: it was made by a layer of another configuration");
               if (c.is_double) return backward_t<double>(s, params, c, dy, dhn, dcn, grads);
               return backward_t<float>(s, params, c, dy, dhn, dcn, grads);

@@ -40,6 +40,13 @@ struct LayerSpec {
     bool is_lstm() const { return cell == CellType::LSTM; }
     // Throws std::invalid_argument naming the offending field.
     void validate() const;
+    bool operator==(const LayerSpec& o) const {   // the same configuration, field by field
+        return cell == o.cell && input_size == o.input_size && hidden_size == o.hidden_size &&
+               num_layers == o.num_layers && proj_size == o.proj_size && bias == o.bias &&
+               bidirectional == o.bidirectional && peephole == o.peephole &&
+               coupled_gates == o.coupled_gates && linear_before_reset == o.linear_before_reset;
+    }
+    bool operator!=(const LayerSpec& o) const { return !(*this == o); }
 };
 
 struct ParamInfo {
