@@ -277,6 +277,61 @@ struct Stepper {
         }
         return py::make_tuple(y, py::reinterpret_borrow<py::object>(state));
     }
+
+    // A whole sequence (inference) on the fast path: x (T, B, I) or unbatched (T, I) of the
+    // layer's dtype, C-contiguous; state None or the layer's state (LSTM: a tuple (h0, c0),
+    // either None) in exactly the form the layer takes (T and B at least one). Returns the
+    // layer's result, (y, h_n) or (y, (h_n, c_n)), or None: the Python layer then takes the
+    // general path, which converts or refuses what it was given. packed: the layer's kept
+    // packed weights (bfloat16 ones with bf16 set).
+    template <class T> py::object sequence(py::handle x, py::handle state, PackedWeights* packed, bool bf16) {
+        const int64_t L = spec.num_layers, D = spec.dirs(), I = spec.input_size, H = spec.hidden_size,
+                      P = spec.out_size();
+        if (!py::isinstance<py::array_t<T, py::array::c_style>>(x)) return py::none();
+        const auto xa = py::reinterpret_borrow<py::array>(x);
+        const int xd = (int)xa.ndim();
+        if (xd != 2 && xd != 3) return py::none();
+        const int64_t TT = xa.shape(0), B = xd == 3 ? xa.shape(1) : 1;
+        if (xa.shape(xd - 1) != I || TT < 1 || B < 1) return py::none();
+        py::handle hs = py::none(), cs = py::none();
+        if (!state.is_none()) {
+            if (spec.is_lstm()) {
+                if (!py::isinstance<py::tuple>(state) || py::len(state) != 2) return py::none();
+                hs = py::reinterpret_borrow<py::tuple>(state)[0];
+                cs = py::reinterpret_borrow<py::tuple>(state)[1];
+            } else {
+                hs = state;
+            }
+        }
+        const int sd = xd;   // (L*D, B, width), or (L*D, width) for an unbatched x
+        const int64_t hshape[3] = {L * D, xd == 3 ? B : P, P};
+        const int64_t cshape[3] = {L * D, xd == 3 ? B : H, H};
+        if (!hs.is_none() && !exact<T>(hs, sd, hshape, false)) return py::none();
+        if (!cs.is_none() && !exact<T>(cs, sd, cshape, false)) return py::none();
+        ForwardArgs<T> a;
+        a.steps = TT; a.batch = B;
+        a.x = static_cast<const T*>(xa.data());
+        if (!hs.is_none()) a.h0 = static_cast<const T*>(py::reinterpret_borrow<py::array>(hs).data());
+        if (!cs.is_none()) a.c0 = static_cast<const T*>(py::reinterpret_borrow<py::array>(cs).data());
+        a.packed = packed;
+        a.recurrent_precision = bf16 ? Precision::BFloat16 : Precision::Float32;
+        py::array_t<T> y = xd == 3 ? py::array_t<T>({TT, B, D * P}) : py::array_t<T>({TT, D * P});
+        py::array_t<T> hn = xd == 3 ? py::array_t<T>({L * D, B, P}) : py::array_t<T>({L * D, P});
+        py::array_t<T> cn;
+        ForwardOut<T> o;
+        o.y = y.mutable_data(); o.h_n = hn.mutable_data();
+        if (spec.is_lstm()) {
+            cn = xd == 3 ? py::array_t<T>({L * D, B, H}) : py::array_t<T>({L * D, H});
+            o.c_n = cn.mutable_data();
+        }
+        {
+            py::gil_scoped_release release;
+            if constexpr (std::is_same<T, double>::value) stack_forward<T>(spec, pd, a, o, nullptr);
+            else stack_forward<T>(spec, pf, a, o, nullptr);
+        }
+        if (spec.is_lstm()) return py::make_tuple(y, py::make_tuple(hn, cn));
+        return py::make_tuple(y, hn);
+    }
 };
 
 }  // namespace
@@ -376,7 +431,6 @@ void register_layers(py::module_& m) {
 
     py::class_<Stepper>(m, "Stepper")
         .def(py::init([](const LayerSpec& s, const py::list& params, bool dbl, bool frozen) {
-                 if (s.bidirectional) throw py::value_error("step: a bidirectional layer needs the whole sequence");
                  auto st = std::make_unique<Stepper>();
                  st->spec = s;
                  st->dbl = dbl;
@@ -393,14 +447,26 @@ void register_layers(py::module_& m) {
             return st.packs_f ? st.packs_f->bytes() : st.packs_d ? st.packs_d->bytes() : int64_t(0);
         })
         .def("step",
-             [](Stepper& st, py::handle x, py::handle state, py::handle bf16_packed) {
+             [](Stepper& st, py::handle x, py::handle state, py::handle bf16_packed) -> py::object {
                  PackedWeights* bf16 = optional_packed(bf16_packed, "bf16_packed");   // (~10% of a step)
                  if (bf16 && st.dbl) throw py::value_error("bf16_packed: bfloat16 weights need a float32 layer");
+                 if (st.spec.bidirectional) return py::none();   // (the layer refuses it)
                  return st.dbl ? st.run<double>(x, state) : st.run<float>(x, state, bf16);
              },
              py::arg("x"), py::arg("state"), py::arg("bf16_packed") = py::none(),
              "One step; updates the state arrays in place. None when the arguments need the general "
-             "path. bf16_packed: the layer's PackedWeights for bfloat16 recurrent weights.");
+             "path (or the layer is bidirectional). bf16_packed: the layer's PackedWeights for "
+             "bfloat16 recurrent weights.")
+        .def("sequence",
+             [](Stepper& st, py::handle x, py::handle state, py::handle packed, bool bf16) {
+                 PackedWeights* pw = optional_packed(packed, "packed");
+                 if (bf16 && st.dbl) throw py::value_error("bfloat16: bfloat16 weights need a float32 layer");
+                 return st.dbl ? st.sequence<double>(x, state, pw, false) : st.sequence<float>(x, state, pw, bf16);
+             },
+             py::arg("x"), py::arg("state"), py::arg("packed"), py::arg("bfloat16") = false,
+             "Inference over a whole sequence, the layer's call without its conversions: returns "
+             "(y, h_n) or (y, (h_n, c_n)), or None when the arguments need the general path. "
+             "packed: the layer's PackedWeights (its bfloat16 ones with bfloat16=True).");
 
     m.def("activations",
           [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int which) {

@@ -85,8 +85,9 @@ class _Recurrent(Module):
         self._packed = _core.PackedWeights()
         self._packed_bf16 = None             # the bfloat16 copies (inference_precision)
         self._precision = "float32"
-        self._stepper = None if self.bidirectional else _core.Stepper(
-            self._spec, self._param_list(), self.dtype == np.float64)
+        # the fast paths of `step` and of a plain call (holds the parameter arrays, which are
+        # only ever updated in place)
+        self._stepper = _core.Stepper(self._spec, self._param_list(), self.dtype == np.float64)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -155,8 +156,8 @@ class _Recurrent(Module):
             self._packed_bf16 = _core.PackedWeights(trusted=True)
         # its steps read a copy of the weights packed once for the fused step kernels (the C++
         # Model's): results agree with the original layer's step to rounding, not bit for bit
-        self._stepper = None if self.bidirectional else _core.Stepper(
-            self._spec, self._param_list(), self.dtype == np.float64, frozen=True)
+        self._stepper = _core.Stepper(self._spec, self._param_list(), self.dtype == np.float64,
+                                      frozen=True)
 
     def _param_list(self):
         return list(self.params.values())
@@ -319,6 +320,16 @@ class _Recurrent(Module):
     # ------------------------------------------------------------------ public calls
     def __call__(self, x, state=None, lengths=None):
         """Inference: returns (y, h_n) or, for LSTM, (y, (h_n, c_n)). Keeps nothing."""
+        if lengths is None and not self.batch_first and (
+                self.num_layers == 1 or not self.training or self.dropout == 0.0):
+            # the fast path: arrays already in the layer's form go straight to the kernels
+            # (the core returns None for anything that needs converting or refusing)
+            if self._precision == "float32":
+                out = self._stepper.sequence(x, state, self._packed)
+            else:
+                out = self._stepper.sequence(x, state, self._packed_bf16, True)
+            if out is not None:
+                return out
         out, _, _, _ = self._run(x, state, lengths, keep=False)
         return out
 
@@ -396,7 +407,7 @@ class _Recurrent(Module):
         layer's dtype, the new state is written into those arrays in place and they are
         returned: no allocation but y_t. Pass a copy to keep an old state."""
         st = self._stepper
-        if st is not None and state is not None and (
+        if state is not None and (
                 not self.training or self.dropout == 0.0 or self.num_layers == 1):
             r = st.step(x_t, state, self._packed_bf16 if self._precision == "bfloat16" else None)
             if r is not None:
