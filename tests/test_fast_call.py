@@ -179,3 +179,35 @@ def test_calls_that_take_the_general_path_still_do():
     tm.load_state_dict(bf.state_dict())
     same(arrays(bf(np.ascontiguousarray(x.transpose(1, 0, 2)))),
          [np.ascontiguousarray(tm(x)[0].transpose(1, 0, 2)), tm(x)[1]], "batch_first")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj_2x", "gru", "rnn"])
+def test_batch_first_fast_call_of_one_sequence(cell):
+    """batch_first: one sequence, (1, T, I), lies as (T, 1, I) does and takes the fast path
+    (y (1, T, D*P)); several need the transpose and take the general path. Same results as a
+    time-major layer with the same weights."""
+    rng = np.random.default_rng(12)
+    make = {"lstm": lambda **k: rc.LSTM(12, 20, **k),
+            "lstm_proj_2x": lambda **k: rc.LSTM(12, 20, proj_size=8, num_layers=2, bidirectional=True, **k),
+            "gru": lambda **k: rc.GRU(12, 20, **k), "rnn": lambda **k: rc.RNN(12, 20, **k)}[cell]
+    bf, tm = make(batch_first=True), make()
+    tm.load_state_dict(bf.state_dict())
+    for B in (1, 3):
+        x = rng.standard_normal((7, B, 12)).astype(np.float32)
+        xb = np.ascontiguousarray(x.transpose(1, 0, 2))
+        state = random_state(tm, rng, B, False)
+        fast = bf._stepper.sequence(xb, state, bf._packed, False, True)
+        assert (fast is not None) == (B == 1)
+        want = arrays(tm(x, state))
+        want[0] = np.ascontiguousarray(want[0].transpose(1, 0, 2))
+        same(arrays(bf(xb, state)), want, f"{cell} B={B}")
+        same(arrays(general(bf, xb, state)), want, f"{cell} B={B}")
+        if fast is not None:
+            same(arrays(fast), want, f"{cell} B={B}")
+        # a time-major (T, 1, I) array handed to a batch-first layer is (B=T, T=1): refused
+        # or run as such, never read as time-major
+        if B == 1:
+            got = bf._stepper.sequence(x, None, bf._packed, False, True)
+            assert got is None
+        # unbatched (T, I): the same on both layouts
+        same(arrays(bf(x[:, 0].copy())), arrays(tm(x[:, 0].copy())), f"{cell} unbatched")

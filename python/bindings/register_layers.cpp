@@ -279,19 +279,23 @@ struct Stepper {
     }
 
     // A whole sequence (inference) on the fast path: x (T, B, I) or unbatched (T, I) of the
-    // layer's dtype, C-contiguous; state None or the layer's state (LSTM: a tuple (h0, c0),
+    // layer's dtype, C-contiguous (batch_first: (1, T, I), one sequence); state None or the layer's state (LSTM: a tuple (h0, c0),
     // either None) in exactly the form the layer takes (T and B at least one). Returns the
     // layer's result, (y, h_n) or (y, (h_n, c_n)), or None: the Python layer then takes the
     // general path, which converts or refuses what it was given. packed: the layer's kept
     // packed weights (bfloat16 ones with bf16 set).
-    template <class T> py::object sequence(py::handle x, py::handle state, PackedWeights* packed, bool bf16) {
+    template <class T> py::object sequence(py::handle x, py::handle state, PackedWeights* packed, bool bf16,
+                                           bool batch_first) {
         const int64_t L = spec.num_layers, D = spec.dirs(), I = spec.input_size, H = spec.hidden_size,
                       P = spec.out_size();
         if (!py::isinstance<py::array_t<T, py::array::c_style>>(x)) return py::none();
         const auto xa = py::reinterpret_borrow<py::array>(x);
         const int xd = (int)xa.ndim();
         if (xd != 2 && xd != 3) return py::none();
-        const int64_t TT = xa.shape(0), B = xd == 3 ? xa.shape(1) : 1;
+        // batch-major (B, T, I): one sequence lies as (T, 1, I) does; more need the transpose
+        const bool bmajor = batch_first && xd == 3;
+        if (bmajor && xa.shape(0) != 1) return py::none();
+        const int64_t TT = xa.shape(bmajor ? 1 : 0), B = xd == 3 ? xa.shape(bmajor ? 0 : 1) : 1;
         if (xa.shape(xd - 1) != I || TT < 1 || B < 1) return py::none();
         py::handle hs = py::none(), cs = py::none();
         if (!state.is_none()) {
@@ -315,7 +319,8 @@ struct Stepper {
         if (!cs.is_none()) a.c0 = static_cast<const T*>(py::reinterpret_borrow<py::array>(cs).data());
         a.packed = packed;
         a.recurrent_precision = bf16 ? Precision::BFloat16 : Precision::Float32;
-        py::array_t<T> y = xd == 3 ? py::array_t<T>({TT, B, D * P}) : py::array_t<T>({TT, D * P});
+        py::array_t<T> y = bmajor ? py::array_t<T>({B, TT, D * P})
+                           : xd == 3 ? py::array_t<T>({TT, B, D * P}) : py::array_t<T>({TT, D * P});
         py::array_t<T> hn = xd == 3 ? py::array_t<T>({L * D, B, P}) : py::array_t<T>({L * D, P});
         py::array_t<T> cn;
         ForwardOut<T> o;
@@ -458,15 +463,18 @@ void register_layers(py::module_& m) {
              "path (or the layer is bidirectional). bf16_packed: the layer's PackedWeights for "
              "bfloat16 recurrent weights.")
         .def("sequence",
-             [](Stepper& st, py::handle x, py::handle state, py::handle packed, bool bf16) {
+             [](Stepper& st, py::handle x, py::handle state, py::handle packed, bool bf16, bool batch_first) {
                  PackedWeights* pw = optional_packed(packed, "packed");
                  if (bf16 && st.dbl) throw py::value_error("bfloat16: bfloat16 weights need a float32 layer");
-                 return st.dbl ? st.sequence<double>(x, state, pw, false) : st.sequence<float>(x, state, pw, bf16);
+                 return st.dbl ? st.sequence<double>(x, state, pw, false, batch_first)
+                               : st.sequence<float>(x, state, pw, bf16, batch_first);
              },
              py::arg("x"), py::arg("state"), py::arg("packed"), py::arg("bfloat16") = false,
+             py::arg("batch_first") = false,
              "Inference over a whole sequence, the layer's call without its conversions: returns "
              "(y, h_n) or (y, (h_n, c_n)), or None when the arguments need the general path. "
-             "packed: the layer's PackedWeights (its bfloat16 ones with bfloat16=True).");
+             "packed: the layer's PackedWeights (its bfloat16 ones with bfloat16=True). "
+             "batch_first: x is (B, T, I) (only B=1 on this path).");
 
     m.def("activations",
           [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int which) {

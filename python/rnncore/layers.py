@@ -320,14 +320,13 @@ class _Recurrent(Module):
     # ------------------------------------------------------------------ public calls
     def __call__(self, x, state=None, lengths=None):
         """Inference: returns (y, h_n) or, for LSTM, (y, (h_n, c_n)). Keeps nothing."""
-        if lengths is None and not self.batch_first and (
-                self.num_layers == 1 or not self.training or self.dropout == 0.0):
+        if lengths is None and (self.num_layers == 1 or not self.training or self.dropout == 0.0):
             # the fast path: arrays already in the layer's form go straight to the kernels
             # (the core returns None for anything that needs converting or refusing)
             if self._precision == "float32":
-                out = self._stepper.sequence(x, state, self._packed)
+                out = self._stepper.sequence(x, state, self._packed, False, self.batch_first)
             else:
-                out = self._stepper.sequence(x, state, self._packed_bf16, True)
+                out = self._stepper.sequence(x, state, self._packed_bf16, True, self.batch_first)
             if out is not None:
                 return out
         out, _, _, _ = self._run(x, state, lengths, keep=False)
