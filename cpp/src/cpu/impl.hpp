@@ -1456,10 +1456,14 @@ inline void barrier(int team) {
 #endif
 }
 
-// A sense-reversing barrier for the per-step synchronisation of a recurrence team: one
-// shared counter and one flag on their own cache lines, spinning with pause, then yielding
-// (a team larger than the cores must not spin away the time slice of the thread it waits
-// for). GCC atomics on plain ints: no standard library template in these per-ISA units.
+// The per-step synchronisation of a recurrence team: each thread publishes the number of
+// barriers it has arrived at in a cache line of its own and waits until every other thread's
+// count has reached its own, spinning with pause, then yielding (a team larger than the
+// cores must not spin away the time slice of the thread it waits for). A step's barrier then
+// costs one transfer of a line from the last thread to arrive to each waiter: with one shared
+// counter and a sense flag (the barrier before) it cost two in a row, the counter's
+// read-modify-write and then the flag (two Xeon cores under KVM: ~140 ns a line between the
+// cores). GCC atomics on plain integers: no standard library template in these per-ISA units.
 // Every thread of the team calls join(team) before its first arrive: they all store the
 // same values, so no thread has to wait for another to set the barrier up.
 // Pauses a waiting thread spins before it yields: few where a team of `team` threads outnumbers
@@ -1479,32 +1483,41 @@ template <class F> inline void spin_until(F&& done, int limit) {
 }
 
 struct StepBarrier {
-    alignas(64) int count = 0;
-    alignas(64) int sense = 0;
+    struct alignas(64) Count {
+        int64_t v = 0;
+    };
+    Count arrived[MAX_TEAM];   // per thread: the barriers it has arrived at
     int n = 1;
     int spins = 4000;   // pauses before yielding; few when the team outnumbers the CPUs
-    void join(int team) {
+    // A thread's own side: its index in the team and its count of arrivals.
+    struct Local {
+        int tid = 0;
+        int64_t epoch = 0;
+        explicit Local(int t) : tid(t) {}
+    };
+    void join(int team) {   // team <= MAX_TEAM (rec_threads caps the recurrence's teams)
         __atomic_store_n(&n, team, __ATOMIC_RELAXED);
         __atomic_store_n(&spins, spin_limit(team), __ATOMIC_RELAXED);
     }
-    void wait(int& local) {
+    void wait(Local& local) {
         arrive(local);
         await(local);
     }
-    // Split phase: arrive, do work that needs nobody else, then await the others.
-    void arrive(int& local) {
+    // Split phase: arrive (everything this thread wrote before is published), do work that
+    // needs nobody else, then await the others.
+    void arrive(Local& local) {
+        if (__atomic_load_n(&n, __ATOMIC_RELAXED) <= 1) return;
+        local.epoch += 1;
+        __atomic_store_n(&arrived[local.tid].v, local.epoch, __ATOMIC_RELEASE);
+    }
+    void await(const Local& local) {
         const int team = __atomic_load_n(&n, __ATOMIC_RELAXED);
         if (team <= 1) return;
-        local ^= 1;
-        if (__atomic_add_fetch(&count, 1, __ATOMIC_ACQ_REL) == team) {
-            __atomic_store_n(&count, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&sense, local, __ATOMIC_RELEASE);
-        }
-    }
-    void await(int local) {
-        if (__atomic_load_n(&n, __ATOMIC_RELAXED) <= 1) return;
-        spin_until([&] { return __atomic_load_n(&sense, __ATOMIC_ACQUIRE) == local; },
-                   __atomic_load_n(&spins, __ATOMIC_RELAXED));
+        const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+        for (int i = 0; i < team; ++i)
+            if (i != local.tid)
+                spin_until([&] { return __atomic_load_n(&arrived[i].v, __ATOMIC_ACQUIRE) >= local.epoch; },
+                           limit);
     }
 };
 
@@ -1922,7 +1935,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         PhaseClock clock(tid);
         sbar.join(team);
         if (tid == 0 && j.gate_team) *j.gate_team = blocked ? team : 0;
-        int bsense = 0;
+        StepBarrier::Local bsense(tid);
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size();
@@ -2542,7 +2555,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
             return;
         }
         sbar.join(team);
-        int bsense = 0;
+        StepBarrier::Local bsense(tid);
         const Part U = part(H, team, tid, VL<T>);
         const Part Q = proj ? part(P, team, tid, VL<T>) : U;
         const int64_t nh = U.size(), nq = Q.size(), u0 = U.lo, q0 = Q.lo;
