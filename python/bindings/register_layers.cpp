@@ -228,6 +228,19 @@ struct Stepper {
         return true;
     }
 
+    // The layer's state as (h, c): for an LSTM a tuple of two (false for anything else), for
+    // the others the state itself.
+    bool split_state(py::handle state, py::handle& hs, py::handle& cs) const {
+        if (!spec.is_lstm()) {
+            hs = state;
+            return true;
+        }
+        if (!py::isinstance<py::tuple>(state) || py::len(state) != 2) return false;
+        hs = py::reinterpret_borrow<py::tuple>(state)[0];
+        cs = py::reinterpret_borrow<py::tuple>(state)[1];
+        return true;
+    }
+
     // bf16: the layer's kept bfloat16 weights (inference_precision), or null (float32).
     template <class T> py::object run(py::handle x, py::handle state, PackedWeights* bf16 = nullptr) {
         const int64_t L = spec.num_layers, I = spec.input_size, H = spec.hidden_size, P = spec.out_size();
@@ -238,13 +251,7 @@ struct Stepper {
         const int64_t xs[2] = {xd == 1 ? I : B, I};
         if (B < 1 || !exact<T>(x, xd, xs, false)) return py::none();
         py::handle hs, cs;
-        if (spec.is_lstm()) {
-            if (!py::isinstance<py::tuple>(state) || py::len(state) != 2) return py::none();
-            hs = py::reinterpret_borrow<py::tuple>(state)[0];
-            cs = py::reinterpret_borrow<py::tuple>(state)[1];
-        } else {
-            hs = state;
-        }
+        if (!split_state(state, hs, cs)) return py::none();
         if (!py::isinstance<py::array>(hs)) return py::none();
         const int sd = py::reinterpret_borrow<py::array>(hs).ndim();
         if (sd != 2 && sd != 3) return py::none();
@@ -279,11 +286,11 @@ struct Stepper {
     }
 
     // A whole sequence (inference) on the fast path: x (T, B, I) or unbatched (T, I) of the
-    // layer's dtype, C-contiguous (batch_first: (1, T, I), one sequence); state None or the layer's state (LSTM: a tuple (h0, c0),
-    // either None) in exactly the form the layer takes (T and B at least one). Returns the
-    // layer's result, (y, h_n) or (y, (h_n, c_n)), or None: the Python layer then takes the
-    // general path, which converts or refuses what it was given. packed: the layer's kept
-    // packed weights (bfloat16 ones with bf16 set).
+    // layer's dtype, C-contiguous (batch_first: (1, T, I), one sequence); state None or the
+    // layer's state (LSTM: a tuple (h0, c0), either None) in exactly the form the layer takes
+    // (T and B at least one). Returns the layer's result, (y, h_n) or (y, (h_n, c_n)), or
+    // None: the Python layer then takes the general path, which converts or refuses what it
+    // was given. packed: the layer's kept packed weights (bfloat16 ones with bf16 set).
     template <class T> py::object sequence(py::handle x, py::handle state, PackedWeights* packed, bool bf16,
                                            bool batch_first) {
         const int64_t L = spec.num_layers, D = spec.dirs(), I = spec.input_size, H = spec.hidden_size,
@@ -298,15 +305,7 @@ struct Stepper {
         const int64_t TT = xa.shape(bmajor ? 1 : 0), B = xd == 3 ? xa.shape(bmajor ? 0 : 1) : 1;
         if (xa.shape(xd - 1) != I || TT < 1 || B < 1) return py::none();
         py::handle hs = py::none(), cs = py::none();
-        if (!state.is_none()) {
-            if (spec.is_lstm()) {
-                if (!py::isinstance<py::tuple>(state) || py::len(state) != 2) return py::none();
-                hs = py::reinterpret_borrow<py::tuple>(state)[0];
-                cs = py::reinterpret_borrow<py::tuple>(state)[1];
-            } else {
-                hs = state;
-            }
-        }
+        if (!state.is_none() && !split_state(state, hs, cs)) return py::none();
         const int sd = xd;   // (L*D, B, width), or (L*D, width) for an unbatched x
         const int64_t hshape[3] = {L * D, xd == 3 ? B : P, P};
         const int64_t cshape[3] = {L * D, xd == 3 ? B : H, H};
