@@ -323,10 +323,8 @@ class _Recurrent(Module):
         if lengths is None and (self.num_layers == 1 or not self.training or self.dropout == 0.0):
             # the fast path: arrays already in the layer's form go straight to the kernels
             # (the core returns None for anything that needs converting or refusing)
-            if self._precision == "float32":
-                out = self._stepper.sequence(x, state, self._packed, False, self.batch_first)
-            else:
-                out = self._stepper.sequence(x, state, self._packed_bf16, True, self.batch_first)
+            packed, precision = self._packing(False)
+            out = self._stepper.sequence(x, state, packed, precision != "float32", self.batch_first)
             if out is not None:
                 return out
         out, _, _, _ = self._run(x, state, lengths, keep=False)
