@@ -43,7 +43,8 @@ def test_bench_one_small_shape(tmp_path):
         assert {"rnncore_frozen", "rnncore_bf16"} <= r["rounds"].keys()
         assert r["ratio_frozen"] == r["rnncore_frozen"] / r[r["best_peer"]]
     assert "| ratio frozen |" in out.stdout and "frozen " in rows[0]
-    for bad in (["--shapes", "1,2,3"], ["--shapes", "a,b,c,d"], ["--cells", "XYZ"]):
+    for bad in (["--shapes", "1,2,3"], ["--shapes", "a,b,c,d"], ["--shapes", "5,1,8,16,2,3"],
+                ["--shapes", "5,1,8,16,0"], ["--cells", "XYZ"]):
         out = cli("bench", *bad)
         assert out.returncode == 2 and ("--shapes" in out.stderr or "--cells" in out.stderr), out.stderr
 
@@ -110,3 +111,15 @@ def test_examples_smoke(example):
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip()
+
+
+def test_bench_a_stack(tmp_path):
+    """A fifth number in a shape is the stack's layers: every peer runs the same stack (the
+    NumPy peer layer after layer, checked against rnncore's output before timing)."""
+    out = cli("bench", "--cells", "LSTM", "--shapes", "40,1,8,16,2", "--no-train", "--no-step",
+              "--threads", "2", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr
+    import json
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["shape"] for r in data["rows"]] == [[40, 1, 8, 16, 2]]
+    assert "L=2" in out.stdout and "| 40, 1, 8, 16 (2 layers) |" in out.stdout

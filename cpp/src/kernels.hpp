@@ -65,7 +65,15 @@ template <class T> struct DirJob {
                                     // stores the team whose blocked layout it wrote (0: none;
                                     // see gate_offset in cpu/impl.hpp), backward reads it
     int max_threads;                // forward: at most this many threads (0: no cap; the
-};                                  // directions of a bidirectional layer run at once)
+                                    // directions of a bidirectional layer run at once)
+    // The layer pipeline (inference of a stack, the layers at once: layer.cpp): x_ready, when
+    // set, counts the steps of x that the layer below has written so far (x is complete
+    // when null); y_ready, when set, is where this job publishes the steps of y it has
+    // written (forward direction, a team of one: after each step; else all at the end).
+    // GCC __atomic builtins, acquire / release.
+    const int64_t* x_ready;
+    int64_t* y_ready;
+};
 
 template <class T> struct DirBackJob {
     DirJob<T> f;                    // the forward job whose buffers hold the activations
@@ -121,6 +129,10 @@ template <> inline const KernelFns<float>& kernels<float>() { return active_kern
 template <> inline const KernelFns<double>& kernels<double>() { return active_kernels().f64; }
 
 int threads_for_kernels();   // current thread setting (runtime.cpp)
+// A recurrence whose step has fewer multiply-adds (B G H P) runs on one thread: a team's
+// per-step exchange would cost more than it shares (rec_threads in cpu/impl.hpp; layer.cpp's
+// layer pipeline runs such layers at once instead).
+constexpr double TEAM_MIN_MACS = 6.0e4;
 int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
 // Phases of a recurrence for the opt-in profile (runtime.hpp: phase_timing, phase_times), in

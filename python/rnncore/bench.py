@@ -25,8 +25,10 @@ import numpy as np
 
 # The speed issue's shapes, and the small layer of its one-step comparison (I=32, H=64) over a
 # whole sequence: NumPy's per-op overhead against rnncore's whole-sequence call.
+# A fifth number is the layers of a stack (default 1): a two-layer stack at batch 1, the shape
+# of a streaming model, whose layers rnncore runs at once (the layer pipeline).
 FULL_SHAPES = [(100, 1, 32, 64), (100, 1, 128, 256), (100, 16, 128, 256), (100, 64, 256, 512),
-               (50, 32, 1024, 1024), (25, 1, 1024, 1024), (25, 4, 1024, 1024)]
+               (50, 32, 1024, 1024), (25, 1, 1024, 1024), (25, 4, 1024, 1024), (100, 1, 64, 128, 2)]
 QUICK_SHAPES = [(100, 1, 128, 256), (100, 16, 128, 256)]
 CELLS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -58,11 +60,27 @@ def _sig(a):
     return 1.0 / (1.0 + np.exp(-a))
 
 
+def layers_of(shape):
+    return shape[4] if len(shape) > 4 else 1
+
+
+def shape_str(shape):
+    s = ", ".join(map(str, shape[:4]))
+    return s + (f" ({shape[4]} layers)" if layers_of(shape) > 1 else "")
+
+
 def numpy_forward(cell, p, x):
     """A clean vectorised NumPy implementation: one matmul for the input projection of all
-    steps, then per step one matmul and the gate arithmetic."""
+    steps, then per step one matmul and the gate arithmetic; layer after layer for a stack."""
+    y, h = _numpy_layer(cell, p, x, 0)
+    for k in range(1, sum(1 for n in p if n.startswith("weight_hh_l"))):
+        y, h = _numpy_layer(cell, p, y, k)
+    return y, h
+
+
+def _numpy_layer(cell, p, x, k):
     T, B, _ = x.shape
-    Wi, Wh, bi, bh = p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"]
+    Wi, Wh, bi, bh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"], p[f"bias_ih_l{k}"], p[f"bias_hh_l{k}"]
     H = Wh.shape[1]
     gx = (x.reshape(T * B, -1) @ Wi.T).reshape(T, B, -1)
     WhT = np.ascontiguousarray(Wh.T)
@@ -137,7 +155,7 @@ class Peers:
             self._limits = None
 
     def torch_module(self, cell, layer):
-        t = getattr(self.torch.nn, cell)(layer.input_size, layer.hidden_size)
+        t = getattr(self.torch.nn, cell)(layer.input_size, layer.hidden_size, num_layers=layer.num_layers)
         t.load_state_dict({k: self.torch.from_numpy(v.copy()) for k, v in layer.state_dict().items()})
         return t
 
@@ -182,8 +200,8 @@ def cache_bandwidth(threads):
 BF16_MAX_BATCH = 4
 
 
-def flops(cell, T, B, I, H):
-    return 2.0 * T * B * GATES[cell] * H * (I + H)
+def flops(cell, T, B, I, H, L=1):
+    return 2.0 * T * B * GATES[cell] * H * (I + H + (L - 1) * 2 * H)
 
 
 # Every library is timed in each of ROUNDS rounds, in turn, and its figure is the median of its
@@ -205,9 +223,10 @@ def _interleaved(fns, rounds=ROUNDS):
 
 def bench_shape(cell, shape, peers, train=True):
     import rnncore as rc
-    T, B, I, H = shape
+    T, B, I, H = shape[:4]
+    L = layers_of(shape)
     rng = np.random.default_rng(0)
-    layer = getattr(rc, cell)(I, H, seed=0)
+    layer = getattr(rc, cell)(I, H, num_layers=L, seed=0)
     layer.eval()
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     row = {"cell": cell, "shape": shape}
@@ -270,9 +289,9 @@ def bench_shape(cell, shape, peers, train=True):
         timed.update(_interleaved(train_fns))
     row["rounds"] = {k: v for k, (_, v) in timed.items()}
     row.update({k: t for k, (t, _) in timed.items()})
-    row["gflops"] = flops(cell, T, B, I, H) / row["rnncore"] / 1e9
+    row["gflops"] = flops(cell, T, B, I, H, L) / row["rnncore"] / 1e9
     G = GATES[cell]
-    row["whh_gbs"] = T * G * H * H * 4 / row["rnncore"] / 1e9       # recurrent weights streamed
+    row["whh_gbs"] = L * T * G * H * H * 4 / row["rnncore"] / 1e9   # recurrent weights streamed
     peer_keys = [k for k in ("numpy", "torch", "ort") if k in row]
     best = min(peer_keys, key=lambda k: row[k])
     row["best_peer"] = best
@@ -287,7 +306,7 @@ def bench_shape(cell, shape, peers, train=True):
         row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
     if "train_rnncore" in row:
         # forward + backward: the backward's products (dh, dW_ih | dW_hh, dx) are twice the forward's
-        row["train_gflops"] = 3 * flops(cell, T, B, I, H) / row["train_rnncore"] / 1e9
+        row["train_gflops"] = 3 * flops(cell, T, B, I, H, L) / row["train_rnncore"] / 1e9
     return row
 
 
@@ -394,7 +413,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
         for shape in shapes:
             r = bench_shape(cell, shape, peers, train=train)
             rows.append(r)
-            msg = (f"{cell:4s} T={shape[0]:3d} B={shape[1]:2d} I={shape[2]:4d} H={shape[3]:4d}  "
+            msg = (f"{cell:4s} T={shape[0]:3d} B={shape[1]:2d} I={shape[2]:4d} H={shape[3]:4d}"
+                   + (f" L={layers_of(shape)}" if layers_of(shape) > 1 else "") + "  "
                    f"rnncore {_fmt_ms(r['rnncore'])} ms  numpy {_fmt_ms(r.get('numpy'))}  "
                    f"torch {_fmt_ms(r.get('torch'))}  ort {_fmt_ms(r.get('ort'))}  "
                    f"ratio {r['ratio']:.2f} (vs {r['best_peer']}; rounds {min(r['ratio_rounds']):.2f}-"
@@ -442,7 +462,7 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
              "| cell | T, B, I, H | rnncore | NumPy | PyTorch | ONNX Runtime | ratio | vs NumPy | GFLOP/s | train rnncore | train PyTorch | train ratio | train GFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
+        lines.append(f"| {r['cell']} | {shape_str(r['shape'])} | {_fmt_ms(r['rnncore'])} | "
                      f"{_fmt_ms(r.get('numpy'))} | {_fmt_ms(r.get('torch'))} | {_fmt_ms(r.get('ort'))} | "
                      f"{r['ratio']:.2f} | {r['ratio_numpy']:.3f} | {r['gflops']:.0f} | "
                      f"{_fmt_ms(r.get('train_rnncore'))} | {_fmt_ms(r.get('train_torch'))} | "
@@ -463,7 +483,7 @@ def markdown(rows, steps, mem, peak, bw, threads, info):
                   "", "| cell | T, B, I, H | rnncore fp32 | frozen | bf16 W_hh | fastest peer | ratio fp32 | ratio frozen | ratio bf16 | change |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in bf:
-            lines.append(f"| {r['cell']} | {', '.join(map(str, r['shape']))} | {_fmt_ms(r['rnncore'])} | "
+            lines.append(f"| {r['cell']} | {shape_str(r['shape'])} | {_fmt_ms(r['rnncore'])} | "
                          f"{_fmt_ms(r.get('rnncore_frozen'))} | "
                          f"{_fmt_ms(r['rnncore_bf16'])} | {_fmt_ms(r[r['best_peer']])} ({r['best_peer']}) | "
                          f"{r['ratio']:.2f} | {r.get('ratio_frozen', float('nan')):.2f} | {r['ratio_bf16']:.2f} | "
@@ -481,8 +501,8 @@ def main(argv=None):
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
-    ap.add_argument("--shapes", help="semicolon-separated T,B,I,H shapes instead of the default set "
-                    "(e.g. '25,4,1024,1024;100,1,128,256')")
+    ap.add_argument("--shapes", help="semicolon-separated T,B,I,H[,layers] shapes instead of the default "
+                    "set (e.g. '25,4,1024,1024;100,1,64,128,2')")
     ap.add_argument("--no-step", action="store_true", help="skip the one-step-from-Python timing")
     args = ap.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
@@ -492,8 +512,9 @@ def main(argv=None):
             shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s.strip()]
         except ValueError:
             ap.error(f"--shapes: expected T,B,I,H groups separated by ';', got {args.shapes!r}")
-        if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
-            ap.error(f"--shapes: expected positive T,B,I,H groups separated by ';', got {args.shapes!r}")
+        if not shapes or any(len(s) not in (4, 5) or min(s) < 1 for s in shapes):
+            ap.error(f"--shapes: expected positive T,B,I,H[,layers] groups separated by ';', "
+                     f"got {args.shapes!r}")
     cells = None
     if args.cells:
         cells = [c.strip().upper() for c in args.cells.split(",") if c.strip()]

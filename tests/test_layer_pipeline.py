@@ -1,0 +1,165 @@
+"""Inference of a stack of unidirectional layers whose weights fit in a core's cache runs its
+layers at once, one thread a layer, each projecting its input rows as the layer below writes
+them (the layer pipeline, cpp/src/layer.cpp). Every test checks that the pipeline really ran
+(`_core.layer_pipeline_runs()`) or really did not, and that its results are those of the
+layer-by-layer order on one thread, of the NumPy reference and of PyTorch."""
+import numpy as np
+import pytest
+import torch
+
+import rnncore as rc
+from conftest import assert_close
+from numpy_ref import ref_forward
+from torch_oracle import torch_twin
+
+
+def runs():
+    return rc._core.layer_pipeline_runs()
+
+
+def stacks(I, H, L):
+    return {
+        "lstm": lambda dt: rc.LSTM(I, H, num_layers=L, dtype=dt),
+        "lstm_proj_peep": lambda dt: rc.LSTM(I, H, num_layers=L, proj_size=H // 2, peephole=True, dtype=dt),
+        "gru": lambda dt: rc.GRU(I, H, num_layers=L, dtype=dt),
+        "gru_orig": lambda dt: rc.GRU(I, H, num_layers=L, linear_before_reset=False, dtype=dt),
+        "rnn": lambda dt: rc.RNN(I, H, num_layers=L, dtype=dt),
+        "rnn_relu_nobias": lambda dt: rc.RNN(I, H, num_layers=L, nonlinearity="relu", bias=False, dtype=dt),
+    }
+
+
+def random_state(layer, rng, B):
+    s = layer.initial_state(B)
+    if isinstance(s, tuple):
+        return tuple(rng.standard_normal(a.shape).astype(layer.dtype) for a in s)
+    return rng.standard_normal(s.shape).astype(layer.dtype)
+
+
+def flat(out):
+    y, s = out
+    return [y] + (list(s) if isinstance(s, tuple) else [s])
+
+
+def pipelined(layer, x, state=None, lengths=None, expect=True):
+    """The call on two threads, asserting whether the pipeline ran."""
+    before = runs()
+    out = layer(x, state, lengths=lengths) if lengths is not None else layer(x, state)
+    assert runs() == before + (1 if expect else 0), "the layer pipeline ran" if not expect else "it did not run"
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(stacks(1, 2, 2)))
+@pytest.mark.parametrize("L", [2, 3, 5])
+def test_pipeline_matches_layer_by_layer_and_the_reference(cell, L, dtype, threads):
+    rng = np.random.default_rng(L)
+    layer = stacks(12, 24, L)[cell](dtype)
+    layer.eval()
+    for T, B in [(32, 1), (57, 3), (100, 2)]:
+        for with_state in (False, True):
+            what = f"{cell} L={L} T={T} B={B} state={with_state}"
+            x = rng.standard_normal((T, B, 12)).astype(dtype)
+            state = random_state(layer, rng, B) if with_state else None
+            threads(2)
+            got = flat(pipelined(layer, x, state))
+            threads(1)
+            want = flat(pipelined(layer, x, state, expect=False))
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and g.dtype == w.dtype, what
+                assert_close(g, w, dtype, what)
+            ref = ref_forward(layer, x, state)
+            for g, r in zip(got, ref):
+                assert_close(g, r, dtype, what + " against the reference")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm_proj_peep"])
+def test_pipeline_against_pytorch(cell, threads):
+    if cell == "lstm_proj_peep":   # PyTorch has projections but no peepholes
+        make = lambda dt: rc.LSTM(16, 32, num_layers=3, proj_size=16, dtype=dt)
+    else:
+        make = stacks(16, 32, 3)[cell]
+    rng = np.random.default_rng(3)
+    threads(2)
+    for dtype in (np.float32, np.float64):
+        layer = make(dtype)
+        layer.eval()
+        twin = torch_twin(layer)
+        x = rng.standard_normal((64, 2, 16)).astype(dtype)
+        state = random_state(layer, rng, 2)
+        got = flat(pipelined(layer, x, state))
+        with torch.no_grad():
+            ts = tuple(torch.from_numpy(a) for a in state) if isinstance(state, tuple) else torch.from_numpy(state)
+            want = flat(tuple(o for o in twin(torch.from_numpy(x), ts)))
+        for g, w in zip(got, want):
+            assert_close(g, w.numpy(), dtype, f"{cell} {dtype.__name__}")
+
+
+def test_pipeline_with_lengths_frozen_and_bfloat16(threads):
+    rng = np.random.default_rng(5)
+    layer = rc.LSTM(10, 20, num_layers=3)
+    layer.eval()
+    x = rng.standard_normal((48, 4, 10)).astype(np.float32)
+    lengths = np.array([48, 33, 1, 40])
+    threads(2)
+    got = flat(pipelined(layer, x, lengths=lengths))
+    ref = ref_forward(layer, x, None, lengths=lengths)
+    for g, r in zip(got, ref):
+        assert_close(g, r, np.float32, "lengths")
+    assert np.all(got[0][33:, 1] == 0) and np.all(got[0][1:, 2] == 0)
+
+    frozen = layer.frozen()
+    for _ in range(3):   # the kept packed weights, trusted, from call to call
+        same = flat(pipelined(frozen, x))
+        for g, w in zip(same, flat(layer(x))):
+            assert np.array_equal(g, w)
+
+    half = rc.LSTM(10, 20, num_layers=3)
+    half.load_state_dict(layer.state_dict())
+    half.eval()
+    half.inference_precision = "bfloat16"
+    b = flat(pipelined(half, x))
+    threads(1)
+    b1 = flat(pipelined(half, x, expect=False))
+    for g, w in zip(b, b1):
+        assert_close(g, w, np.float32, "bfloat16 pipelined against one thread")
+
+
+def test_what_keeps_the_layer_by_layer_order(threads):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 1, 8)).astype(np.float32)
+    threads(2)
+    small = rc.GRU(8, 16, num_layers=2)
+    small.eval()
+    pipelined(small, x)
+    pipelined(small, x[:31], expect=False)                 # too short a sequence
+    pipelined(rc.GRU(8, 16), x, expect=False)              # one layer
+    bi = rc.GRU(8, 16, num_layers=2, bidirectional=True)
+    bi.eval()
+    pipelined(bi, x, expect=False)                         # both directions
+    big = rc.LSTM(128, 256, num_layers=2)                  # 2 MiB a layer: the team of two each
+    big.eval()
+    pipelined(big, rng.standard_normal((40, 1, 128)).astype(np.float32), expect=False)
+    small.train()                                          # training keeps its activations
+    before = runs()
+    small.forward(x)
+    assert runs() == before
+    small.eval()
+    threads(1)
+    pipelined(small, x, expect=False)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_more_layers_than_threads_and_repeated_calls(n, threads):
+    """Layer l on thread l mod n: a thread runs several layers in order, each waiting only for
+    the one below; many calls in a row end and agree (no deadlock, no stale progress count)."""
+    rng = np.random.default_rng(n)
+    layer = rc.LSTM(6, 12, num_layers=7)
+    layer.eval()
+    x = rng.standard_normal((36, 2, 6)).astype(np.float32)
+    threads(1)
+    want = flat(pipelined(layer, x, expect=False))
+    threads(n)
+    for _ in range(20):
+        got = flat(pipelined(layer, x))
+        for g, w in zip(got, want):
+            assert_close(g, w, np.float32, f"threads={n}")
