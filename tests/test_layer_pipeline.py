@@ -163,3 +163,19 @@ def test_more_layers_than_threads_and_repeated_calls(n, threads):
         got = flat(pipelined(layer, x))
         for g, w in zip(got, want):
             assert_close(g, w, np.float32, f"threads={n}")
+
+
+def test_layers_that_fit_half_an_l2_pipeline_on_two_threads(threads):
+    """Layers whose step would take a team of two (B G H P >= 6e4) still pipeline where every
+    layer's weights fit in half of one core's L2, with no more threads than layers."""
+    rng = np.random.default_rng(9)
+    for layer, B in [(rc.LSTM(64, 128, num_layers=2), 1), (rc.GRU(32, 100, num_layers=3), 16)]:
+        layer.eval()
+        x = rng.standard_normal((40, B, layer.input_size)).astype(np.float32)
+        threads(2)
+        got = flat(pipelined(layer, x))
+        ref = ref_forward(layer, x)
+        for g, r in zip(got, ref):
+            assert_close(g, r, np.float32, type(layer).__name__)
+        threads(layer.num_layers + 1)   # more threads than layers: the layers keep their teams
+        pipelined(layer, x, expect=False)

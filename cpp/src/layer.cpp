@@ -235,7 +235,10 @@ int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, bool masks, int 
         const double w = elem_bytes * (G * H * ((double)s.layer_input_size(l) + P) + (s.proj_size > 0 ? P * H : 0.0));
         if (w > 0.5 * (double)l2_cache_bytes()) fits = false;
     }
-    if (!fits && (double)B * G * H * P >= TEAM_MIN_MACS) return 0;
+    // (With more threads than layers the layers' teams would share the slices among more
+    // cores than the pipeline's one a layer: measured on two cores only, so there only the
+    // layers that run on one thread anyway.)
+    if ((!fits || n > s.num_layers) && (double)B * G * H * P >= TEAM_MIN_MACS) return 0;
     return n < s.num_layers ? n : (int)s.num_layers;
 #else
     (void)s; (void)TT; (void)B; (void)masks; (void)elem_bytes;
