@@ -727,3 +727,32 @@ def test_phase_times():
         assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
         digests.append(r.stdout.split()[-2])
     assert digests[0] == digests[1] == digests[2], digests
+
+
+_GATES_RSS = r"""
+import numpy as np, rnncore as rc
+def hwm():   # this process's peak resident set (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+rc.set_num_threads(1)
+layer = rc.LSTM(8, 512)
+layer.eval()
+x = np.zeros((400, 64, 8), np.float32)
+r0 = hwm()
+y, _ = layer(x)
+print(hwm() - r0)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_inference_on_the_packed_path_allocates_no_gate_array():
+    """The [T, B, 4H] gate array (400 x 64 x 2048 floats: 200 MiB) is for training and the
+    unpacked path only: an inference call on the packed path grows the process by its state
+    buffers, output and packed weights (~165 MiB here), not by that too (~365 MiB before)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _GATES_RSS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    grown = float(out.stdout.split()[-1])
+    assert 100 < grown < 260, f"RSS grew by {grown:.0f} MiB"

@@ -50,6 +50,7 @@ template <class T> struct DirJob {
     DirParams<T> w;
     const T* x;                     // [T*B, I]
     T* gates;                       // [T, B, G*H]: x-projection, then post-activation gates
+                                    // (inference: only on the unpacked path, else may be null)
     T* hbuf;                        // [T+1, B, P] (see slots); entering state preset by driver
     T* cbuf;                        // [T+1, B, H] LSTM, entering state preset by driver
     T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
@@ -133,6 +134,11 @@ int threads_for_kernels();   // current thread setting (runtime.cpp)
 // per-step exchange would cost more than it shares (rec_threads in cpu/impl.hpp; layer.cpp's
 // layer pipeline runs such layers at once instead).
 constexpr double TEAM_MIN_MACS = 6.0e4;
+// The forward's unpacked path (cpu/impl.hpp): up to SMALL_B batch rows of up to SMALL_T steps
+// read the row-major weights in place and project every step first, into DirJob::gates.
+// Inference on the packed path projects blocks into per-thread buffers and never touches
+// `gates`, so the driver need not size it (layer.cpp: make_job).
+constexpr int64_t SMALL_B = 4, SMALL_T = 16;
 int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
 // Phases of a recurrence for the opt-in profile (runtime.hpp: phase_timing, phase_times), in

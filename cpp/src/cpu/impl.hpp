@@ -1092,10 +1092,9 @@ void rnn_bwd_row(int64_t n, const T* h, const T* dh, T* da, bool relu, T* bs = n
 // For up to four batch rows the recurrent products read the row-major weights in place:
 // no packing per call (which at batch 1 would cost as much as the steps themselves for a
 // short sequence) and nothing derived from the weights to keep in sync with them.
-constexpr int64_t SMALL_B = 4;
-// ... but only for short sequences: from L3 the packed panels stream faster, so over a long
-// sequence packing once per call pays for itself.
-constexpr int64_t SMALL_T = 16;
+// SMALL_B (4) rows, and only for short sequences, up to SMALL_T (16) steps (kernels.hpp): from
+// L3 the packed panels stream faster, so over a long sequence packing once per call pays for
+// itself.
 // With packed weights kept across calls (PackSet) a call pays only the hash of W_hh, one
 // read: the packed path wins from about 8 steps (T=1..8, B=1 and 4, H=64..1024, measured).
 constexpr int64_t SMALL_T_KEPT = 7;
