@@ -1904,7 +1904,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
 
     // row-major weights read in place (a kept packed copy costs only its hash per call); bf16
     // weights are always packed (the in-place path reads the float32 rows)
-    const bool small = same_type<W, T>::value && B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T);
+    // (and it projects into `gates`, which the driver sizes for inference within SMALL_B and
+    // SMALL_T only: without it the packed path, correct at any size, runs instead)
+    const bool small = same_type<W, T>::value && B <= SMALL_B && TT <= (j.packed ? SMALL_T_KEPT : SMALL_T) &&
+                       j.gates != nullptr;
     // Input projection gates = x @ W_ih^T + biases (b_hh folds in except for the n gate of
     // the reset-after GRU), by each thread for its own gate columns from its rows of W_ih. On
     // the packed path a block of FUSE_ROWS rows (steps * batch) ahead, inside the recurrence:
