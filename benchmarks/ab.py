@@ -8,6 +8,7 @@ in alternating processes (benchmarks/RESULTS.md, session 18).
     python benchmarks/ab.py LSTM 16 100 256 128          # CELL B T H I: training step
     python benchmarks/ab.py GRU 64 100 512 256 --rounds 5 --secs 2 --phases
     python benchmarks/ab.py RNN 1 100 256 128 --infer
+    python benchmarks/ab.py LSTM 1 100 64 32 --infer --layers 2   # a stack of two layers
 
 --build REV checks REV out in a temporary worktree and installs it into DIR/rnncore_old
 (--dir, default /tmp/rnncore-ab), compiled with -DPYBIND11_COMPILER_TYPE="_old": its own
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--secs", type=float, default=1.0, help="seconds of calls per build and round")
     ap.add_argument("--infer", action="store_true", help="time inference (forward) instead of training")
     ap.add_argument("--phases", action="store_true", help="the kernels' phase times per round")
+    ap.add_argument("--layers", type=int, default=1, help="layers of the stack (num_layers)")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.dir)
@@ -76,14 +78,16 @@ def main():
     dy = np.ones((T, B, H), np.float32)
     layers = {}
     for name, mod in mods.items():
-        layer = getattr(mod, cell)(I, H, seed=0)
+        layer = getattr(mod, cell)(I, H, num_layers=a.layers, seed=0)
         layer.eval() if a.infer else layer.train()
         layers[name] = layer
 
     def call(layer):
+        if a.infer:      # a call: inference (forward() keeps the activations for backward)
+            layer(x)
+            return
         layer.forward(x)
-        if not a.infer:
-            layer.backward(dy)
+        layer.backward(dy)
 
     for layer in layers.values():
         call(layer)
@@ -106,7 +110,8 @@ def main():
                     phases[name].setdefault(k, []).append(v[0] / len(ts) * 1e3)
     o, n = np.array(times["old"]), np.array(times["new"])
     q = n / o
-    print(f"{cell} T={T} B={B} I={I} H={H} {'inference' if a.infer else 'training'}, {a.rounds} rounds (ms): "
+    stack = f" L={a.layers}" if a.layers > 1 else ""
+    print(f"{cell} T={T} B={B} I={I} H={H}{stack} {'inference' if a.infer else 'training'}, {a.rounds} rounds (ms): "
           f"old {np.median(o):.3f} [{o.min():.3f}-{o.max():.3f}]  new {np.median(n):.3f} [{n.min():.3f}-{n.max():.3f}]  "
           f"new/old {np.median(q):.3f} [{q.min():.3f}-{q.max():.3f}]")
     for k in phases["new"]:

@@ -1949,8 +1949,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // 16; a one-core harness of the same step (gemm_pb over a 256 KiB slice, a projection of
     // 256 columns every block): 64 rows 2.93-3.03 GHz, 32 rows 3.18-3.23, 16 and fewer
     // 3.41-3.51. One process, new/old over 5 rounds: inference T=100 I=128 H=256 RNN B=1
-    // 0.91-0.92, B=4 0.99, LSTM B=1 0.95-1.00, GRU B=1 0.99, B=2 1.005; RNN B=1 training 0.97.
-    // (The LSTM and GRU stay near 3.0 GHz either way: their steps are denser.)
+    // 0.91-0.92, B=4 0.99, LSTM and GRU B=1 1.00; RNN B=1 training 0.97. (The LSTM and GRU
+    // stay near 3.0 GHz either way: their steps are denser.)
     const int64_t layer_w = ((int64_t)Gk * H * (gru_orig ? H : P) + (gru_orig ? H * H : 0)) * (int64_t)sizeof(W) +
                             (int64_t)G * H * I * (int64_t)sizeof(T);
     const bool few = local_g && ih_packed && B <= FEW_FUSE_B && split_fits(layer_w / nth);
