@@ -339,6 +339,35 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         }
     }
 
+    // The job of direction d of layer l with the call's settings and its entering state set,
+    // and the copy of its final state out (both orders below).
+    auto prepare = [&](int64_t l, int d, const T* in, typename StackCache<T>::Dir& buf, T* y, int max_threads) {
+        const int64_t idx = l * D + d;
+        DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], in, buf, y, !keep);
+        j.packed = packed ? &(*packed)[idx] : nullptr;
+        j.zero_start = a.h0 == nullptr;
+        j.infer = !keep;
+        j.bf16 = bf16;
+        j.max_threads = max_threads;
+        const int rev = d == 1;
+        T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
+        if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);
+        else std::fill(h_in, h_in + B * P, T(0));
+        if (s.is_lstm()) {
+            T* c_in = j.cbuf + (rev ? TT : 0) * B * H;
+            if (a.c0) std::memcpy(c_in, a.c0 + idx * B * H, sizeof(T) * B * H);
+            else std::fill(c_in, c_in + B * H, T(0));
+        }
+        return j;
+    };
+    auto finish = [&](const DirJob<T>& j, int64_t l, int d) {
+        const int64_t idx = l * D + d;
+        const int rev = d == 1;
+        std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
+        if (s.is_lstm())
+            std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
+    };
+
     const int pipe = keep ? 0 : pipeline_threads(s, TT, B, a.dropout_masks != nullptr, (int)sizeof(T));
     if (pipe > 0) {
         // Every buffer is sized before the region (nothing is allocated while layers wait on
@@ -355,22 +384,10 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
                 pipe_y[l].resize(TT * B * P);
                 y = pipe_y[l].data();
             }
-            DirJob<T>& j = jobs[l] = make_job(s, l, 0, TT, B, lens, params[l], l == 0 ? a.x : pipe_y[l - 1].data(),
-                                               c->dirs[l], y, true);
-            j.packed = packed ? &(*packed)[l] : nullptr;
-            j.zero_start = a.h0 == nullptr;
-            j.infer = true;
-            j.bf16 = bf16;
-            j.max_threads = 1;
+            DirJob<T>& j = jobs[l] = prepare(l, 0, l == 0 ? a.x : pipe_y[l - 1].data(), c->dirs[l], y, 1);
             ready[l].v = 0;
             j.x_ready = l > 0 ? &ready[l - 1].v : nullptr;
             j.y_ready = &ready[l].v;
-            if (a.h0) std::memcpy(j.hbuf, a.h0 + l * B * P, sizeof(T) * B * P);
-            else std::fill(j.hbuf, j.hbuf + B * P, T(0));
-            if (s.is_lstm()) {
-                if (a.c0) std::memcpy(j.cbuf, a.c0 + l * B * H, sizeof(T) * B * H);
-                else std::fill(j.cbuf, j.cbuf + B * H, T(0));
-            }
         }
         std::vector<std::exception_ptr> err(L);
         __atomic_add_fetch(&pipeline_runs, 1, __ATOMIC_RELAXED);
@@ -387,10 +404,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
 #endif
         for (const std::exception_ptr& e : err)
             if (e) std::rethrow_exception(e);
-        for (int64_t l = 0; l < L; ++l) {
-            std::memcpy(out.h_n + l * B * P, jobs[l].hbuf + TT * B * P, sizeof(T) * B * P);
-            if (s.is_lstm()) std::memcpy(out.c_n + l * B * H, jobs[l].cbuf + TT * B * H, sizeof(T) * B * H);
-        }
+        for (int64_t l = 0; l < L; ++l) finish(jobs[l], l, 0);
         return;
     }
 
@@ -423,27 +437,9 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         }
         const int per_dir = keep ? 0 : concurrent_dir_threads(s, l, TT, B, bf16 ? 2 : (int)sizeof(T));
         auto run_dir = [&](int d) {
-            const int64_t idx = l * D + d;
-            auto& buf = c->dirs[keep ? idx : d];
-            DirJob<T> j = make_job(s, l, d, TT, B, lens, params[idx], layer_in, buf, y, !keep);
-            j.packed = packed ? &(*packed)[idx] : nullptr;
-            j.zero_start = a.h0 == nullptr;
-            j.infer = !keep;
-            j.bf16 = bf16;
-            j.max_threads = per_dir;
-            const int rev = d == 1;
-            T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
-            if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);
-            else std::fill(h_in, h_in + B * P, T(0));
-            if (s.is_lstm()) {
-                T* c_in = j.cbuf + (rev ? TT : 0) * B * H;
-                if (a.c0) std::memcpy(c_in, a.c0 + idx * B * H, sizeof(T) * B * H);
-                else std::fill(c_in, c_in + B * H, T(0));
-            }
+            const DirJob<T> j = prepare(l, d, layer_in, c->dirs[keep ? l * D + d : d], y, per_dir);
             kernels<T>().dir_forward(j);
-            std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
-            if (s.is_lstm())
-                std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
+            finish(j, l, d);
         };
         if (per_dir > 0) {
 #ifdef _OPENMP
