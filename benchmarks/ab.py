@@ -9,6 +9,7 @@ in alternating processes (benchmarks/RESULTS.md, session 18).
     python benchmarks/ab.py GRU 64 100 512 256 --rounds 5 --secs 2 --phases
     python benchmarks/ab.py RNN 1 100 256 128 --infer
     python benchmarks/ab.py LSTM 1 100 64 32 --infer --layers 2   # a stack of two layers
+    python benchmarks/ab.py GRU 16 100 128 64 --layers 2 --dropout 0.2   # training, dropout between
 
 --build REV checks REV out in a temporary worktree and installs it into DIR/rnncore_old
 (--dir, default /tmp/rnncore-ab), compiled with -DPYBIND11_COMPILER_TYPE="_old": its own
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--infer", action="store_true", help="time inference (forward) instead of training")
     ap.add_argument("--phases", action="store_true", help="the kernels' phase times per round")
     ap.add_argument("--layers", type=int, default=1, help="layers of the stack (num_layers)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout between the layers (training)")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.dir)
@@ -78,7 +80,7 @@ def main():
     dy = np.ones((T, B, H), np.float32)
     layers = {}
     for name, mod in mods.items():
-        layer = getattr(mod, cell)(I, H, num_layers=a.layers, seed=0)
+        layer = getattr(mod, cell)(I, H, num_layers=a.layers, dropout=a.dropout, seed=0)
         layer.eval() if a.infer else layer.train()
         layers[name] = layer
 
@@ -110,7 +112,7 @@ def main():
                     phases[name].setdefault(k, []).append(v[0] / len(ts) * 1e3)
     o, n = np.array(times["old"]), np.array(times["new"])
     q = n / o
-    stack = f" L={a.layers}" if a.layers > 1 else ""
+    stack = (f" L={a.layers}" if a.layers > 1 else "") + (f" dropout={a.dropout}" if a.dropout else "")
     print(f"{cell} T={T} B={B} I={I} H={H}{stack} {'inference' if a.infer else 'training'}, {a.rounds} rounds (ms): "
           f"old {np.median(o):.3f} [{o.min():.3f}-{o.max():.3f}]  new {np.median(n):.3f} [{n.min():.3f}-{n.max():.3f}]  "
           f"new/old {np.median(q):.3f} [{q.min():.3f}-{q.max():.3f}]")

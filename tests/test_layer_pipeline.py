@@ -1,8 +1,9 @@
-"""Inference of a stack of unidirectional layers whose weights fit in a core's cache runs its
-layers at once, one thread a layer, each projecting its input rows as the layer below writes
-them (the layer pipeline, cpp/src/layer.cpp). Every test checks that the pipeline really ran
-(`_core.layer_pipeline_runs()`) or really did not, and that its results are those of the
-layer-by-layer order on one thread, of the NumPy reference and of PyTorch."""
+"""A stack of unidirectional layers whose weights fit in a core's cache runs its layers at
+once, one thread a layer, each projecting its input rows as the layer below writes them (the
+layer pipeline, cpp/src/layer.cpp), in inference and in training's forward. Every test checks
+that the pipeline really ran (`_core.layer_pipeline_runs()`) or really did not, and that its
+results (and, training, every gradient) are those of the layer-by-layer order on one thread,
+of the NumPy reference and of PyTorch."""
 import numpy as np
 import pytest
 import torch
@@ -10,21 +11,21 @@ import torch
 import rnncore as rc
 from conftest import assert_close
 from numpy_ref import ref_forward
-from torch_oracle import torch_twin
+from torch_oracle import compare_with_torch, torch_twin
 
 
 def runs():
     return rc._core.layer_pipeline_runs()
 
 
-def stacks(I, H, L):
+def stacks(I, H, L, **kw):
     return {
-        "lstm": lambda dt: rc.LSTM(I, H, num_layers=L, dtype=dt),
-        "lstm_proj_peep": lambda dt: rc.LSTM(I, H, num_layers=L, proj_size=H // 2, peephole=True, dtype=dt),
-        "gru": lambda dt: rc.GRU(I, H, num_layers=L, dtype=dt),
-        "gru_orig": lambda dt: rc.GRU(I, H, num_layers=L, linear_before_reset=False, dtype=dt),
-        "rnn": lambda dt: rc.RNN(I, H, num_layers=L, dtype=dt),
-        "rnn_relu_nobias": lambda dt: rc.RNN(I, H, num_layers=L, nonlinearity="relu", bias=False, dtype=dt),
+        "lstm": lambda dt: rc.LSTM(I, H, num_layers=L, dtype=dt, **kw),
+        "lstm_proj_peep": lambda dt: rc.LSTM(I, H, num_layers=L, proj_size=H // 2, peephole=True, dtype=dt, **kw),
+        "gru": lambda dt: rc.GRU(I, H, num_layers=L, dtype=dt, **kw),
+        "gru_orig": lambda dt: rc.GRU(I, H, num_layers=L, linear_before_reset=False, dtype=dt, **kw),
+        "rnn": lambda dt: rc.RNN(I, H, num_layers=L, dtype=dt, **kw),
+        "rnn_relu_nobias": lambda dt: rc.RNN(I, H, num_layers=L, nonlinearity="relu", bias=False, dtype=dt, **kw),
     }
 
 
@@ -139,10 +140,13 @@ def test_what_keeps_the_layer_by_layer_order(threads):
     big = rc.LSTM(128, 256, num_layers=2)                  # 2 MiB a layer: the team of two each
     big.eval()
     pipelined(big, rng.standard_normal((40, 1, 128)).astype(np.float32), expect=False)
-    small.train()                                          # training keeps its activations
+    big.train()                                            # training: the same rule
     before = runs()
-    small.forward(x)
+    big.forward(rng.standard_normal((40, 1, 128)).astype(np.float32))
     assert runs() == before
+    small.train()
+    small.forward(x)
+    assert runs() == before + 1
     small.eval()
     threads(1)
     pipelined(small, x, expect=False)
@@ -179,3 +183,76 @@ def test_layers_that_fit_half_an_l2_pipeline_on_two_threads(threads):
             assert_close(g, r, np.float32, type(layer).__name__)
         threads(layer.num_layers + 1)   # more threads than layers: the layers keep their teams
         pipelined(layer, x, expect=False)
+
+
+# ---------------------------------------------------------------- training (forward + backward)
+def train_call(layer, x, state, dy, dstate, lengths=None, expect=True):
+    """forward (asserting whether the pipeline ran) and backward: every output and gradient."""
+    layer.zero_grad()
+    before = runs()
+    y, st = layer.forward(x, state, lengths=lengths)
+    assert runs() == before + (1 if expect else 0), "the layer pipeline ran" if not expect else "it did not run"
+    dx, dst0 = layer.backward(dy, dstate)
+    out = flat((y, st)) + [dx] + (list(dst0) if isinstance(dst0, tuple) else [dst0])
+    return out + [layer.grads[k].copy() for k in sorted(layer.grads)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(stacks(1, 2, 2)))
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_training_pipeline_matches_layer_by_layer(cell, dropout, dtype, threads):
+    """Training's forward pipelines too (each layer's output written into the next layer's
+    kept input, times its dropout mask): outputs, final states, dx, dstate0 and every weight
+    gradient equal those of the layer-by-layer order on one thread (the same seeded masks)."""
+    rng = np.random.default_rng(11)
+    for L, T, B, I, H in [(2, 40, 1, 12, 24), (3, 57, 3, 12, 24), (2, 33, 16, 32, 64)]:
+        make = stacks(I, H, L, dropout=dropout, seed=5)[cell]
+        a, b = make(dtype), make(dtype)   # the same weights and dropout masks
+        x = rng.standard_normal((T, B, I)).astype(dtype)
+        state = random_state(a, rng, B)
+        P = a.output_size
+        dy = rng.standard_normal((T, B, P)).astype(dtype)
+        dstate = random_state(a, rng, B)
+        what = f"{cell} L={L} T={T} B={B} dropout={dropout}"
+        threads(2)
+        got = train_call(a, x, state, dy, dstate)
+        threads(1)
+        want = train_call(b, x, state, dy, dstate, expect=False)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape and g.dtype == w.dtype, what
+            assert_close(g, w, dtype, f"{what} output {i}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm_proj"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_training_pipeline_against_pytorch(cell, dtype, threads):
+    """PyTorch as the oracle for a pipelined training step of a 3-layer stack: y, final
+    states, dx, dstate0 and every weight gradient, with and without lengths."""
+    if cell == "lstm_proj":
+        layer = rc.LSTM(16, 32, num_layers=3, proj_size=16, dtype=dtype)
+    else:
+        layer = stacks(16, 32, 3)[cell](dtype)
+    layer.train()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((48, 3, 16)).astype(dtype)
+    threads(2)
+    for lengths in (None, np.array([48, 20, 33])):
+        before = runs()
+        compare_with_torch(layer, x, lengths=lengths, rng=rng,
+                           between=lambda: pytest.fail("the pipeline did not run") if runs() != before + 1 else None)
+
+
+def test_training_pipeline_layers_that_fit_half_an_l2(threads):
+    """A stack whose layers take teams of two when run one after the other (LSTM I=64 H=128:
+    the backward's team of two reads the forward's one-thread gate layout as row-major)."""
+    rng = np.random.default_rng(12)
+    for B in (1, 8):
+        a, b = rc.LSTM(64, 128, num_layers=2, seed=3), rc.LSTM(64, 128, num_layers=2, seed=3)
+        x = rng.standard_normal((40, B, 64)).astype(np.float32)
+        dy = rng.standard_normal((40, B, 128)).astype(np.float32)
+        threads(2)
+        got = train_call(a, x, None, dy, None)
+        threads(1)
+        want = train_call(b, x, None, dy, None, expect=False)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, np.float32, f"B={B} output {i}")

@@ -56,6 +56,8 @@ template <class T> struct DirJob {
     T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
     T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
+    const T* ymask;                 // null, or y is written times this (the next layer's
+                                    // dropout mask: the layer pipeline), same rows and stride
     PackSet* packed;                // kept packed weights, or null: pack per call
     bool zero_start;                // the entering state h is all zeros: the first step
                                     // skips its recurrent products (they are zero)
@@ -67,7 +69,7 @@ template <class T> struct DirJob {
                                     // see gate_offset in cpu/impl.hpp), backward reads it
     int max_threads;                // forward: at most this many threads (0: no cap; the
                                     // directions of a bidirectional layer run at once)
-    // The layer pipeline (inference of a stack, the layers at once: layer.cpp): x_ready, when
+    // The layer pipeline (a stack's layers at once: layer.cpp): x_ready, when
     // set, counts the steps of x that the layer below has written so far (x is complete
     // when null); y_ready, when set, is where this job publishes the steps of y it has
     // written (forward direction, a team of one: after each step; else all at the end).

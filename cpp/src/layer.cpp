@@ -205,10 +205,10 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 #endif
 }
 
-// Inference of a stack of unidirectional layers runs its layers at once, one thread a layer
-// (the layer pipeline): a layer projects a block of its input rows as soon as the layer
-// below has written them (the jobs' x_ready / y_ready counts of steps), so the layers' time
-// loops overlap instead of running one after the other, each with every thread. Where a
+// A stack of unidirectional layers runs its layers at once, one thread a layer (the layer
+// pipeline): a layer projects a block of its input rows as soon as the layer below has
+// written them (the jobs' x_ready / y_ready counts of steps), so the layers' time loops
+// overlap instead of running one after the other, each with every thread. Where a
 // layer's recurrence would run on one thread anyway (a step under TEAM_MIN_MACS
 // multiply-adds) the other cores were idle; where every layer's weights fit in half of one
 // core's L2, one core streams a whole layer's W_hh from its L2 with no per-step exchange
@@ -222,12 +222,19 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 // l mod n, so with fewer threads than layers a thread runs its layers in order; a layer only
 // waits for the one below it, which never waits for a layer above: the wavefront always
 // moves. Sequences shorter than PIPELINE_MIN_STEPS keep the layer-by-layer order (the wait
-// for the first block would be much of the call). Returns the threads, or 0: layer by layer.
+// for the first block would be much of the call). Training's forward too: a layer writes its
+// output straight into the next layer's kept input, times that layer's dropout mask (the
+// job's ymask), and its gate activations row-major (a team of one in time order), which the
+// backward's team reads as they are. Two layers, T=100, training step (forward + backward),
+// one process against the layer-by-layer build (new/old): B=1 LSTM I=32 H=64 0.87 (three
+// layers 0.87, dropout 0.2 0.87), GRU I=64 H=128 0.85, RNN 0.85, LSTM 0.98; B=16 LSTM
+// I=H=128 0.91, GRU I=64 H=128 0.91 (dropout 0.2 0.84); B=64 LSTM I=32 H=64 0.82.
+// Returns the threads, or 0: layer by layer.
 int64_t pipeline_runs = 0;   // __atomic builtins
-int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, bool masks, int elem_bytes) {
+int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) {
 #ifdef _OPENMP
     constexpr int64_t PIPELINE_MIN_STEPS = 32;
-    if (s.num_layers < 2 || s.bidirectional || masks || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
+    if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
         return 0;
     const int n = threads_for_kernels();
     if (n < 2) return 0;
@@ -243,7 +250,7 @@ int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, bool masks, int 
     if ((!fits || n > s.num_layers) && (double)B * G * H * P >= TEAM_MIN_MACS) return 0;
     return n < s.num_layers ? n : (int)s.num_layers;
 #else
-    (void)s; (void)TT; (void)B; (void)masks; (void)elem_bytes;
+    (void)s; (void)TT; (void)B; (void)elem_bytes;
     return 0;
 #endif
 }
@@ -368,12 +375,16 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
     };
 
-    const int pipe = keep ? 0 : pipeline_threads(s, TT, B, a.dropout_masks != nullptr, (int)sizeof(T));
+    const int pipe = pipeline_threads(s, TT, B, (int)sizeof(T));
     if (pipe > 0) {
         // Every buffer is sized before the region (nothing is allocated while layers wait on
-        // each other): a set of job buffers and an output per layer.
+        // each other): a set of job buffers and an output per layer. Training writes each
+        // layer's output straight into the next layer's kept input.
         thread_local std::vector<std::vector<T>> pipe_y;
-        if ((int64_t)pipe_y.size() < L - 1) pipe_y.resize(L - 1);
+        std::vector<std::vector<T>>& ins = keep ? c->inputs : pipe_y;
+        if (keep) c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
+        else if ((int64_t)pipe_y.size() < L - 1) pipe_y.resize(L - 1);
+        auto layer_in = [&](int64_t l) -> std::vector<T>& { return ins[keep ? l : l - 1]; };   // l >= 1
         if ((int64_t)c->dirs.size() < L) c->dirs.resize(L);
         struct alignas(64) Ready { int64_t v; };
         std::vector<Ready> ready(L);
@@ -381,10 +392,15 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         for (int64_t l = 0; l < L; ++l) {
             T* y = out.y;
             if (l < L - 1) {
-                pipe_y[l].resize(TT * B * P);
-                y = pipe_y[l].data();
+                layer_in(l + 1).resize(TT * B * P);
+                y = layer_in(l + 1).data();
             }
-            DirJob<T>& j = jobs[l] = prepare(l, 0, l == 0 ? a.x : pipe_y[l - 1].data(), c->dirs[l], y, 1);
+            const T* in = l > 0 ? layer_in(l).data() : keep ? c->inputs[0].data() : a.x;
+            DirJob<T>& j = jobs[l] = prepare(l, 0, in, c->dirs[l], y, 1);
+            if (a.dropout_masks && l < L - 1) {   // the next layer's input: y times its mask
+                j.ymask = a.dropout_masks[l];
+                if (keep) c->masks.emplace_back(j.ymask, j.ymask + TT * B * P);
+            }
             ready[l].v = 0;
             j.x_ready = l > 0 ? &ready[l - 1].v : nullptr;
             j.y_ready = &ready[l].v;
@@ -405,6 +421,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         for (const std::exception_ptr& e : err)
             if (e) std::rethrow_exception(e);
         for (int64_t l = 0; l < L; ++l) finish(jobs[l], l, 0);
+        if (keep) *cache = c;
         return;
     }
 

@@ -1957,7 +1957,11 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // A layer of the layer pipeline waits for each block of its input: blocks of
     // PIPE_FUSE_ROWS rows let it start sooner (two layers I=32 H=64 T=100 B=1, us, 16 rows /
     // 8 / 4 / 2: LSTM 96.0 / 92.2 / 95.4 / 110.0, GRU H=128 258 / 248 / 250 / 295).
-    const int64_t rows = j.x_ready && local_g ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
+    // So does training's blocked layout where a team of one writes it in time order: it is then
+    // the row-major [T, B, G*H] array whatever the block's steps (gate_offset), which the
+    // backward reads as such (the layer pipeline runs every layer that way).
+    const bool pipe_blocks = local_g || (blocked && nth == 1 && !rev);
+    const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
     const int64_t SB = !fuse ? 0 : (rows + B - 1) / B;
     int failed = 0;
     StepBarrier sbar;
@@ -2222,6 +2226,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 if (!active(j.lengths, b, t)) {
                     std::memcpy(hn, hprev + b * P + Q.lo, sizeof(T) * nq);
                     std::memset(yb, 0, sizeof(T) * nq);
+                } else if (j.ymask) {
+                    const T* mk = j.ymask + (t * B + b) * j.ldy + Q.lo;
+                    for (int64_t k = 0; k < nq; ++k) yb[k] = hn[k] * mk[k];
                 } else {
                     std::memcpy(yb, hn, sizeof(T) * nq);
                 }
@@ -2539,6 +2546,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     int gteam = j.gate_team ? *j.gate_team : 0;
     const int64_t SB = fuse_steps(B);
     const int rteam = rec_threads(B, G, H, P);
+    // A team of one's blocks in time order are the row-major array (gate_offset), whatever
+    // their steps: read as such by any team (the layer pipeline's layers, run on one thread
+    // each, and small layers).
+    if (gteam == 1 && !rev) gteam = 0;
     if (gteam > 0 && gteam != rteam) {   // the thread count changed since
         unblock_gates<T>(j, gteam);
         gteam = 0;
