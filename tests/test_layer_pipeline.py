@@ -186,13 +186,29 @@ def test_layers_that_fit_half_an_l2_pipeline_on_two_threads(threads):
 
 
 # ---------------------------------------------------------------- training (forward + backward)
-def train_call(layer, x, state, dy, dstate, lengths=None, expect=True):
-    """forward (asserting whether the pipeline ran) and backward: every output and gradient."""
+def backward_runs():
+    return rc._core.layer_pipeline_backward_runs()
+
+
+def team_of_one(layer, B):
+    """Whether each layer's recurrence runs on one thread (B G H P < 6e4): the backward pipeline."""
+    G = {rc.LSTM: 4, rc.GRU: 3, rc.RNN: 1}[type(layer)]
+    return B * G * layer.hidden_size * layer.output_size < 6e4
+
+
+def train_call(layer, x, state, dy, dstate, lengths=None, expect=True, expect_bwd=None):
+    """forward and backward, asserting whether each took the pipeline (the backward's by
+    default where the forward's did and every layer is a team of one): every output and
+    gradient."""
+    if expect_bwd is None:
+        expect_bwd = expect and team_of_one(layer, x.shape[1])
     layer.zero_grad()
-    before = runs()
+    before, bbefore = runs(), backward_runs()
     y, st = layer.forward(x, state, lengths=lengths)
     assert runs() == before + (1 if expect else 0), "the layer pipeline ran" if not expect else "it did not run"
     dx, dst0 = layer.backward(dy, dstate)
+    assert backward_runs() == bbefore + (1 if expect_bwd else 0), \
+        "the backward pipeline ran" if not expect_bwd else "the backward pipeline did not run"
     out = flat((y, st)) + [dx] + (list(dst0) if isinstance(dst0, tuple) else [dst0])
     return out + [layer.grads[k].copy() for k in sorted(layer.grads)]
 
@@ -202,10 +218,12 @@ def train_call(layer, x, state, dy, dstate, lengths=None, expect=True):
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_training_pipeline_matches_layer_by_layer(cell, dropout, dtype, threads):
     """Training's forward pipelines too (each layer's output written into the next layer's
-    kept input, times its dropout mask): outputs, final states, dx, dstate0 and every weight
-    gradient equal those of the layer-by-layer order on one thread (the same seeded masks)."""
+    kept input, times its dropout mask), and so does the backward of layers that run on one
+    thread each (dx a block at a time, times the mask, for the layer below): outputs, final
+    states, dx, dstate0 and every weight gradient equal those of the layer-by-layer order on
+    one thread (the same seeded masks)."""
     rng = np.random.default_rng(11)
-    for L, T, B, I, H in [(2, 40, 1, 12, 24), (3, 57, 3, 12, 24), (2, 33, 16, 32, 64)]:
+    for L, T, B, I, H in [(2, 41, 1, 12, 24), (3, 57, 3, 12, 24), (2, 33, 16, 32, 64)]:
         make = stacks(I, H, L, dropout=dropout, seed=5)[cell]
         a, b = make(dtype), make(dtype)   # the same weights and dropout masks
         x = rng.standard_normal((T, B, I)).astype(dtype)
@@ -236,10 +254,12 @@ def test_training_pipeline_against_pytorch(cell, dtype, threads):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((48, 3, 16)).astype(dtype)
     threads(2)
+    bbefore = backward_runs()
     for lengths in (None, np.array([48, 20, 33])):
         before = runs()
         compare_with_torch(layer, x, lengths=lengths, rng=rng,
                            between=lambda: pytest.fail("the pipeline did not run") if runs() != before + 1 else None)
+    assert backward_runs() == bbefore + 2   # (B G H P < 6e4: the backward's too)
 
 
 def test_training_pipeline_layers_that_fit_half_an_l2(threads):
@@ -256,3 +276,37 @@ def test_training_pipeline_layers_that_fit_half_an_l2(threads):
         want = train_call(b, x, None, dy, None, expect=False)
         for i, (g, w) in enumerate(zip(got, want)):
             assert_close(g, w, np.float32, f"B={B} output {i}")
+
+
+def test_backward_pipeline_many_layers_and_threads(threads):
+    """Layer l's backward on thread (L - 1 - l) mod n, each waiting only for the layer above:
+    7 layers on 2, 3 and 4 threads, with dropout, 10 training steps each, against one thread."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((36, 2, 6)).astype(np.float32)
+    dy = rng.standard_normal((36, 2, 12)).astype(np.float32)
+    for n in (2, 3, 4):
+        a = rc.GRU(6, 12, num_layers=7, dropout=0.3, seed=8)
+        b = rc.GRU(6, 12, num_layers=7, dropout=0.3, seed=8)
+        for _ in range(10):
+            threads(n)
+            got = train_call(a, x, None, dy, None)
+            threads(1)
+            want = train_call(b, x, None, dy, None, expect=False)
+            for i, (g, w) in enumerate(zip(got, want)):
+                assert_close(g, w, np.float32, f"threads={n} output {i}")
+
+
+def test_backward_pipeline_without_dy_and_short_sequences(threads):
+    """dy None (only the final state's gradient), and sequences under 32 steps (both keep the
+    layer-by-layer order there)."""
+    rng = np.random.default_rng(22)
+    for T, expect in [(43, True), (20, False)]:
+        a, b = rc.LSTM(5, 10, num_layers=3, seed=2), rc.LSTM(5, 10, num_layers=3, seed=2)
+        x = rng.standard_normal((T, 1, 5)).astype(np.float32)
+        dstate = random_state(a, rng, 1)
+        threads(2)
+        got = train_call(a, x, None, None, dstate, expect=expect)
+        threads(1)
+        want = train_call(b, x, None, None, dstate, expect=False)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, np.float32, f"T={T} output {i}")

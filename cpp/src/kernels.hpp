@@ -89,6 +89,14 @@ template <class T> struct DirBackJob {
     T* dhs;                         // [T, B, P] LSTM projection: dh of each step
     DirGrads<T> g;                  // accumulated (+=)
     T* dx; bool dx_accumulate;      // [T*B, I]
+    // The layer pipeline's backward (layer.cpp; a forward-direction team of one): dy_ready,
+    // when set, counts the steps of dy, from the last, that the layer above has written (dy
+    // is complete when null); dx_ready, when set, is where this job publishes the steps of
+    // dx, from the last, that it has written, a block at a time during its time loop, each
+    // times dx_mask when set (the dropout mask of this layer's input).
+    const int64_t* dy_ready;
+    int64_t* dx_ready;
+    const T* dx_mask;
 };
 
 // One time step of one layer (streaming inference): gates from the row-major weights

@@ -230,10 +230,12 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 // layers 0.87, dropout 0.2 0.87), GRU I=64 H=128 0.85, RNN 0.85, LSTM 0.98; B=16 LSTM
 // I=H=128 0.91, GRU I=64 H=128 0.91 (dropout 0.2 0.84); B=64 LSTM I=32 H=64 0.82.
 // Returns the threads, or 0: layer by layer.
-int64_t pipeline_runs = 0;   // __atomic builtins
+int64_t pipeline_runs = 0, backward_pipeline_runs = 0;   // __atomic builtins
+#ifdef _OPENMP
+constexpr int64_t PIPELINE_MIN_STEPS = 32;
+#endif
 int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) {
 #ifdef _OPENMP
-    constexpr int64_t PIPELINE_MIN_STEPS = 32;
     if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
         return 0;
     const int n = threads_for_kernels();
@@ -255,9 +257,30 @@ int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) 
 #endif
 }
 
+// The backward of such a stack runs its layers at once too, where each layer's recurrence
+// runs on one thread (a step under TEAM_MIN_MACS multiply-adds; larger layers' backwards use
+// both cores already: a team, or the recurrence beside the weight gradients of the steps it
+// has finished): layer l runs on thread (L - 1 - l) mod n from the top layer down, and computes
+// its dx (the dy of the layer below, times that layer's dropout mask) a block of steps at a
+// time as its time loop finishes them, which the layer below waits for (the jobs' dx_ready /
+// dy_ready counts of steps from the last). Each thread then takes its layers' weight gradients.
+int backward_pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B) {
+#ifdef _OPENMP
+    if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
+        return 0;
+    const int n = threads_for_kernels();
+    if (n < 2 || (double)B * s.gates() * s.hidden_size * s.out_size() >= TEAM_MIN_MACS) return 0;
+    return n < s.num_layers ? n : (int)s.num_layers;
+#else
+    (void)s; (void)TT; (void)B;
+    return 0;
+#endif
+}
+
 }  // namespace
 
 int64_t layer_pipeline_runs() { return __atomic_load_n(&pipeline_runs, __ATOMIC_RELAXED); }
+int64_t layer_pipeline_backward_runs() { return __atomic_load_n(&backward_pipeline_runs, __ATOMIC_RELAXED); }
 
 namespace {
 template <class T> void check_params(const LayerSpec& s, const std::vector<DirParams<T>>& p) {
@@ -506,6 +529,84 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     const int64_t LD = GH * (int64_t)sizeof(T) % 1024 == 0 ? GH + 64 / (int64_t)sizeof(T) : GH;
     const bool use_dgh = s.cell == CellType::GRU && s.linear_before_reset;
     const bool use_dhs = s.is_lstm() && P != H;
+    // The job of direction d of layer l (its dh and dc set from the call's final-state gradients).
+    auto prepare = [&](int64_t l, int d, T* dhp, T* dcp, T* dgxp, T* dghp, T* dhsp, const T* dyp, T* dx) {
+        const int64_t idx = l * D + d;
+        auto& buf = const_cast<typename StackCache<T>::Dir&>(c.dirs[idx]);
+        DirBackJob<T> bj{};
+        bj.f = make_job(s, l, d, TT, B, lens, params[idx], c.inputs[l].data(), buf, (T*)nullptr);
+        bj.dy = dyp ? dyp + d * P : nullptr;
+        bj.ldy = D * P;
+        if (a.dh_n) std::memcpy(dhp, a.dh_n + idx * B * P, sizeof(T) * B * P);
+        else std::fill(dhp, dhp + B * P, T(0));
+        if (s.is_lstm()) {
+            if (a.dc_n) std::memcpy(dcp, a.dc_n + idx * B * H, sizeof(T) * B * H);
+            else std::fill(dcp, dcp + B * H, T(0));
+        }
+        bj.dh = dhp;
+        bj.dc = dcp;
+        bj.dgx = dgxp;
+        bj.ldg = LD;
+        bj.dgh = use_dgh ? dghp : nullptr;
+        bj.dhs = use_dhs ? dhsp : nullptr;
+        bj.g = grads[idx];
+        bj.dx = dx;
+        bj.dx_accumulate = d > 0;
+        return bj;
+    };
+    auto finish = [&](const DirBackJob<T>& bj, int64_t l, int d) {
+        const int64_t idx = l * D + d;
+        std::memcpy(out.dh0 + idx * B * P, bj.dh, sizeof(T) * B * P);
+        if (s.is_lstm()) std::memcpy(out.dc0 + idx * B * H, bj.dc, sizeof(T) * B * H);
+    };
+
+    const int pipe = backward_pipeline_threads(s, TT, B);
+    if (pipe > 0) {
+        // Every buffer sized before the region: per layer its gradient buffers, its dh and dc,
+        // and (above layer 0) its dx, the dy of the layer below.
+        thread_local std::vector<std::vector<T>> pdgx, pdgh, pdhs, pdx, pdh, pdc;
+        for (auto* v : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc})
+            if ((int64_t)v->size() < L) v->resize(L);
+        struct alignas(64) Ready { int64_t v; };
+        std::vector<Ready> ready(L);
+        std::vector<DirBackJob<T>> jobs(L);
+        for (int64_t l = 0; l < L; ++l) {
+            pdgx[l].resize(TT * B * LD);
+            if (use_dgh) pdgh[l].resize(TT * B * LD);
+            if (use_dhs) pdhs[l].resize(TT * B * P);
+            pdh[l].resize(B * P);
+            pdc[l].resize(s.is_lstm() ? B * H : 1);
+            if (l > 0) pdx[l].resize(TT * B * s.layer_input_size(l));
+        }
+        for (int64_t l = 0; l < L; ++l) {
+            DirBackJob<T>& bj = jobs[l] = prepare(l, 0, pdh[l].data(), pdc[l].data(), pdgx[l].data(), pdgh[l].data(),
+                                                  pdhs[l].data(), l == L - 1 ? a.dy : pdx[l + 1].data(),
+                                                  l > 0 ? pdx[l].data() : out.dx);
+            ready[l].v = 0;
+            bj.dy_ready = l < L - 1 ? &ready[l + 1].v : nullptr;
+            bj.dx_ready = l > 0 ? &ready[l].v : nullptr;
+            bj.dx_mask = l > 0 && !c.masks.empty() ? c.masks[l - 1].data() : nullptr;
+        }
+        std::vector<std::exception_ptr> err(L);
+        __atomic_add_fetch(&backward_pipeline_runs, 1, __ATOMIC_RELAXED);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(pipe)
+        for (int64_t k = omp_get_thread_num(); k < L; k += omp_get_num_threads()) {
+            const int64_t l = L - 1 - k;
+            try {
+                kernels<T>().dir_backward(jobs[l]);
+            } catch (...) {   // the layers below run on (their results are discarded) and end
+                err[l] = std::current_exception();
+                __atomic_store_n(&ready[l].v, TT, __ATOMIC_RELEASE);
+            }
+        }
+#endif
+        for (const std::exception_ptr& e : err)
+            if (e) std::rethrow_exception(e);
+        for (int64_t l = 0; l < L; ++l) finish(jobs[l], l, 0);
+        return;
+    }
+
     dgx.resize(TT * B * LD);
     if (use_dgh) dgh.resize(TT * B * LD);
     if (use_dhs) dhs.resize(TT * B * P);
@@ -518,30 +619,9 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             dx = dlayer[l & 1].data();
         }
         for (int d = 0; d < D; ++d) {
-            const int64_t idx = l * D + d;
-            auto& buf = const_cast<typename StackCache<T>::Dir&>(c.dirs[idx]);
-            DirBackJob<T> bj{};
-            bj.f = make_job(s, l, d, TT, B, lens, params[idx], c.inputs[l].data(), buf, (T*)nullptr);
-            bj.dy = dy ? dy + d * P : nullptr;
-            bj.ldy = D * P;
-            if (a.dh_n) std::memcpy(dh.data(), a.dh_n + idx * B * P, sizeof(T) * B * P);
-            else std::fill(dh.begin(), dh.end(), T(0));
-            if (s.is_lstm()) {
-                if (a.dc_n) std::memcpy(dc.data(), a.dc_n + idx * B * H, sizeof(T) * B * H);
-                else std::fill(dc.begin(), dc.end(), T(0));
-            }
-            bj.dh = dh.data();
-            bj.dc = dc.data();
-            bj.dgx = dgx.data();
-            bj.ldg = LD;
-            bj.dgh = use_dgh ? dgh.data() : nullptr;
-            bj.dhs = use_dhs ? dhs.data() : nullptr;
-            bj.g = grads[idx];
-            bj.dx = dx;
-            bj.dx_accumulate = d > 0;
+            const DirBackJob<T> bj = prepare(l, d, dh.data(), dc.data(), dgx.data(), dgh.data(), dhs.data(), dy, dx);
             kernels<T>().dir_backward(bj);
-            std::memcpy(out.dh0 + idx * B * P, dh.data(), sizeof(T) * B * P);
-            if (s.is_lstm()) std::memcpy(out.dc0 + idx * B * H, dc.data(), sizeof(T) * B * H);
+            finish(bj, l, d);
         }
         if (l > 0) {
             std::vector<T>& dprev = dlayer[l & 1];

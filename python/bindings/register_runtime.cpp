@@ -30,8 +30,11 @@ void register_runtime(py::module_& m) {
           "Seconds per phase of the recurrence kernels, per team thread, since the last reset "
           "({} unless RNNCORE_PHASES=1).");
     m.def("layer_pipeline_runs", &rnncore::layer_pipeline_runs,
-          "Inference calls of a multi-layer stack that ran its layers at once (the layer "
-          "pipeline) since the process started.");
+          "Forward calls (inference or training) of a multi-layer stack that ran its layers at "
+          "once (the layer pipeline) since the process started.");
+    m.def("layer_pipeline_backward_runs", &rnncore::layer_pipeline_backward_runs,
+          "Backward calls of a multi-layer stack that ran its layers at once since the process "
+          "started.");
     m.def("cuda_built", &rnncore::cuda_built);
     m.def("cuda_available", &rnncore::cuda_available);
     m.def("cuda_status", &rnncore::cuda_status);

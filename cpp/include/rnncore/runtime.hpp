@@ -48,9 +48,11 @@ bool phase_timing();
 std::vector<std::string> phase_names();   // in the order of phase_times()
 std::vector<std::vector<double>> phase_times(bool reset);
 
-// Inference calls of a multi-layer stack that ran its layers at once (the layer pipeline,
-// layer.cpp), since the process started: for tests and profiling.
+// Forward calls (inference or training) of a multi-layer stack that ran its layers at once
+// (the layer pipeline, layer.cpp), and backward calls that did, since the process started:
+// for tests and profiling.
 int64_t layer_pipeline_runs();
+int64_t layer_pipeline_backward_runs();
 
 bool cuda_built();
 bool cuda_available();

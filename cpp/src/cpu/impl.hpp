@@ -2559,7 +2559,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2 (beyond it the
     // split product runs at the GEMM's rate already: GRU T=100 B=64 H=512 0.99, RNN T=50 B=32
     // H=1024 1.035 pipelined) and at least four blocks of steps.
-    if (rteam == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 &&
+    if (rteam == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 && !bj.dy_ready && !bj.dx_ready &&
         split_fits(packed_b_size<T>(Kc, P) * (int64_t)sizeof(T))) {
         pipe_backward<T>(bj, gteam, ghx, Kc, LD, dgh);
         if (lstm && j.peephole) peephole_grads<T>(bj);
@@ -2593,6 +2593,12 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         return packed_b_size<T>(Kc, nmax < H ? nmax : H) * (int64_t)sizeof(T) > 2 * l2_cache_bytes();
     };
     const int max_team = gteam > rteam ? gteam : rteam;
+    // The layer pipeline (dx_ready; a forward-direction team of one): dx a block of steps at a
+    // time as the loop finishes them, from W_ih packed once, so that the layer below can start.
+    const bool dx_blocks = bj.dx_ready && rteam == 1 && !rev;
+    const int64_t DXS = ceil_div(PIPE_FUSE_ROWS, B);   // steps of a block
+    T* pki = dx_blocks && TT > 0 ? alloc<T>(packed_b_size<T>(GH, I)) : nullptr;
+    if (pki) pack_b<T>(false, GH, I, j.w.w_ih, I, pki);
     T* rows_dh = rows_dh_shape && TT > 0 && rows_dh_team(max_team) ? alloc<T>(2 * max_team * B * P) : nullptr;
     StepBarrier sbar;
     auto body = [&](int tid, int team) {
@@ -2641,6 +2647,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
             const T* hprev = j.hbuf + (t + rev) * B * P;
+            if (bj.dy_ready)   // the layer above has written dy of this step (counted from the last)
+                spin_until([&] { return __atomic_load_n(bj.dy_ready, __ATOMIC_ACQUIRE) >= TT - q; }, spin_limit(2));
             auto grow = [&](int64_t b) {   // gate stride gs
                 return gteam > 0 ? j.gates + gate_offset(TT, B, GH, G, SB, rev, t, b, u0, nh)
                                  : j.gates + (t * B + b) * GH + u0;
@@ -2735,6 +2743,17 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                 for (int g = 0; g < G; ++g) add_row<T>(nh, dgt + b * LD + g * H + u0, bsum + g * nh);
             }
             clock.mark(PH_BWD_CELL);
+            if (pki && ((TT - q) % DXS == 0 || q == 0)) {   // dx of the block's steps [q, q + ns)
+                const int64_t ns = (TT - q) % DXS == 0 ? DXS : (TT - q) % DXS;
+                T* dxr = bj.dx + q * B * I;
+                gemm_pb<T>(ns * B, I, GH, bj.dgx + q * B * LD, LD, pki, T(0), dxr, I);
+                if (bj.dx_mask) {
+                    const T* mk = bj.dx_mask + q * B * I;
+                    for (int64_t k = 0; k < ns * B * I; ++k) dxr[k] *= mk[k];
+                }
+                __atomic_store_n(bj.dx_ready, TT - q, __ATOMIC_RELEASE);
+                clock.mark(PH_BWD_INPUT);
+            }
         }
         for (int g = 0; g < G && bsum && nh > 0; ++g) {   // disjoint ranges: no race
             add_row<T>(nh, bsum + g * nh, bj.g.b_ih + g * H + u0);
@@ -2749,6 +2768,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         run_team(rteam, body);
     }
     std::free(rows_dh);
+    std::free(pki);
     if (failed) throw std::bad_alloc();
 
     // Weight gradients: GEMMs over all steps (dW_ih and dW_hh in one where they share dG).
@@ -2766,8 +2786,12 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
     if (lstm && j.peephole) peephole_grads<T>(bj);
     clock.mark(PH_BWD_WEIGHTS);
-    gemm<T>(false, false, R, I, GH, T(1), bj.dgx, LD, j.w.w_ih, I,
-            bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
+    if (!dx_blocks) {
+        gemm<T>(false, false, R, I, GH, T(1), bj.dgx, LD, j.w.w_ih, I,
+                bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
+        for (int64_t k = 0; bj.dx_mask && k < R * I; ++k) bj.dx[k] *= bj.dx_mask[k];
+        if (bj.dx_ready) __atomic_store_n(bj.dx_ready, TT, __ATOMIC_RELEASE);
+    }
     clock.mark(PH_BWD_INPUT);
 }
 
