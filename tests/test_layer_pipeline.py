@@ -190,18 +190,18 @@ def backward_runs():
     return rc._core.layer_pipeline_backward_runs()
 
 
-def team_of_one(layer, B):
-    """Whether each layer's recurrence runs on one thread (B G H P < 6e4): the backward pipeline."""
+def backward_pipelines(layer, B):
+    """Given a pipelined forward, whether the backward pipelines too: each layer's recurrence
+    on one thread (B G H P < 6e4), or up to 4 batch rows."""
     G = {rc.LSTM: 4, rc.GRU: 3, rc.RNN: 1}[type(layer)]
-    return B * G * layer.hidden_size * layer.output_size < 6e4
+    return B * G * layer.hidden_size * layer.output_size < 6e4 or B <= 4
 
 
 def train_call(layer, x, state, dy, dstate, lengths=None, expect=True, expect_bwd=None):
     """forward and backward, asserting whether each took the pipeline (the backward's by
-    default where the forward's did and every layer is a team of one): every output and
-    gradient."""
+    default where the forward's did and backward_pipelines): every output and gradient."""
     if expect_bwd is None:
-        expect_bwd = expect and team_of_one(layer, x.shape[1])
+        expect_bwd = expect and backward_pipelines(layer, x.shape[1])
     layer.zero_grad()
     before, bbefore = runs(), backward_runs()
     y, st = layer.forward(x, state, lengths=lengths)
@@ -223,7 +223,7 @@ def test_training_pipeline_matches_layer_by_layer(cell, dropout, dtype, threads)
     states, dx, dstate0 and every weight gradient equal those of the layer-by-layer order on
     one thread (the same seeded masks)."""
     rng = np.random.default_rng(11)
-    for L, T, B, I, H in [(2, 41, 1, 12, 24), (3, 57, 3, 12, 24), (2, 33, 16, 32, 64)]:
+    for L, T, B, I, H in [(2, 41, 1, 12, 24), (3, 57, 3, 12, 24), (2, 40, 4, 32, 64), (2, 33, 16, 32, 64)]:
         make = stacks(I, H, L, dropout=dropout, seed=5)[cell]
         a, b = make(dtype), make(dtype)   # the same weights and dropout masks
         x = rng.standard_normal((T, B, I)).astype(dtype)
@@ -263,10 +263,12 @@ def test_training_pipeline_against_pytorch(cell, dtype, threads):
 
 
 def test_training_pipeline_layers_that_fit_half_an_l2(threads):
-    """A stack whose layers take teams of two when run one after the other (LSTM I=64 H=128:
-    the backward's team of two reads the forward's one-thread gate layout as row-major)."""
+    """A stack whose layers take teams of two when run one after the other (LSTM I=64 H=128):
+    at batch 1 the backward pipelines too, its layers on one thread each; at batch 8 each
+    layer's backward keeps its two threads, its team reading the forward's one-thread gate
+    layout as the row-major array it is."""
     rng = np.random.default_rng(12)
-    for B in (1, 8):
+    for B in (1, 4, 8):
         a, b = rc.LSTM(64, 128, num_layers=2, seed=3), rc.LSTM(64, 128, num_layers=2, seed=3)
         x = rng.standard_normal((40, B, 64)).astype(np.float32)
         dy = rng.standard_normal((40, B, 128)).astype(np.float32)

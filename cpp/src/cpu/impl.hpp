@@ -2545,7 +2545,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // Gate activations blocked by the forward's team (gate_offset): the same team reads them.
     int gteam = j.gate_team ? *j.gate_team : 0;
     const int64_t SB = fuse_steps(B);
-    const int rteam = rec_threads(B, G, H, P);
+    const int rteam = j.max_threads > 0 && rec_threads(B, G, H, P) > j.max_threads ? j.max_threads
+                                                                                 : rec_threads(B, G, H, P);
     // A team of one's blocks in time order are the row-major array (gate_offset), whatever
     // their steps: read as such by any team (the layer pipeline's layers, run on one thread
     // each, and small layers).
