@@ -226,9 +226,10 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 // output straight into the next layer's kept input, times that layer's dropout mask (the
 // job's ymask), and its gate activations row-major (a team of one in time order), which the
 // backward's team reads as they are. Two layers, T=100, training step (forward + backward),
-// one process against the layer-by-layer build (new/old): B=1 LSTM I=32 H=64 0.87 (three
-// layers 0.87, dropout 0.2 0.87), GRU I=64 H=128 0.85, RNN 0.85, LSTM 0.98; B=16 LSTM
-// I=H=128 0.91, GRU I=64 H=128 0.91 (dropout 0.2 0.84); B=64 LSTM I=32 H=64 0.82.
+// one process, the forward pipelined against the layer-by-layer build (new/old; the backward
+// as before): B=1 LSTM I=32 H=64 0.87 (three layers 0.87, dropout 0.2 0.87), GRU I=64 H=128
+// 0.85, RNN 0.85, LSTM 0.98; B=16 LSTM I=H=128 0.91, GRU I=64 H=128 0.91 (dropout 0.2 0.84);
+// B=64 LSTM I=32 H=64 0.82.
 // Returns the threads, or 0: layer by layer.
 int64_t pipeline_runs = 0, backward_pipeline_runs = 0;   // __atomic builtins
 #ifdef _OPENMP
