@@ -213,6 +213,18 @@ def train_call(layer, x, state, dy, dstate, lengths=None, expect=True, expect_bw
     return out + [layer.grads[k].copy() for k in sorted(layer.grads)]
 
 
+def against_one_thread(a, b, x, state, dy, dstate, threads, what, n=2, **kw):
+    """A training step of `a` on n threads (asserting the pipelines as train_call does) against
+    one of its twin `b` on one thread (layer by layer): every output and gradient."""
+    threads(n)
+    got = train_call(a, x, state, dy, dstate, **kw)
+    threads(1)
+    want = train_call(b, x, state, dy, dstate, expect=False)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, what
+        assert_close(g, w, g.dtype.type, f"{what} output {i}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", sorted(stacks(1, 2, 2)))
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
@@ -231,14 +243,7 @@ def test_training_pipeline_matches_layer_by_layer(cell, dropout, dtype, threads)
         P = a.output_size
         dy = rng.standard_normal((T, B, P)).astype(dtype)
         dstate = random_state(a, rng, B)
-        what = f"{cell} L={L} T={T} B={B} dropout={dropout}"
-        threads(2)
-        got = train_call(a, x, state, dy, dstate)
-        threads(1)
-        want = train_call(b, x, state, dy, dstate, expect=False)
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert g.shape == w.shape and g.dtype == w.dtype, what
-            assert_close(g, w, dtype, f"{what} output {i}")
+        against_one_thread(a, b, x, state, dy, dstate, threads, f"{cell} L={L} T={T} B={B} dropout={dropout}")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "lstm_proj"])
@@ -272,12 +277,7 @@ def test_training_pipeline_layers_that_fit_half_an_l2(threads):
         a, b = rc.LSTM(64, 128, num_layers=2, seed=3), rc.LSTM(64, 128, num_layers=2, seed=3)
         x = rng.standard_normal((40, B, 64)).astype(np.float32)
         dy = rng.standard_normal((40, B, 128)).astype(np.float32)
-        threads(2)
-        got = train_call(a, x, None, dy, None)
-        threads(1)
-        want = train_call(b, x, None, dy, None, expect=False)
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, np.float32, f"B={B} output {i}")
+        against_one_thread(a, b, x, None, dy, None, threads, f"B={B}")
 
 
 def test_backward_pipeline_many_layers_and_threads(threads):
@@ -290,12 +290,7 @@ def test_backward_pipeline_many_layers_and_threads(threads):
         a = rc.GRU(6, 12, num_layers=7, dropout=0.3, seed=8)
         b = rc.GRU(6, 12, num_layers=7, dropout=0.3, seed=8)
         for _ in range(10):
-            threads(n)
-            got = train_call(a, x, None, dy, None)
-            threads(1)
-            want = train_call(b, x, None, dy, None, expect=False)
-            for i, (g, w) in enumerate(zip(got, want)):
-                assert_close(g, w, np.float32, f"threads={n} output {i}")
+            against_one_thread(a, b, x, None, dy, None, threads, f"threads={n}", n=n)
 
 
 def test_backward_pipeline_without_dy_and_short_sequences(threads):
@@ -306,9 +301,31 @@ def test_backward_pipeline_without_dy_and_short_sequences(threads):
         a, b = rc.LSTM(5, 10, num_layers=3, seed=2), rc.LSTM(5, 10, num_layers=3, seed=2)
         x = rng.standard_normal((T, 1, 5)).astype(np.float32)
         dstate = random_state(a, rng, 1)
-        threads(2)
-        got = train_call(a, x, None, None, dstate, expect=expect)
-        threads(1)
-        want = train_call(b, x, None, None, dstate, expect=False)
+        against_one_thread(a, b, x, None, None, dstate, threads, f"T={T}", expect=expect)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_thread_count_changed_between_forward_and_backward(cell, threads):
+    """A pipelined forward then a backward on one thread, and a one-thread forward then a
+    pipelined backward: the backward reads the forward's gate activations whichever ran."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((40, 2, 12)).astype(np.float32)
+    dy = rng.standard_normal((40, 2, 24)).astype(np.float32)
+    make = stacks(12, 24, 3, seed=6)[cell]
+    ref = make(np.float32)
+    threads(1)
+    want = train_call(ref, x, None, dy, None, expect=False)
+    for fwd_threads, bwd_threads in [(2, 1), (1, 2)]:
+        layer = make(np.float32)
+        layer.zero_grad()
+        threads(fwd_threads)
+        before, bbefore = runs(), backward_runs()
+        y, st = layer.forward(x)
+        threads(bwd_threads)
+        dx, dst0 = layer.backward(dy)
+        assert runs() == before + (fwd_threads == 2)
+        assert backward_runs() == bbefore + (bwd_threads == 2)
+        got = flat((y, st)) + [dx] + (list(dst0) if isinstance(dst0, tuple) else [dst0])
+        got += [layer.grads[k].copy() for k in sorted(layer.grads)]
         for i, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, np.float32, f"T={T} output {i}")
+            assert_close(g, w, np.float32, f"{fwd_threads} -> {bwd_threads} threads, output {i}")

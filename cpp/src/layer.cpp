@@ -221,7 +221,7 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 // 1049, RNN I=256 H=512 1341 / 1854; GRU B=16 I=128 H=256 8520 / 9025. Layer l runs on thread
 // l mod n, so with fewer threads than layers a thread runs its layers in order; a layer only
 // waits for the one below it, which never waits for a layer above: the wavefront always
-// moves. Sequences shorter than PIPELINE_MIN_STEPS keep the layer-by-layer order (the wait
+// moves. Sequences shorter than 32 steps keep the layer-by-layer order (the wait
 // for the first block would be much of the call). Training's forward too: a layer writes its
 // output straight into the next layer's kept input, times that layer's dropout mask (the
 // job's ymask), and its gate activations row-major (a team of one in time order), which the
@@ -233,14 +233,18 @@ int concurrent_dir_threads(const LayerSpec& s, int64_t layer, int64_t TT, int64_
 // Returns the threads, or 0: layer by layer.
 int64_t pipeline_runs = 0, backward_pipeline_runs = 0;   // __atomic builtins
 #ifdef _OPENMP
-constexpr int64_t PIPELINE_MIN_STEPS = 32;
+// The threads for a pipeline of the stack's layers, or 0 where it cannot take one.
+int stack_pipeline_base(const LayerSpec& s, int64_t TT) {
+    constexpr int64_t PIPELINE_MIN_STEPS = 32;
+    if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel()) return 0;
+    const int n = threads_for_kernels();
+    return n < 2 ? 0 : n;
+}
 #endif
 int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) {
 #ifdef _OPENMP
-    if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
-        return 0;
-    const int n = threads_for_kernels();
-    if (n < 2) return 0;
+    const int n = stack_pipeline_base(s, TT);
+    if (n == 0) return 0;
     const double H = (double)s.hidden_size, P = (double)s.out_size(), G = s.gates();
     bool fits = true;
     for (int64_t l = 0; l < s.num_layers; ++l) {
@@ -271,10 +275,8 @@ int pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) 
 // steps from the last); each thread then takes its layers' weight gradients.
 int backward_pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int elem_bytes) {
 #ifdef _OPENMP
-    if (s.num_layers < 2 || s.bidirectional || TT < PIPELINE_MIN_STEPS || omp_in_parallel())
-        return 0;
-    const int n = threads_for_kernels();
-    if (n < 2) return 0;
+    const int n = stack_pipeline_base(s, TT);
+    if (n == 0) return 0;
     if ((double)B * s.gates() * s.hidden_size * s.out_size() >= TEAM_MIN_MACS &&
         (B > SMALL_B || pipeline_threads(s, TT, B, elem_bytes) == 0))
         return 0;
@@ -284,6 +286,34 @@ int backward_pipeline_threads(const LayerSpec& s, int64_t TT, int64_t B, int ele
     return 0;
 #endif
 }
+
+// run(l) for each of a pipeline's L layers, layer k (from the bottom, or from the top with
+// top_down) on thread k mod n. A layer that throws publishes all its steps (release(l)) so that
+// the layers waiting on it run on and end (their results are discarded); the first exception
+// is rethrown after the region. Without OpenMP the layers run in that order on the caller.
+template <class Run, class Release>
+void run_layers(int64_t L, int threads, bool top_down, Run&& run, Release&& release) {
+    std::vector<std::exception_ptr> err(L);
+    auto one = [&](int64_t k) {
+        const int64_t l = top_down ? L - 1 - k : k;
+        try {
+            run(l);
+        } catch (...) {
+            err[l] = std::current_exception();
+            release(l);
+        }
+    };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    for (int64_t k = omp_get_thread_num(); k < L; k += omp_get_num_threads()) one(k);
+#else
+    (void)threads;
+    for (int64_t k = 0; k < L; ++k) one(k);
+#endif
+    for (const std::exception_ptr& e : err)
+        if (e) std::rethrow_exception(e);
+}
+struct alignas(64) Ready { int64_t v; };   // a layer's count of published steps, on its own line
 
 }  // namespace
 
@@ -417,7 +447,6 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         else if ((int64_t)pipe_y.size() < L - 1) pipe_y.resize(L - 1);
         auto layer_in = [&](int64_t l) -> std::vector<T>& { return ins[keep ? l : l - 1]; };   // l >= 1
         if ((int64_t)c->dirs.size() < L) c->dirs.resize(L);
-        struct alignas(64) Ready { int64_t v; };
         std::vector<Ready> ready(L);
         std::vector<DirJob<T>> jobs(L);
         for (int64_t l = 0; l < L; ++l) {
@@ -436,21 +465,9 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             j.x_ready = l > 0 ? &ready[l - 1].v : nullptr;
             j.y_ready = &ready[l].v;
         }
-        std::vector<std::exception_ptr> err(L);
         __atomic_add_fetch(&pipeline_runs, 1, __ATOMIC_RELAXED);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(pipe)
-        for (int64_t l = omp_get_thread_num(); l < L; l += omp_get_num_threads()) {
-            try {
-                kernels<T>().dir_forward(jobs[l]);
-            } catch (...) {   // the layers above run on (their results are discarded) and end
-                err[l] = std::current_exception();
-                __atomic_store_n(&ready[l].v, TT, __ATOMIC_RELEASE);
-            }
-        }
-#endif
-        for (const std::exception_ptr& e : err)
-            if (e) std::rethrow_exception(e);
+        run_layers(L, pipe, false, [&](int64_t l) { kernels<T>().dir_forward(jobs[l]); },
+                   [&](int64_t l) { __atomic_store_n(&ready[l].v, TT, __ATOMIC_RELEASE); });
         for (int64_t l = 0; l < L; ++l) finish(jobs[l], l, 0);
         if (keep) *cache = c;
         return;
@@ -575,7 +592,6 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         thread_local std::vector<std::vector<T>> pdgx, pdgh, pdhs, pdx, pdh, pdc;
         for (auto* v : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc})
             if ((int64_t)v->size() < L) v->resize(L);
-        struct alignas(64) Ready { int64_t v; };
         std::vector<Ready> ready(L);
         std::vector<DirBackJob<T>> jobs(L);
         for (int64_t l = 0; l < L; ++l) {
@@ -596,22 +612,9 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             bj.dx_mask = l > 0 && !c.masks.empty() ? c.masks[l - 1].data() : nullptr;
             bj.f.max_threads = 1;
         }
-        std::vector<std::exception_ptr> err(L);
         __atomic_add_fetch(&backward_pipeline_runs, 1, __ATOMIC_RELAXED);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(pipe)
-        for (int64_t k = omp_get_thread_num(); k < L; k += omp_get_num_threads()) {
-            const int64_t l = L - 1 - k;
-            try {
-                kernels<T>().dir_backward(jobs[l]);
-            } catch (...) {   // the layers below run on (their results are discarded) and end
-                err[l] = std::current_exception();
-                __atomic_store_n(&ready[l].v, TT, __ATOMIC_RELEASE);
-            }
-        }
-#endif
-        for (const std::exception_ptr& e : err)
-            if (e) std::rethrow_exception(e);
+        run_layers(L, pipe, true, [&](int64_t l) { kernels<T>().dir_backward(jobs[l]); },
+                   [&](int64_t l) { __atomic_store_n(&ready[l].v, TT, __ATOMIC_RELEASE); });
         for (int64_t l = 0; l < L; ++l) finish(jobs[l], l, 0);
         return;
     }
