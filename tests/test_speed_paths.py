@@ -395,6 +395,39 @@ def test_pipelined_backward_variants(cell, threads):
     assert_same_grads(make[cell], x, dy, ((1, 1), (2, 2)), threads)
 
 
+# A recurrence that runs on one thread anyway (a step under 6e4 multiply-adds) takes the
+# pipelined backward too where a second thread is free: the weight and input gradients of its
+# finished blocks go to that thread. Layers down to one unit (G H under two row tiles: every
+# gate row in the first piece), both directions (the reverse one's gates stay blocked by its
+# forward's team of one), lengths; B=1..4.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H", [1, 5, 16, 48])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_pipelined_backward_of_one_thread_recurrences_against_torch(cell, H, dtype, threads):
+    rng = np.random.default_rng(H)
+    make = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}[cell]
+    threads(2)
+    for B, T in [(1, 37), (3, 40), (4, 9)]:
+        layer = make(7, H, bidirectional=True, dtype=dtype, seed=B)
+        x = rng.standard_normal((T, B, 7)).astype(dtype)
+        lengths = [T] + list(rng.integers(1, T + 1, size=B - 1))
+        compare_with_torch(layer, x, lengths=lengths, rng=rng)
+
+
+@pytest.mark.parametrize("cell", ["lstm_peep_coupled", "rnn_relu", "gru_nobias"])
+def test_pipelined_backward_of_one_thread_recurrences_variants(cell, threads):
+    """Variants PyTorch lacks: two threads (the pipelined backward of a one-thread recurrence)
+    against one (float64)."""
+    make = {"lstm_peep_coupled": lambda: rc.LSTM(5, 12, peephole=True, coupled_gates=True,
+                                                 dtype=np.float64, seed=4),
+            "rnn_relu": lambda: rc.RNN(5, 12, nonlinearity="relu", dtype=np.float64, seed=4),
+            "gru_nobias": lambda: rc.GRU(5, 3, bias=False, dtype=np.float64, seed=4)}[cell]
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((50, 2, 5))
+    dy = rng.standard_normal((50, 2, make().hidden_size))
+    assert_same_grads(make, x, dy, ((1, 1), (2, 2)), threads)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_weight_gradients_of_w_ih_and_w_hh_in_one_gemm(cell, threads):
     """dW_ih and dW_hh come from one GEMM over dG^T with the columns of both: here a partial

@@ -2414,7 +2414,8 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     while (bstart(nblk) < TT) ++nblk;
     const int nparts = gteam > 0 ? gteam : 1;          // the forward's team: its gate layout
     const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
-    const int64_t mhalf = ceil_div(GH, 2 * MR) * MR;   // the pieces' split of the gate rows
+    // the pieces' split of the gate rows (whole row tiles; all in the first where GH < 2 MR)
+    const int64_t mhalf = ceil_div(GH, 2 * MR) * MR < GH ? ceil_div(GH, 2 * MR) * MR : GH;
     // block k: the recurrence's positions [qlo, qhi), time rows [r0, r0 + nr)
     auto block = [&](int64_t k, int64_t& qlo, int64_t& r0, int64_t& nr) {
         const int64_t qhi = TT - bstart(k);
@@ -2545,8 +2546,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // Gate activations blocked by the forward's team (gate_offset): the same team reads them.
     int gteam = j.gate_team ? *j.gate_team : 0;
     const int64_t SB = fuse_steps(B);
-    const int rteam = j.max_threads > 0 && rec_threads(B, G, H, P) > j.max_threads ? j.max_threads
-                                                                                 : rec_threads(B, G, H, P);
+    const int rec = rec_threads(B, G, H, P);
+    const int rteam = j.max_threads > 0 && rec > j.max_threads ? j.max_threads : rec;   // (the pipeline: 1)
     // A team of one's blocks in time order are the row-major array (gate_offset), whatever
     // their steps: read as such by any team (the layer pipeline's layers, run on one thread
     // each, and small layers).
@@ -2559,8 +2560,14 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // alone reads the whole W_hh from its L2 every step, where two read half each: batch 1
     // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2 (beyond it the
     // split product runs at the GEMM's rate already: GRU T=100 B=64 H=512 0.99, RNN T=50 B=32
-    // H=1024 1.035 pipelined) and at least four blocks of steps.
-    if (rteam == 2 && !proj && !gru_orig && B > SMALL_B && ceil_div(TT, pipe_steps(TT, B)) >= 4 && !bj.dy_ready && !bj.dx_ready &&
+    // H=1024 1.035 pipelined) and at least four blocks of steps. Also a recurrence that runs
+    // on one thread anyway (a step under TEAM_MIN_MACS), with a second thread for the weight
+    // gradients: training step, T=100, one process against the layer-by-layer build, B=1 LSTM
+    // I=32 H=64 0.925, GRU I=64 H=128 0.918, RNN 0.951; B=2 LSTM I=32 H=64 0.873; B=4 LSTM I=16
+    // H=32 0.895, GRU I=32 H=64 0.795. (Not inside the layer pipeline, whose other threads run
+    // the other layers.)
+    if (((rteam == 2 && B > SMALL_B) || (rteam == 1 && threads_for_kernels() >= 2)) && !proj && !gru_orig &&
+        ceil_div(TT, pipe_steps(TT, B)) >= 4 && !bj.dy_ready && !bj.dx_ready &&
         split_fits(packed_b_size<T>(Kc, P) * (int64_t)sizeof(T))) {
         pipe_backward<T>(bj, gteam, ghx, Kc, LD, dgh);
         if (lstm && j.peephole) peephole_grads<T>(bj);
@@ -2598,9 +2605,16 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     // time as the loop finishes them, from W_ih packed once, so that the layer below can start.
     const bool dx_blocks = bj.dx_ready && rteam == 1 && !rev;
     const int64_t DXS = ceil_div(PIPE_FUSE_ROWS, B);   // steps of a block
-    T* pki = dx_blocks && TT > 0 ? alloc<T>(packed_b_size<T>(GH, I)) : nullptr;
-    if (pki) pack_b<T>(false, GH, I, j.w.w_ih, I, pki);
     T* rows_dh = rows_dh_shape && TT > 0 && rows_dh_team(max_team) ? alloc<T>(2 * max_team * B * P) : nullptr;
+    T* pki = nullptr;
+    if (dx_blocks && TT > 0) {
+        pki = static_cast<T*>(aligned_buffer((size_t)packed_b_size<T>(GH, I) * sizeof(T)));
+        if (!pki) {
+            std::free(rows_dh);
+            throw std::bad_alloc();
+        }
+        pack_b<T>(false, GH, I, j.w.w_ih, I, pki);
+    }
     StepBarrier sbar;
     auto body = [&](int tid, int team) {
         PhaseClock clock(tid);
