@@ -1482,11 +1482,14 @@ template <class F> inline void spin_until(F&& done, int limit) {
     }
 }
 
+// Waits until a count published by another thread (release) reaches `want` (acquire).
+inline void await_count(const int64_t* count, int64_t want) {
+    spin_until([&] { return __atomic_load_n(count, __ATOMIC_ACQUIRE) >= want; }, spin_limit(2));
+}
 // The layer pipeline: waits until the layer below has written `steps` steps of this job's x
 // (its y_ready; nothing to wait for without one).
 template <class T> inline void await_input(const DirJob<T>& j, int64_t steps) {
-    if (!j.x_ready) return;
-    spin_until([&] { return __atomic_load_n(j.x_ready, __ATOMIC_ACQUIRE) >= steps; }, spin_limit(2));
+    if (j.x_ready) await_count(j.x_ready, steps);
 }
 
 struct StepBarrier {
@@ -2437,10 +2440,6 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     // packed, pieces finished per half; a piece whose GEMM failed to allocate.
     struct alignas(64) Flag { int64_t v; };
     Flag done{}, next{}, pki_ready{}, fin[2]{}, failed{};
-    const int limit = spin_limit(2);
-    auto wait_for = [limit](const int64_t* v, int64_t want) {
-        spin_until([&] { return __atomic_load_n(v, __ATOMIC_ACQUIRE) >= want; }, limit);
-    };
     const T dx_beta = bj.dx_accumulate ? T(1) : T(0);
     // piece (k, h): half h of block k's gate rows of dW_ih and dW_hh, and half of its rows of dx
     auto piece = [&](int64_t k, int h, PhaseClock& clock) {
@@ -2461,8 +2460,8 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
             const int h = (int)(p % 2);
             int64_t qlo, r0, nr;
             block(k, qlo, r0, nr);
-            wait_for(&done.v, TT - qlo);   // the block's gate gradients complete
-            wait_for(&fin[h].v, k);        // the half's previous piece accumulated
+            await_count(&done.v, TT - qlo);   // the block's gate gradients complete
+            await_count(&fin[h].v, k);        // the half's previous piece accumulated
             clock.mark(PH_BWD_SYNC);
             try {   // (no exception may leave the parallel region; the caller throws)
                 piece(k, h, clock);
@@ -2520,7 +2519,7 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
                            bj.g.b_hh + g * H + U.lo);
             }
         }
-        wait_for(&pki_ready.v, 1);
+        await_count(&pki_ready.v, 1);
         pieces(0);
     });
     scratch_free(mem);
@@ -2662,8 +2661,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
             const T* hprev = j.hbuf + (t + rev) * B * P;
-            if (bj.dy_ready)   // the layer above has written dy of this step (counted from the last)
-                spin_until([&] { return __atomic_load_n(bj.dy_ready, __ATOMIC_ACQUIRE) >= TT - q; }, spin_limit(2));
+            if (bj.dy_ready) await_count(bj.dy_ready, TT - q);   // dy of this step written (from the last)
             auto grow = [&](int64_t b) {   // gate stride gs
                 return gteam > 0 ? j.gates + gate_offset(TT, B, GH, G, SB, rev, t, b, u0, nh)
                                  : j.gates + (t * B + b) * GH + u0;
