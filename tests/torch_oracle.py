@@ -24,10 +24,11 @@ def torch_twin(layer):
 
 
 def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_grads=True,
-                       between=None):
+                       between=None, input_grad=True):
     """Forward + backward (gradients on y and on the final state) in both; asserts that
     outputs, final states, dx, dstate0 and every weight gradient agree. `between` is called
-    after rnncore's forward, before its backward."""
+    after rnncore's forward, before its backward. input_grad=False: x does not require grad
+    in PyTorch, rnncore's backward is asked for no dx (and must return None)."""
     rng = rng or np.random.default_rng(0)
     dt = layer.dtype.type
     t = torch_twin(layer)
@@ -46,7 +47,7 @@ def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_
     if between:
         between()
 
-    xt = torch.from_numpy(x.copy()).requires_grad_()
+    xt = torch.from_numpy(x.copy()).requires_grad_(input_grad)
     tstate = None
     if with_state:
         h0t = torch.from_numpy(h0.copy()).requires_grad_()
@@ -78,15 +79,18 @@ def compare_with_torch(layer, x, with_state=True, lengths=None, rng=None, check_
     if lstm:
         dh = rng.standard_normal(st[0].shape).astype(dt)
         dc = rng.standard_normal(st[1].shape).astype(dt)
-        dx, dst0 = layer.backward(dy, (dh, dc))
+        dx, dst0 = layer.backward(dy, (dh, dc), input_grad=input_grad)
         loss = (yt * torch.from_numpy(dy)).sum() + (tst[0] * torch.from_numpy(dh)).sum() \
             + (tst[1] * torch.from_numpy(dc)).sum()
     else:
         dh = rng.standard_normal(st.shape).astype(dt)
-        dx, dst0 = layer.backward(dy, dh)
+        dx, dst0 = layer.backward(dy, dh, input_grad=input_grad)
         loss = (yt * torch.from_numpy(dy)).sum() + (tst * torch.from_numpy(dh)).sum()
     loss.backward()
-    assert_close(dx, xt.grad.numpy(), dt, "dx")
+    if input_grad:
+        assert_close(dx, xt.grad.numpy(), dt, "dx")
+    else:
+        assert dx is None and xt.grad is None
     if with_state:
         if lstm:
             assert_close(dst0[0], tstate[0].grad.numpy(), dt, "dh0")

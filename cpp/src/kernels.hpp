@@ -88,7 +88,7 @@ template <class T> struct DirBackJob {
     int64_t ldg;                    // row stride of dgx and dgh (>= G*H; 0: G*H)
     T* dhs;                         // [T, B, P] LSTM projection: dh of each step
     DirGrads<T> g;                  // accumulated (+=)
-    T* dx; bool dx_accumulate;      // [T*B, I]
+    T* dx; bool dx_accumulate;      // [T*B, I]; null: no input gradient computed
     // The layer pipeline's backward (layer.cpp; a forward-direction team of one): dy_ready,
     // when set, counts the steps of dy, from the last, that the layer above has written (dy
     // is complete when null); dx_ready, when set, is where this job publishes the steps of

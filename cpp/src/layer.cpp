@@ -540,7 +540,7 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         throw std::invalid_argument("grads: expected " + str(L * D) + " entries");
     if ((int64_t)c.dirs.size() != L * D || (int64_t)c.inputs.size() != L)
         throw std::invalid_argument("backward: the cached forward pass does not match this layer");
-    if (!out.dx || !out.dh0 || (s.is_lstm() && !out.dc0))
+    if (!out.dh0 || (s.is_lstm() && !out.dc0))   // (out.dx null: no input gradient)
         throw std::invalid_argument("stack_backward: null output buffer");
     const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
 
@@ -798,7 +798,7 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
     j.y = y.data(); j.ldy = H;
     kernels<T>().dir_forward(j);
 
-    std::vector<T> dh(S * H, T(0)), dc(lstm ? S * H : 1, T(0)), dgx(S * GH), dgh, dx(S * I);
+    std::vector<T> dh(S * H, T(0)), dc(lstm ? S * H : 1, T(0)), dgx(S * GH), dgh;
     for (int64_t r = 0; r < H; ++r) dh[r * H + r] = T(1);
     if (lstm)
         for (int64_t r = 0; r < H; ++r) dc[(H + r) * H + r] = T(1);
@@ -812,7 +812,7 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
     bj.dgx = dgx.data(); bj.dgh = lbr_gru ? dgh.data() : nullptr; bj.dhs = nullptr;
     bj.g.w_ih = gw_ih.data(); bj.g.w_hh = gw_hh.data();
     bj.g.b_ih = w.b_ih ? gb_ih.data() : nullptr; bj.g.b_hh = w.b_hh ? gb_hh.data() : nullptr;
-    bj.dx = dx.data(); bj.dx_accumulate = false;
+    bj.dx = nullptr; bj.dx_accumulate = false;   // (no input gradient needed)
     kernels<T>().dir_backward(bj);
 
     // J_s [S, S]: row r = (d s_r / d h_{t-1}, d s_r / d c_{t-1}) = (dh0 row r, dc0 row r)

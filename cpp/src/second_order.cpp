@@ -165,7 +165,7 @@ void second_order_backward(const SecondOrderParams<T>& p, const SecondOrderCache
     const T* X = c.x.data();
     if (r == 0) {
         gemm<T>(true, false, H * H, I, R, T(1), dm.data(), H * H, X, I, T(1), g.w, I);
-        gemm<T>(false, false, R, I, H * H, T(1), dm.data(), H * H, p.w, I, T(0), dx, I);
+        if (dx) gemm<T>(false, false, R, I, H * H, T(1), dm.data(), H * H, p.w, I, T(0), dx, I);
         return;
     }
     std::vector<T> F(R * r);
@@ -174,6 +174,7 @@ void second_order_backward(const SecondOrderParams<T>& p, const SecondOrderCache
     gemm<T>(true, false, H, r, R, T(1), dz.data(), H, F.data(), r, T(1), g.w_hf, r);
     gemm<T>(true, false, r, H, R, T(1), dv.data(), r, c.hbuf.data(), H, T(1), g.w_fh, H);
     gemm<T>(true, false, r, I, R, T(1), dm.data(), r, X, I, T(1), g.w_fx, I);
+    if (!dx) return;   // (no input gradient asked for)
     gemm<T>(false, false, R, I, r, T(1), dm.data(), r, p.w_fx, I, T(0), dx, I);
     gemm<T>(false, false, R, I, H, T(1), dz.data(), H, p.w_hx, I, T(1), dx, I);
 }

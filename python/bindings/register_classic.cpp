@@ -97,7 +97,8 @@ py::tuple so_forward(int64_t I, int64_t H, int64_t r, const py::list& params, co
 
 template <class T>
 py::tuple so_backward(int64_t I, int64_t H, int64_t r, const py::list& params, const SOCache& sc,
-                      const py::object& dy, const py::object& dhn, const py::list& grads) {
+                      const py::object& dy, const py::object& dhn, const py::list& grads,
+                      bool input_grad) {
     std::vector<CArr<T>> kp;
     auto p = so_params<T>(I, H, r, params, &kp);
     const SecondOrderCache<T>& c = [&]() -> const SecondOrderCache<T>& {
@@ -124,14 +125,14 @@ py::tuple so_backward(int64_t I, int64_t H, int64_t r, const py::list& params, c
     CArr<T> dya, dhna;
     if (!dy.is_none()) dya = need<T>(dy, "dy", {TT, B, H});
     if (!dhn.is_none()) dhna = need<T>(dhn, "dh_n", {B, H});
-    CArr<T> dx({TT, B, I}), dh0({B, H});
+    CArr<T> dx(input_grad ? std::vector<int64_t>{TT, B, I} : std::vector<int64_t>{0}), dh0({B, H});
     {
         py::gil_scoped_release rel;
         second_order_backward<T>(p, c, dy.is_none() ? nullptr : dya.data(),
-                                 dhn.is_none() ? nullptr : dhna.data(), dx.mutable_data(),
+                                 dhn.is_none() ? nullptr : dhna.data(), input_grad ? dx.mutable_data() : nullptr,
                                  dh0.mutable_data(), g);
     }
-    return py::make_tuple(dx, dh0);
+    return py::make_tuple(input_grad ? py::object(dx) : py::object(py::none()), dh0);
 }
 
 template <class T>
@@ -218,12 +219,13 @@ void register_classic(py::module_& m) {
           py::arg("h0"), py::arg("lengths"), py::arg("keep"));
     m.def("second_order_backward",
           [](int64_t I, int64_t H, int64_t r, const py::list& params, const SOCache& c,
-             const py::object& dy, const py::object& dhn, const py::list& grads) {
-              if (c.dbl) return so_backward<double>(I, H, r, params, c, dy, dhn, grads);
-              return so_backward<float>(I, H, r, params, c, dy, dhn, grads);
+             const py::object& dy, const py::object& dhn, const py::list& grads, bool input_grad) {
+              if (c.dbl) return so_backward<double>(I, H, r, params, c, dy, dhn, grads, input_grad);
+              return so_backward<float>(I, H, r, params, c, dy, dhn, grads, input_grad);
           },
           py::arg("input_size"), py::arg("hidden_size"), py::arg("rank"), py::arg("params"), py::arg("cache"),
-          py::arg("dy"), py::arg("dh_n"), py::arg("grads"));
+          py::arg("dy"), py::arg("dh_n"), py::arg("grads"), py::arg("input_grad") = true,
+          "BPTT of a second-order layer: (dx or None where input_grad is false, dh0).");
 
     m.def("rtrl_sizes", [](const LayerSpec& s) { return py::make_tuple(rtrl_state_size(s), rtrl_param_count(s)); });
     m.def("rtrl_step",

@@ -163,7 +163,7 @@ py::tuple forward_t(const LayerSpec& s, const py::list& params, const py::array&
 template <class T>
 py::tuple backward_t(const LayerSpec& s, const py::list& params, const Cache& c,
                      const py::object& dy, const py::object& dhn, const py::object& dcn,
-                     const py::list& grads) {
+                     const py::list& grads, bool input_grad) {
     std::vector<DirParams<T>> dp;
     auto keep_params = take_params<T>(s, params, &dp);
     const int64_t TT = c.steps(), B = c.batch();
@@ -187,18 +187,19 @@ py::tuple backward_t(const LayerSpec& s, const py::list& params, const Cache& c,
     if (!dy.is_none()) { dya = checked<T>(dy, "dy", {TT, B, D * P}); a.dy = dya.data(); }
     if (!dhn.is_none()) { dhna = checked<T>(dhn, "dh_n", {L * D, B, P}); a.dh_n = dhna.data(); }
     if (!dcn.is_none() && s.is_lstm()) { dcna = checked<T>(dcn, "dc_n", {L * D, B, H}); a.dc_n = dcna.data(); }
-    py::array_t<T> dx({TT, B, s.input_size});
+    py::array_t<T> dx = input_grad ? py::array_t<T>({TT, B, s.input_size}) : py::array_t<T>({(int64_t)0});
     py::array_t<T> dh0({L * D, B, P});
     py::array_t<T> dc0 = s.is_lstm() ? py::array_t<T>({L * D, B, H}) : py::array_t<T>({(int64_t)0});
     BackwardOut<T> o;
-    o.dx = dx.mutable_data(); o.dh0 = dh0.mutable_data();
+    o.dx = input_grad ? dx.mutable_data() : nullptr; o.dh0 = dh0.mutable_data();
     o.dc0 = s.is_lstm() ? dc0.mutable_data() : nullptr;
     {
         py::gil_scoped_release release;
         if constexpr (std::is_same<T, double>::value) stack_backward<T>(s, dp, *c.d, a, o, dg);
         else stack_backward<T>(s, dp, *c.f, a, o, dg);
     }
-    return py::make_tuple(dx, dh0, s.is_lstm() ? py::object(dc0) : py::object(py::none()));
+    return py::make_tuple(input_grad ? py::object(dx) : py::object(py::none()), dh0,
+                          s.is_lstm() ? py::object(dc0) : py::object(py::none()));
 }
 
 // The streaming fast path: holds the parameter arrays (updated in place by the Python
@@ -423,15 +424,17 @@ void register_layers(py::module_& m) {
 
     m.def("backward",
           [](const LayerSpec& s, const py::list& params, const Cache& c, const py::object& dy,
-             const py::object& dhn, const py::object& dcn, const py::list& grads) {
+             const py::object& dhn, const py::object& dcn, const py::list& grads, bool input_grad) {
               if (s != c.spec)
                   throw py::value_error("cache: it was made by a layer of another configuration");
-              if (c.is_double) return backward_t<double>(s, params, c, dy, dhn, dcn, grads);
-              return backward_t<float>(s, params, c, dy, dhn, dcn, grads);
+              if (c.is_double) return backward_t<double>(s, params, c, dy, dhn, dcn, grads, input_grad);
+              return backward_t<float>(s, params, c, dy, dhn, dcn, grads, input_grad);
           },
           py::arg("spec"), py::arg("params"), py::arg("cache"), py::arg("dy") = py::none(),
           py::arg("dh_n") = py::none(), py::arg("dc_n") = py::none(), py::arg("grads") = py::list(),
-          "Backpropagation through time. Returns (dx, dh0, dc0 or None); grads accumulate.");
+          py::arg("input_grad") = true,
+          "Backpropagation through time. Returns (dx or None where input_grad is false, dh0, dc0 or "
+          "None); grads accumulate. input_grad=False skips the first layer's input-gradient GEMM.");
 
     py::class_<Stepper>(m, "Stepper")
         .def(py::init([](const LayerSpec& s, const py::list& params, bool dbl, bool frozen) {

@@ -190,7 +190,9 @@ class SecondOrderRNN(Module):
         self._ctx = (ctx, unbatched, shape)
         return out
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, *, input_grad=True):
+        """BPTT through the last `forward`: (dx, dstate0); dx is None where input_grad is
+        False (its GEMMs skipped)."""
         if self._ctx is None:
             raise ValueError("backward: expected a preceding forward()")
         ctx, unbatched, (T, B, I) = self._ctx
@@ -210,10 +212,10 @@ class SecondOrderRNN(Module):
         self._ctx = None
         dx, dh0 = _core.second_order_backward(self.input_size, self.hidden_size, self.rank,
                                               list(self.params.values()), ctx, dy, dstate,
-                                              list(self.grads.values()))
+                                              list(self.grads.values()), bool(input_grad))
         if unbatched:
-            return dx[:, 0, :], dh0[0]
-        if self.batch_first:
+            return (dx[:, 0, :] if dx is not None else None), dh0[0]
+        if self.batch_first and dx is not None:
             dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
         return dx, dh0
 
@@ -331,7 +333,7 @@ class OnlineLearner:
             loss, dh = self._head_loss(y[last], y_t)
             dy = np.zeros_like(y)
             dy[last] = dh
-            rec.backward(dy)
+            rec.backward(dy, input_grad=False)
             self.h = (fin[0] if isinstance(fin, tuple) else fin)[0, 0].copy()
             if self.c is not None:
                 self.c = fin[1][0, 0].copy()

@@ -337,10 +337,12 @@ class _Recurrent(Module):
         self._ctx = (ctx, unbatched, shape)
         return out
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, *, input_grad=True):
         """BPTT through the last `forward`. dy: the gradient of y (same shape; None for
         zeros); dstate: of the final state (same structure; None for zeros). Accumulates
-        into `grads` and returns (dx, dstate0)."""
+        into `grads` and returns (dx, dstate0). input_grad=False skips the gradient of the
+        input (dx is then None): what a training loop on data does not need (PyTorch's
+        input without requires_grad), one GEMM of the backward's six saved."""
         self._check_trainable("backward")
         if self._ctx is None:
             raise ValueError("backward: expected a preceding forward() (call forward(x) first; "
@@ -378,11 +380,11 @@ class _Recurrent(Module):
         dc = state_grad(dc, "dstate[1]", H)
         self._ctx = None
         dx, dh0, dc0 = _core.backward(self._spec, self._param_list(), ctx, dy, dh, dc,
-                                      list(self.grads.values()))
+                                      list(self.grads.values()), bool(input_grad))
         if unbatched:
-            dx, dh0 = dx[:, 0, :], dh0[:, 0, :]
+            dx, dh0 = (dx[:, 0, :] if dx is not None else None), dh0[:, 0, :]
             dc0 = dc0[:, 0, :] if dc0 is not None else None
-        elif self.batch_first:
+        elif self.batch_first and dx is not None:
             dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
         return dx, ((dh0, dc0) if self._is_lstm else dh0)
 

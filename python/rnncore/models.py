@@ -329,19 +329,27 @@ class Sequential(_Trainable):
         """Training forward (keeps activations). Returns (output, final states)."""
         return self._run(x, lengths, states, keep=True)
 
-    def backward(self, dy):
-        """Backpropagates dy through the last forward; grads accumulate."""
+    def backward(self, dy, input_grad=True):
+        """Backpropagates dy through the last forward; grads accumulate. Returns the gradient
+        of the model's input, or None where input_grad is False: then nothing is computed
+        that only the input's gradient needs (the backward stops at the lowest block with
+        parameters, a recurrent one skipping its input-gradient GEMM), as `fit` does."""
+        low = 0
+        if not input_grad:   # the lowest block with parameters; none below it needs a gradient
+            low = next((i for i, b in enumerate(self.blocks) if len(b.params)), len(self.blocks))
         g = dy
-        for b in reversed(self.blocks):
+        for i in range(len(self.blocks) - 1, low - 1, -1):
+            b = self.blocks[i]
+            last = not input_grad and i == low
             if _is_rec(b):
                 gg = g if b.batch_first else np.ascontiguousarray(g.transpose(1, 0, 2))
-                dx, _ = b.backward(gg)
-                g = dx if b.batch_first else dx.transpose(1, 0, 2)
+                dx, _ = b.backward(gg, input_grad=not last)
+                g = None if dx is None else (dx if b.batch_first else dx.transpose(1, 0, 2))
             else:
                 g = b.backward(g)
-                if g is None:
-                    break
-        return g
+            if g is None:
+                break
+        return None if not input_grad else g
 
     def __call__(self, x, lengths=None, states=None):
         y, _ = self._run(x, lengths, states, keep=False)
@@ -451,7 +459,7 @@ class Sequential(_Trainable):
                 l, g = loss_fn(out, yc, mask=mask, return_grad=True)
             else:
                 l, g = loss_fn(out, yc, return_grad=True)
-            self.backward(g)
+            self.backward(g, input_grad=False)
             update()
             c = _count(out, yc, mask)
             tot += l * c

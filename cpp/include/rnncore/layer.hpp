@@ -150,6 +150,8 @@ void stack_forward(const LayerSpec& spec, const std::vector<DirParams<T>>& param
 
 // Backpropagation through time. dy [T, B, D*P] (may be null: zeros), dh_n [L*D, B, P] and
 // dc_n [L*D, B, H] (may be null). Writes dx [T, B, I], dh0, dc0; accumulates (+=) into grads.
+// out.dx may be null: the input gradient of the first layer is then not computed (its GEMM
+// skipped, as a training loop on data needs no gradient of the data).
 template <class T> struct BackwardArgs {
     const T* dy = nullptr; const T* dh_n = nullptr; const T* dc_n = nullptr;
 };

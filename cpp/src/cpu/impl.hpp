@@ -2426,7 +2426,7 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
         r0 = (rev ? TT - qhi : qlo) * B;
         nr = (qhi - qlo) * B;
     };
-    const int64_t sizes[6] = {packed_b_size<T>(Kc, P), packed_b_size<T>(GH, I), B * P, gru ? B * H : 0,
+    const int64_t sizes[6] = {packed_b_size<T>(Kc, P), bj.dx ? packed_b_size<T>(GH, I) : 0, B * P, gru ? B * H : 0,
                               bj.g.b_ih ? G * H : 0, two_bias ? G * H : 0};
     T* buf[6];
     int carve_failed = 0;
@@ -2448,7 +2448,7 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
         weight_grads<T>(bj, ghx, LD, dgh, r0, nr, h == 0 ? 0 : mhalf, h == 0 ? mhalf : GH);
         clock.mark(PH_BWD_WEIGHTS);
         const int64_t x0 = r0 + nr * h / 2, x1 = r0 + nr * (h + 1) / 2;
-        if (x1 > x0) gemm_pb<T>(x1 - x0, I, GH, bj.dgx + x0 * LD, LD, pki, dx_beta, bj.dx + x0 * I, I);
+        if (x1 > x0 && bj.dx) gemm_pb<T>(x1 - x0, I, GH, bj.dgx + x0 * LD, LD, pki, dx_beta, bj.dx + x0 * I, I);
         clock.mark(PH_BWD_INPUT);
     };
     auto pieces = [&](int tid) {   // claim pieces in order until none is left
@@ -2472,8 +2472,8 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
         }
     };
     run_team(2, [&](int tid, int team) {
-        if (tid == (team > 1 ? 1 : 0)) {   // the input gradients' packed W_ih
-            pack_b<T>(false, GH, I, j.w.w_ih, I, pki);
+        if (tid == (team > 1 ? 1 : 0)) {   // the input gradients' packed W_ih (if dx is asked for)
+            if (bj.dx) pack_b<T>(false, GH, I, j.w.w_ih, I, pki);
             __atomic_store_n(&pki_ready.v, 1, __ATOMIC_RELEASE);
         }
         if (tid > 0) {
@@ -2799,7 +2799,7 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     if (proj) gemm<T>(true, false, P, H, R, T(1), bj.dhs, P, j.mbuf, H, T(1), bj.g.w_hr, H);
     if (lstm && j.peephole) peephole_grads<T>(bj);
     clock.mark(PH_BWD_WEIGHTS);
-    if (!dx_blocks) {
+    if (!dx_blocks && bj.dx) {   // (no dx asked for: the caller needs no input gradient)
         gemm<T>(false, false, R, I, GH, T(1), bj.dgx, LD, j.w.w_ih, I,
                 bj.dx_accumulate ? T(1) : T(0), bj.dx, I);
         for (int64_t k = 0; bj.dx_mask && k < R * I; ++k) bj.dx[k] *= bj.dx_mask[k];
