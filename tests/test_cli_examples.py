@@ -113,6 +113,24 @@ def test_examples_smoke(example):
     assert out.stdout.strip()
 
 
+def test_bench_training_without_the_input_gradient(tmp_path):
+    """--no-input-grad: both libraries' training steps skip the input's gradient (PyTorch's x
+    without requires_grad), said in the header, the table's caption and the JSON."""
+    pytest.importorskip("torch")
+    out = cli("bench", "--cells", "GRU", "--shapes", "6,2,8,16", "--no-step", "--no-input-grad",
+              "--threads", "1", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr
+    import json
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["train_input_grad"] is False
+    assert data["rows"][0]["train_rnncore"] > 0 and data["rows"][0]["train_torch"] > 0
+    assert out.stdout.count("without the input's gradient") == 2
+    out = cli("bench", "--cells", "GRU", "--shapes", "6,2,8,16", "--no-step", "--threads", "1",
+              "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0 and "without the input's gradient" not in out.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["train_input_grad"] is True
+
+
 def test_bench_a_stack(tmp_path):
     """A fifth number in a shape is the stack's layers: every peer runs the same stack (the
     NumPy peer layer after layer, checked against rnncore's output before timing)."""

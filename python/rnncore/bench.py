@@ -221,7 +221,7 @@ def _interleaved(fns, rounds=ROUNDS):
     return {k: (float(np.median(v)), v) for k, v in times.items()}
 
 
-def bench_shape(cell, shape, peers, train=True):
+def bench_shape(cell, shape, peers, train=True, input_grad=True):
     import rnncore as rc
     T, B, I, H = shape[:4]
     L = layers_of(shape)
@@ -273,10 +273,11 @@ def bench_shape(cell, shape, peers, train=True):
 
             def ours_train():
                 trainee.forward(x)
-                trainee.backward(dy)
+                trainee.backward(dy, input_grad=input_grad)
 
             dyt = torch.from_numpy(dy)
-            xg = torch.from_numpy(x.copy()).requires_grad_()
+            # input_grad=False: a training step on data (no gradient of x in either library)
+            xg = torch.from_numpy(x.copy()).requires_grad_(input_grad)
 
             def torch_train():
                 y, _ = tm(xg)
@@ -396,13 +397,14 @@ def _fmt_ms(v):
     return "-" if v is None else f"{v * 1e3:.2f}"
 
 
-def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=True):
+def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=True, input_grad=True):
     import rnncore as rc
     rc.set_num_threads(threads)
     peers = Peers(threads)
     info = rc.info()
     print(f"rnncore {info['version']} isa={info['isa']} threads={threads}; "
-          f"torch={'yes' if peers.torch else 'no'} onnxruntime={'yes' if peers.ort else 'no'}", flush=True)
+          f"torch={'yes' if peers.torch else 'no'} onnxruntime={'yes' if peers.ort else 'no'}"
+          + ("" if input_grad else "; training without the input's gradient (both libraries)"), flush=True)
     peak = sgemm_peak(peers, threads)
     bw = cache_bandwidth(threads)
     print("sgemm peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) +
@@ -411,7 +413,7 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
     rows = []
     for cell in cells or CELLS:
         for shape in shapes:
-            r = bench_shape(cell, shape, peers, train=train)
+            r = bench_shape(cell, shape, peers, train=train, input_grad=input_grad)
             rows.append(r)
             msg = (f"{cell:4s} T={shape[0]:3d} B={shape[1]:2d} I={shape[2]:4d} H={shape[3]:4d}"
                    + (f" L={layers_of(shape)}" if layers_of(shape) > 1 else "") + "  "
@@ -445,19 +447,22 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
         print("training peak RSS growth, LSTM T=100 B=64 I=256 H=512 (MiB): " +
               ", ".join(f"{k} {v:.0f}" for k, v in mem.items()), flush=True)
     print()
-    print(markdown(rows, steps, mem, peak, bw, threads, info))
+    print(markdown(rows, steps, mem, peak, bw, threads, info, input_grad))
     if out_json:
         with open(out_json, "w") as f:
             json.dump({"rows": rows, "steps": steps, "rss_mib": mem, "sgemm": peak, "bandwidth": bw,
-                       "threads": threads, "info": info}, f, indent=1, default=str)
+                       "threads": threads, "info": info, "train_input_grad": input_grad},
+                      f, indent=1, default=str)
     return rows, steps
 
 
-def markdown(rows, steps, mem, peak, bw, threads, info):
+def markdown(rows, steps, mem, peak, bw, threads, info, input_grad=True):
     lines = [f"Times in ms (median of {ROUNDS} interleaved rounds), {threads} threads, fp32, isa {info['isa']}; "
              f"ratio = rnncore / fastest "
              f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
-             f"{bw['l2_per_core']:.0f} GB/s per core.",
+             f"{bw['l2_per_core']:.0f} GB/s per core."
+             + ("" if input_grad else " Training without the input's gradient in both libraries "
+                "(PyTorch: x without requires_grad; rnncore: backward(input_grad=False))."),
              "",
              "| cell | T, B, I, H | rnncore | NumPy | PyTorch | ONNX Runtime | ratio | vs NumPy | GFLOP/s | train rnncore | train PyTorch | train ratio | train GFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -504,6 +509,9 @@ def main(argv=None):
     ap.add_argument("--shapes", help="semicolon-separated T,B,I,H[,layers] shapes instead of the default "
                     "set (e.g. '25,4,1024,1024;100,1,64,128,2')")
     ap.add_argument("--no-step", action="store_true", help="skip the one-step-from-Python timing")
+    ap.add_argument("--no-input-grad", action="store_true",
+                    help="training steps on data: neither library computes the gradient of the input "
+                    "(PyTorch: x without requires_grad; rnncore: backward(input_grad=False))")
     args = ap.parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -522,7 +530,7 @@ def main(argv=None):
         if bad or not cells:
             ap.error(f"--cells: expected a subset of {','.join(CELLS)}, got {args.cells!r}")
     run(shapes, threads, train=not args.no_train, rss=not args.quick and not args.shapes,
-        out_json=args.json, cells=cells, step=not args.no_step)
+        out_json=args.json, cells=cells, step=not args.no_step, input_grad=not args.no_input_grad)
     return 0
 
 

@@ -113,6 +113,8 @@ def _cmd_bench(args) -> int:
         argv.append("--no-train")
     if args.no_step:
         argv.append("--no-step")
+    if args.no_input_grad:
+        argv.append("--no-input-grad")
     if args.json:
         argv += ["--json", args.json]
     return bench_main(argv)
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shapes", help="semicolon-separated T,B,I,H shapes, e.g. '25,4,1024,1024'")
     s.add_argument("--no-train", action="store_true", help="inference only")
     s.add_argument("--no-step", action="store_true", help="skip the one-step-from-Python timing")
+    s.add_argument("--no-input-grad", action="store_true",
+                   help="training steps on data: no gradient of the input in either library")
     s.add_argument("--json", help="also write the results to this file")
     s.set_defaults(func=_cmd_bench)
 
