@@ -68,6 +68,39 @@ template <class T> py::array_t<T> checked(py::handle obj, const std::string& nam
     return a;
 }
 
+// matmul: out = op(a) @ op(b) + beta * out with rnncore's GEMM on its own threads. a and b
+// (2-D, of the dtype T, any strides: a strided operand is copied) are checked before any work.
+template <class T>
+py::array matmul_t(const py::array& a_any, const py::array& b_any, bool ta, bool tb, const py::object& out,
+                   double beta) {
+    auto operand = [](const py::array& x, const char* name) {
+        if (x.ndim() != 2)
+            throw py::value_error(std::string(name) + ": expected a 2-D array, got " + std::to_string(x.ndim()) +
+                                  " dimensions");
+        return py::array_t<T, py::array::c_style>::ensure(x);   // (same dtype: a copy only if strided)
+    };
+    auto a = operand(a_any, "a"), b = operand(b_any, "b");
+    const int64_t M = ta ? a.shape(1) : a.shape(0), K = ta ? a.shape(0) : a.shape(1);
+    const int64_t Kb = tb ? b.shape(1) : b.shape(0), N = tb ? b.shape(0) : b.shape(1);
+    if (K != Kb)
+        throw py::value_error("b: expected " + std::to_string(K) + (tb ? " columns" : " rows") +
+                              " (the inner dimension of a), got " + std::to_string(Kb));
+    py::array_t<T> c;
+    if (out.is_none()) {
+        if (beta != 0.0) throw py::value_error("beta: expected 0 without out, got " + std::to_string(beta));
+        c = py::array_t<T>({M, N});
+    } else {
+        c = checked<T>(out, "out", {M, N});
+        if (!c.writeable()) throw py::value_error("out: array is read-only");
+    }
+    {
+        py::gil_scoped_release r;
+        gemm<T>(ta, tb, M, N, K, T(1), a.data(), a.shape(1) > 0 ? a.shape(1) : 1, b.data(),
+                b.shape(1) > 0 ? b.shape(1) : 1, (T)beta, c.mutable_data(), N > 0 ? N : 1);
+    }
+    return c;
+}
+
 struct Cache {
     LayerSpec spec;
     bool is_double = false;
@@ -509,4 +542,54 @@ void register_layers(py::module_& m) {
           },
           py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
           "C = op(a) @ op(b) with rnncore's GEMM (float32; for tests and benchmarks).");
+    m.def("matmul",
+          [](const py::array& a, const py::array& b, bool ta, bool tb, const py::object& out, double beta) {
+              const bool f64 = a.dtype().equal(py::dtype::of<double>());
+              if (!f64 && !a.dtype().equal(py::dtype::of<float>()))
+                  throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
+              if (!b.dtype().equal(a.dtype()))
+                  throw py::type_error("b: expected " + std::string(py::str(a.dtype())) + " (the dtype of a), got " +
+                                       std::string(py::str(b.dtype())));
+              return f64 ? matmul_t<double>(a, b, ta, tb, out, beta) : matmul_t<float>(a, b, ta, tb, out, beta);
+          },
+          py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+          py::arg("out") = py::none(), py::arg("beta") = 0.0,
+          "out = op(a) @ op(b) + beta * out (float32 or float64, a new array without out) with rnncore's "
+          "GEMM on its own threads: the Dense block and the optimizers use it instead of NumPy's BLAS, "
+          "whose idle threads spin on the cores rnncore's kernels run on.");
+    m.def("sum_squares",
+          [](const py::list& arrays) {
+              // the squared L2 norm of all the arrays (float32 or float64), summed in float64
+              std::vector<py::array> keep;
+              for (size_t i = 0; i < arrays.size(); ++i) {
+                  if (!py::isinstance<py::array>(arrays[i]))
+                      throw py::type_error("arrays[" + std::to_string(i) + "]: expected a numpy array");
+                  py::array x = py::reinterpret_borrow<py::array>(arrays[i]);
+                  if (!x.dtype().equal(py::dtype::of<float>()) && !x.dtype().equal(py::dtype::of<double>()))
+                      throw py::type_error("arrays[" + std::to_string(i) + "]: expected float32 or float64, got " +
+                                           std::string(py::str(x.dtype())));
+                  keep.push_back(x.dtype().equal(py::dtype::of<float>())
+                                     ? py::array(py::array_t<float, py::array::c_style>::ensure(x))
+                                     : py::array(py::array_t<double, py::array::c_style>::ensure(x)));
+              }
+              double total = 0;
+              {
+                  py::gil_scoped_release r;
+                  for (const py::array& x : keep) {
+                      double s[4] = {0, 0, 0, 0};
+                      const int64_t n = x.size();
+                      auto add = [&](auto* p) {
+                          int64_t i = 0;
+                          for (; i + 4 <= n; i += 4)
+                              for (int k = 0; k < 4; ++k) s[k] += (double)p[i + k] * (double)p[i + k];
+                          for (; i < n; ++i) s[0] += (double)p[i] * (double)p[i];
+                      };
+                      if (x.itemsize() == 4) add(static_cast<const float*>(x.data()));
+                      else add(static_cast<const double*>(x.data()));
+                      total += (s[0] + s[1]) + (s[2] + s[3]);
+                  }
+              }
+              return total;
+          },
+          py::arg("arrays"), "The sum of the squares of every element of the arrays, in float64.");
 }

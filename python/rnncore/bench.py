@@ -307,7 +307,9 @@ def bench_shape(cell, shape, peers, train=True, input_grad=True):
         row["train_ratio"] = row["train_rnncore"] / row["train_torch"]
     if "train_rnncore" in row:
         # forward + backward: the backward's products (dh, dW_ih | dW_hh, dx) are twice the forward's
-        row["train_gflops"] = 3 * flops(cell, T, B, I, H, L) / row["train_rnncore"] / 1e9
+        # (without the input's gradient, less the first layer's dx: the size of its projection)
+        train_flops = 3 * flops(cell, T, B, I, H, L) - (0 if input_grad else 2.0 * T * B * G * H * I)
+        row["train_gflops"] = train_flops / row["train_rnncore"] / 1e9
     return row
 
 

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from . import _core
 from ._arrays import (Module, ParamDict, as_float_array, canonical_dtype, check_int, check_prob,
                       shape_str)
 
@@ -136,7 +137,11 @@ class Dense(Block):
         x = as_float_array(x, "x", self.dtype)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape (..., {self.in_features}), got {shape_str(x.shape)}")
-        y = x @ self.params["weight"].T
+        # rnncore's GEMM on its own threads, not NumPy's BLAS: OpenBLAS's idle threads spin for
+        # a while after each call, on the cores the recurrent kernels run on next (an epoch of
+        # `rnncore train` took twice as long with x @ W.T here; benchmarks/fit.py)
+        y = _core.matmul(x.reshape(-1, self.in_features), self.params["weight"], False, True)
+        y = y.reshape(x.shape[:-1] + (self.out_features,))
         if self.bias:
             y += self.params["bias"]
         if self.activation == "tanh":
@@ -162,10 +167,10 @@ class Dense(Block):
             dy = dy * y * (1 - y)
         d2 = dy.reshape(-1, self.out_features)
         x2 = x.reshape(-1, self.in_features)
-        self.grads["weight"] += d2.T @ x2
+        _core.matmul(d2, x2, True, False, out=self.grads["weight"], beta=1.0)   # += d2.T @ x2
         if self.bias:
             self.grads["bias"] += d2.sum(axis=0)
-        return (d2 @ self.params["weight"]).reshape(x.shape)
+        return _core.matmul(d2, self.params["weight"]).reshape(x.shape)
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,

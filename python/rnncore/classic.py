@@ -311,7 +311,7 @@ class OnlineLearner:
             _core.rtrl_step(rec._spec, params, x, self.h, self.c, self.P)
             loss, dh = self._head_loss(self.h, y_t)
             dstate = dh if self.c is None else np.concatenate([dh, np.zeros_like(dh)])
-            g = dstate @ self.P
+            g = _core.matmul(dstate[None], self.P)[0]   # (dstate @ P without NumPy's BLAS threads)
             GH, I, H = rec._spec.gates * rec.hidden_size, rec.input_size, rec.hidden_size
             rec.grads["weight_ih_l0"] += g[:GH * I].reshape(GH, I)
             rec.grads["weight_hh_l0"] += g[GH * I:GH * (I + H)].reshape(GH, H)

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from . import _core
+
 
 def _touch(params):
     bump = getattr(params, "touch", None)
@@ -20,7 +22,9 @@ def clip_grad_norm(grads, max_norm):
     """Scales all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping."""
     arrays = list(grads.values()) if hasattr(grads, "values") else list(grads)
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in arrays))
+    # (not np.dot: NumPy's BLAS would wake threads that then spin on rnncore's cores)
+    total = math.sqrt(_core.sum_squares([g if g.dtype in (np.float32, np.float64) else g.astype(np.float64)
+                                         for g in map(np.asarray, arrays)]))
     if max_norm is not None and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for g in arrays:

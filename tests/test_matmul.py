@@ -1,0 +1,145 @@
+"""_core.matmul and _core.sum_squares (rnncore's GEMM and a float64 sum of squares, which the
+Dense block, gradient clipping and RTRL use instead of NumPy's BLAS), and the Dense block on
+them against PyTorch's Linear."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rnncore as rc
+from rnncore import _core
+from conftest import assert_close
+
+SHAPES = [(1, 1, 1), (7, 5, 3), (64, 92, 256), (33, 130, 17), (0, 4, 3), (4, 0, 3), (4, 3, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_matmul_against_numpy(dtype, ta, tb):
+    rng = np.random.default_rng(1)
+    for M, N, K in SHAPES:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(dtype)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(dtype)
+        want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+        got = _core.matmul(a, b, ta, tb)
+        assert got.dtype == dtype and got.shape == (M, N)
+        assert_close(got, want, dtype, f"{M}x{N}x{K}")
+        c0 = rng.standard_normal((M, N)).astype(dtype)
+        c = c0.copy()
+        assert _core.matmul(a, b, ta, tb, out=c, beta=1.0) is not None
+        assert_close(c, c0 + want, dtype, f"{M}x{N}x{K} accumulated")
+        c = c0.copy()
+        _core.matmul(a, b, ta, tb, out=c, beta=0.5)
+        assert_close(c, 0.5 * c0 + want, dtype, f"{M}x{N}x{K} beta 0.5")
+
+
+def test_matmul_strided_operands():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((40, 30)).astype(np.float32)[::2, 1::3]    # (20, 10), strided
+    b = rng.standard_normal((10, 24)).astype(np.float32).T              # (24, 10), a transposed view
+    np.testing.assert_allclose(_core.matmul(a, b, False, True), a @ b.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_core.matmul(a, b.T), a @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_rejects_bad_arguments():
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    cases = [
+        ((a, b.astype(np.float64)), {}, TypeError, "b: expected float32"),
+        ((a.astype(np.int32), b), {}, TypeError, "a: expected float32 or float64"),
+        ((a[0], b), {}, ValueError, "a: expected a 2-D array"),
+        ((a, b[None]), {}, ValueError, "b: expected a 2-D array"),
+        ((a, b.T), {}, ValueError, "b: expected 4 rows"),
+        ((a, b, False, True), {}, ValueError, "b: expected 4 columns"),
+        ((a, b), {"out": np.zeros((3, 4), np.float32)}, ValueError, r"out: expected shape \(3, 5\)"),
+        ((a, b), {"out": np.zeros((3, 5), np.float64)}, TypeError, "out: expected a C-contiguous float32"),
+        ((a, b), {"out": np.zeros((5, 3), np.float32).T}, TypeError, "out: expected a C-contiguous"),
+        ((a, b), {"beta": 1.0}, ValueError, "beta: expected 0 without out"),
+    ]
+    for args, kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            _core.matmul(*args, **kw)
+    ro = np.zeros((3, 5), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        _core.matmul(a, b, out=ro)
+
+
+def test_sum_squares():
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((31, 7)).astype(np.float32), rng.standard_normal(5),
+              rng.standard_normal((6, 8))[:, ::3], np.zeros(0, np.float32)]
+    want = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in arrays)
+    assert _core.sum_squares(arrays) == pytest.approx(want, rel=1e-12)
+    assert _core.sum_squares([]) == 0.0
+    with pytest.raises(TypeError, match=r"arrays\[1\]: expected float32 or float64"):
+        _core.sum_squares([arrays[0], np.ones(3, np.int64)])
+    with pytest.raises(TypeError, match=r"arrays\[0\]: expected a numpy array"):
+        _core.sum_squares([[1.0, 2.0]])
+    # clip_grad_norm takes other dtypes as before (converted for the sum)
+    g = {"a": np.full(4, 3, np.float16), "b": np.full(4, 4.0, np.float32)}
+    assert rc.optim.clip_grad_norm(g, None) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_against_torch_linear(dtype, activation, bias):
+    """Forward, input gradient and weight gradients against torch.nn.Linear (+ activation) for
+    1-D, 2-D and strided 3-D inputs."""
+    rng = np.random.default_rng(4)
+    d = rc.Dense(12, 7, bias=bias, activation=activation, seed=0, dtype=dtype)
+    lin = torch.nn.Linear(12, 7, bias=bias, dtype=torch.float64 if dtype == np.float64 else torch.float32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(d.params["weight"]))
+        if bias:
+            lin.bias.copy_(torch.from_numpy(d.params["bias"]))
+    act = {None: lambda v: v, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}[activation]
+    for x in (rng.standard_normal(12), rng.standard_normal((5, 12)),
+              rng.standard_normal((9, 4, 12)).transpose(1, 0, 2)):
+        x = x.astype(dtype)
+        d.zero_grad()
+        lin.zero_grad()
+        y = d.forward(x)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_()
+        yt = act(lin(xt))
+        assert_close(y, yt.detach().numpy(), dtype, "y")
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = d.backward(dy)
+        (yt * torch.from_numpy(dy)).sum().backward()
+        assert_close(dx, xt.grad.numpy(), dtype, "dx")
+        assert_close(d.grads["weight"], lin.weight.grad.numpy(), dtype, "dW")
+        if bias:
+            assert_close(d.grads["bias"], lin.bias.grad.numpy(), dtype, "db")
+
+
+def test_fit_runs_no_numpy_blas():
+    """A training epoch of a Sequential with Dense blocks, gradient clipping and Adam calls no
+    NumPy matrix product (they ran on NumPy's BLAS, whose idle threads then spun on rnncore's
+    cores: an epoch of `rnncore train` took twice as long). Checked in a subprocess with NumPy's
+    matmul and dot replaced by functions that fail."""
+    code = r"""
+import numpy as np, rnncore as rc
+m = rc.Sequential(rc.Embedding(20, 8, seed=0), rc.LSTM(8, 16, batch_first=True, seed=0),
+                  rc.Dense(16, 16, activation="tanh", seed=1), rc.Dense(16, 20, seed=2))
+X = np.random.default_rng(0).integers(0, 20, (12, 10)); Y = np.roll(X, -1, axis=1)
+m.fit(X, Y, epochs=1, batch_size=4, clip_norm=1.0, progress=False)   # warm: imports done
+def banned(*a, **k):
+    raise AssertionError("a NumPy BLAS call")
+np.dot = banned; np.matmul = banned; np.vdot = banned; np.inner = banned; np.tensordot = banned
+class Guard(np.ndarray):
+    def __matmul__(self, other):
+        raise AssertionError("a NumPy matrix product (@)")
+    __rmatmul__ = __matmul__
+import rnncore.blocks as blocks
+orig = blocks.as_float_array
+blocks.as_float_array = lambda *a, **k: orig(*a, **k).view(Guard)
+h = m.fit(X, Y, epochs=2, batch_size=4, clip_norm=1.0, progress=False, validation_data=(X, Y))
+assert np.isfinite(h.history["loss"]).all()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
