@@ -143,3 +143,75 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,kw", [(rc.optim.Adam, {}), (rc.optim.Adam, {"weight_decay": 0.1}),
+                                    (rc.optim.AdamW, {"weight_decay": 0.3})])
+def test_fused_adam_matches_the_numpy_rule(cls, kw, dtype):
+    """The one-pass C++ step (C-contiguous arrays) against the NumPy rule (taken for a
+    Fortran-ordered parameter) over several steps."""
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal((6, 9)).astype(dtype)
+    a = {"w": p0.copy()}
+    b = {"w": np.asfortranarray(p0)}
+    oa, ob = cls(lr=0.05, **kw), cls(lr=0.05, **kw)
+    for _ in range(6):
+        g = rng.standard_normal(p0.shape).astype(dtype)
+        oa.step(a, {"w": g})
+        ob.step(b, {"w": np.asfortranarray(g)})
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(a["w"], b["w"], rtol=tol, atol=tol)
+    assert not np.allclose(a["w"], p0)
+    np.testing.assert_allclose(oa.state["w"]["v"], ob.state["w"]["v"], rtol=tol, atol=tol)
+
+
+def test_fused_adam_rejects_bad_arrays():
+    p = np.ones(4, np.float32)
+    z = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match="grad: expected a C-contiguous float32"):
+        _core.adam_update(p, np.ones(4), z.copy(), z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    with pytest.raises(ValueError, match=r"exp_avg: expected shape \(4,\)"):
+        _core.adam_update(p, p.copy(), np.zeros(5, np.float32), z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    with pytest.raises(ValueError, match="step: expected >= 1"):
+        _core.adam_update(p, p.copy(), z.copy(), z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 0)
+    ro = z.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _core.adam_update(p, p.copy(), ro, z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_backward_matches_add_at(dtype):
+    rng = np.random.default_rng(6)
+    e = rc.Embedding(7, 5, seed=0, dtype=dtype)
+    ids = rng.integers(0, 7, (4, 9))
+    ids[0, :3] = 2   # repeated ids accumulate
+    y = e.forward(ids)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    e.grads["weight"][:] = 1.0
+    assert e.backward(dy) is None
+    want = np.ones((7, 5), dtype)
+    np.add.at(want, ids.reshape(-1), dy.reshape(-1, 5))
+    np.testing.assert_allclose(e.grads["weight"], want, rtol=1e-6)
+    e.forward(ids)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(4, 9, 5\)"):
+        e.backward(dy.reshape(9, 4, 5))
+
+
+def test_scatter_add_rows_rejects_bad_arguments():
+    out = np.zeros((3, 2), np.float32)
+    rows = np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"ids: expected values in \[0, 3\), got 3 at index 1"):
+        _core.scatter_add_rows(out, np.array([0, 3]), rows)
+    with pytest.raises(ValueError, match=r"ids: expected values in \[0, 3\), got -1"):
+        _core.scatter_add_rows(out, np.array([-1, 0]), rows)
+    assert not out.any()   # checked before any row is added
+    with pytest.raises(TypeError, match="ids: expected an integer array"):
+        _core.scatter_add_rows(out, np.array([0.0, 1.0]), rows)
+    with pytest.raises(ValueError, match=r"rows: expected shape \(3, 2\)"):
+        _core.scatter_add_rows(out, np.array([0, 1, 2]), rows)
+    with pytest.raises(TypeError, match="rows: expected a C-contiguous float32"):
+        _core.scatter_add_rows(out, np.array([0, 1]), rows.astype(np.float64))
+    _core.scatter_add_rows(out, np.array([2, 2], np.int32), rows)
+    np.testing.assert_array_equal(out, [[0, 0], [0, 0], [2, 2]])

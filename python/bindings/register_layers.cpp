@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -99,6 +100,32 @@ py::array matmul_t(const py::array& a_any, const py::array& b_any, bool ta, bool
                 b.shape(1) > 0 ? b.shape(1) : 1, (T)beta, c.mutable_data(), N > 0 ? N : 1);
     }
     return c;
+}
+
+// One Adam / AdamW step of a parameter in place, torch.optim's rule (as optim.Adam's NumPy
+// code, in the same order of operations): one pass instead of a dozen array operations.
+template <class T>
+void adam_t(py::array_t<T> p, const py::array_t<T>& g, py::array_t<T> m, py::array_t<T> v, double lr, double b1,
+            double b2, double eps, double wd, bool decoupled, int64_t step) {
+    const int64_t n = p.size();
+    T* pp = p.mutable_data();
+    const T* gp = g.data();
+    T* mp = m.mutable_data();
+    T* vp = v.mutable_data();
+    const T tb1 = (T)b1, tb2 = (T)b2, c1 = (T)(1 - b1), c2 = (T)(1 - b2), teps = (T)eps, twd = (T)wd;
+    const T sbc2 = (T)std::sqrt(1 - std::pow(b2, (double)step)), lrc = (T)(lr / (1 - std::pow(b1, (double)step)));
+    const T decay = (T)(1 - lr * wd);
+    py::gil_scoped_release r;
+    for (int64_t i = 0; i < n; ++i) {
+        T gi = gp[i];
+        if (wd != 0) {
+            if (decoupled) pp[i] *= decay;
+            else gi = gi + twd * pp[i];
+        }
+        mp[i] = mp[i] * tb1 + c1 * gi;
+        vp[i] = vp[i] * tb2 + c2 * gi * gi;
+        pp[i] -= lrc * mp[i] / (std::sqrt(vp[i]) / sbc2 + teps);
+    }
 }
 
 struct Cache {
@@ -592,4 +619,59 @@ void register_layers(py::module_& m) {
               return total;
           },
           py::arg("arrays"), "The sum of the squares of every element of the arrays, in float64.");
+    m.def("adam_update",
+          [](const py::array& p, const py::array& g, const py::array& m, const py::array& v, double lr, double b1,
+             double b2, double eps, double weight_decay, bool decoupled, int64_t step) {
+              if (step < 1) throw py::value_error("step: expected >= 1, got " + std::to_string(step));
+              auto run = [&](auto tag) {
+                  using T = decltype(tag);
+                  const std::vector<int64_t> shape = shape_of(p);
+                  auto pa = checked<T>(p, "param", shape);
+                  auto ga = checked<T>(g, "grad", shape);
+                  auto ma = checked<T>(m, "exp_avg", shape);
+                  auto va = checked<T>(v, "exp_avg_sq", shape);
+                  for (const auto* a : {&pa, &ma, &va})
+                      if (!a->writeable()) throw py::value_error("adam_update: a read-only array");
+                  adam_t<T>(pa, ga, ma, va, lr, b1, b2, eps, weight_decay, decoupled, step);
+              };
+              if (p.dtype().equal(py::dtype::of<double>())) run(double());
+              else run(float());
+          },
+          py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
+          py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
+          py::arg("step"),
+          "One Adam (AdamW: decoupled) step in place: param, exp_avg and exp_avg_sq updated from grad "
+          "(C-contiguous arrays of one float dtype and shape).");
+    m.def("scatter_add_rows",
+          [](const py::array& out, const py::array& ids_any, const py::array& rows) {
+              // out[ids[k]] += rows[k]: the gradient of an embedding lookup (np.add.at)
+              auto ids = py::array_t<int64_t, py::array::c_style>::ensure(ids_any);
+              if (!ids || !(py::dtype(ids_any.dtype()).kind() == 'i' || py::dtype(ids_any.dtype()).kind() == 'u'))
+                  throw py::type_error("ids: expected an integer array, got " + std::string(py::str(ids_any.dtype())));
+              if (out.ndim() != 2) throw py::value_error("out: expected a 2-D array");
+              const int64_t V = out.shape(0), E = out.shape(1), n = ids.size();
+              auto run = [&](auto tag) {
+                  using T = decltype(tag);
+                  auto o = checked<T>(out, "out", {V, E});
+                  if (!o.writeable()) throw py::value_error("out: array is read-only");
+                  auto r = checked<T>(rows, "rows", {n, E});
+                  const int64_t* id = ids.data();
+                  for (int64_t k = 0; k < n; ++k)
+                      if (id[k] < 0 || id[k] >= V)
+                          throw py::value_error("ids: expected values in [0, " + std::to_string(V) + "), got " +
+                                                std::to_string(id[k]) + " at index " + std::to_string(k));
+                  T* op = o.mutable_data();
+                  const T* rp = r.data();
+                  py::gil_scoped_release rel;
+                  for (int64_t k = 0; k < n; ++k) {
+                      T* dst = op + id[k] * E;
+                      const T* src = rp + k * E;
+                      for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
+                  }
+              };
+              if (out.dtype().equal(py::dtype::of<double>())) run(double());
+              else run(float());
+          },
+          py::arg("out"), py::arg("ids"), py::arg("rows"),
+          "out[ids[k]] += rows[k] for every k (out: (V, E); rows: (len(ids), E), its dtype).");
 }

@@ -81,7 +81,12 @@ class Embedding(Block):
     def backward(self, dy):
         ids = self._need_cache()
         g = self.grads["weight"]
-        np.add.at(g, ids.reshape(-1), np.asarray(dy, dtype=g.dtype).reshape(-1, self.embedding_dim))
+        dy = as_float_array(dy, "dy", self.dtype)
+        if dy.shape != ids.shape + (self.embedding_dim,):
+            raise ValueError(f"dy: expected shape {shape_str(ids.shape + (self.embedding_dim,))}, "
+                             f"got {shape_str(dy.shape)}")
+        # g[ids] += dy row by row (np.add.at's result, in one pass in C++)
+        _core.scatter_add_rows(g, ids.reshape(-1), np.ascontiguousarray(dy).reshape(-1, self.embedding_dim))
         return None
 
     def config(self):
