@@ -112,6 +112,14 @@ template <class T> struct StepJob {
     T* work;                        // step_work(job) elements
 };
 
+// One Adam / AdamW step of n elements in place (rnncore::adam_update computes the scalars).
+template <class T> struct AdamStep {
+    int64_t n;
+    T* p; const T* g; T* m; T* v;
+    T b1, b2, c1, c2, eps, wd, decay, sqrt_bc2, lr_bc1;   // c1 = 1 - b1, c2 = 1 - b2, decay = 1 - lr wd
+    int mode;                                              // 0 no decay, 1 L2 (Adam), 2 decoupled (AdamW)
+};
+
 template <class T> struct KernelFns {
     void (*gemm)(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t,
                  T, T*, int64_t);
@@ -126,6 +134,7 @@ template <class T> struct KernelFns {
     void (*step_packed)(const StepJob<T>&, const T* packed);
     void (*activations)(int which, int64_t n, const T* x, T* y);   // 0 sigmoid, 1 tanh (tests)
     double (*read_bandwidth)(int64_t bytes, int reps);             // GB/s, calling thread
+    void (*adam)(const AdamStep<T>&);
 };
 
 struct KernelTable {

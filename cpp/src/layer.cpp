@@ -1,6 +1,7 @@
 // The layer-stack driver: argument checks, buffers, layers and directions, dropout between
 // layers. The per-direction recurrences run in the ISA kernels (cpu/impl.hpp).
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -850,6 +851,22 @@ void rtrl_step(const LayerSpec& s, const DirParams<T>& w, const T* x, T* h, T* c
 }
 
 template <class T>
+void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, double b2, double eps,
+                 double wd, bool decoupled, int64_t step) {
+    if (step < 1) throw std::invalid_argument("step: expected >= 1, got " + str(step));
+    if (n <= 0) return;
+    AdamStep<T> a;
+    a.n = n; a.p = p; a.g = g; a.m = m; a.v = v;
+    // the scalars as optim.Adam's NumPy code rounds them (Python floats taken as T)
+    a.b1 = (T)b1; a.b2 = (T)b2; a.c1 = (T)(1 - b1); a.c2 = (T)(1 - b2); a.eps = (T)eps; a.wd = (T)wd;
+    a.decay = (T)(1 - lr * wd);
+    a.sqrt_bc2 = (T)std::sqrt(1 - std::pow(b2, (double)step));
+    a.lr_bc1 = (T)(lr / (1 - std::pow(b1, (double)step)));
+    a.mode = wd == 0 ? 0 : decoupled ? 2 : 1;
+    kernels<T>().adam(a);
+}
+
+template <class T>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
     kernels<T>().gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -872,6 +889,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                 const T*, T*, T*, T*, const StepPacks<T>&);                       \
     template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
+    template void adam_update<T>(int64_t, T*, const T*, T*, T*, double, double, double, double, double, \
+                                 bool, int64_t);                                                  \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \
                           int64_t, T, T*, int64_t);
 RNNCORE_INSTANTIATE(float)

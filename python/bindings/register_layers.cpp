@@ -102,32 +102,6 @@ py::array matmul_t(const py::array& a_any, const py::array& b_any, bool ta, bool
     return c;
 }
 
-// One Adam / AdamW step of a parameter in place, torch.optim's rule (as optim.Adam's NumPy
-// code, in the same order of operations): one pass instead of a dozen array operations.
-template <class T>
-void adam_t(py::array_t<T> p, const py::array_t<T>& g, py::array_t<T> m, py::array_t<T> v, double lr, double b1,
-            double b2, double eps, double wd, bool decoupled, int64_t step) {
-    const int64_t n = p.size();
-    T* pp = p.mutable_data();
-    const T* gp = g.data();
-    T* mp = m.mutable_data();
-    T* vp = v.mutable_data();
-    const T tb1 = (T)b1, tb2 = (T)b2, c1 = (T)(1 - b1), c2 = (T)(1 - b2), teps = (T)eps, twd = (T)wd;
-    const T sbc2 = (T)std::sqrt(1 - std::pow(b2, (double)step)), lrc = (T)(lr / (1 - std::pow(b1, (double)step)));
-    const T decay = (T)(1 - lr * wd);
-    py::gil_scoped_release r;
-    for (int64_t i = 0; i < n; ++i) {
-        T gi = gp[i];
-        if (wd != 0) {
-            if (decoupled) pp[i] *= decay;
-            else gi = gi + twd * pp[i];
-        }
-        mp[i] = mp[i] * tb1 + c1 * gi;
-        vp[i] = vp[i] * tb2 + c2 * gi * gi;
-        pp[i] -= lrc * mp[i] / (std::sqrt(vp[i]) / sbc2 + teps);
-    }
-}
-
 struct Cache {
     LayerSpec spec;
     bool is_double = false;
@@ -632,7 +606,13 @@ void register_layers(py::module_& m) {
                   auto va = checked<T>(v, "exp_avg_sq", shape);
                   for (const auto* a : {&pa, &ma, &va})
                       if (!a->writeable()) throw py::value_error("adam_update: a read-only array");
-                  adam_t<T>(pa, ga, ma, va, lr, b1, b2, eps, weight_decay, decoupled, step);
+                  T* pp = pa.mutable_data();
+                  const T* gp = ga.data();
+                  T* mp = ma.mutable_data();
+                  T* vp = va.mutable_data();
+                  const int64_t n = pa.size();
+                  py::gil_scoped_release rel;
+                  adam_update<T>(n, pp, gp, mp, vp, lr, b1, b2, eps, weight_decay, decoupled, step);
               };
               if (p.dtype().equal(py::dtype::of<double>())) run(double());
               else run(float());

@@ -204,6 +204,14 @@ void stack_step(const LayerSpec& spec, const std::vector<DirParams<T>>& params, 
 template <class T> int64_t cache_steps(const StackCache<T>& c);
 template <class T> int64_t cache_batch(const StackCache<T>& c);
 
+// One Adam step (AdamW where decoupled) of n parameters in place, torch.optim's rule: with
+// weight decay wd, g += wd * p (Adam) or p *= 1 - lr * wd (AdamW); m = b1 m + (1 - b1) g;
+// v = b2 v + (1 - b2) g g; p -= lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps).
+// One vectorised pass of the active ISA. step >= 1.
+template <class T>
+void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, double b2, double eps,
+                 double wd, bool decoupled, int64_t step);
+
 // C = alpha * op(A) @ op(B) + beta * C, row-major; op(X) = X^T when trans is true.
 // A is [M, K] after op, B is [K, N] after op. Exposed for tests and benchmarks.
 template <class T>

@@ -3415,6 +3415,32 @@ template <class T> double read_bandwidth(int64_t bytes, int reps) {
     return dt > 0 ? (double)n * sizeof(float) * reps / dt / 1e9 : 0.0;
 }
 
+// One Adam / AdamW step: optim.Adam's NumPy rule in its order of operations, one pass the
+// compiler vectorises for this ISA (the core builds with -fno-math-errno).
+template <class T, int MODE> void adam_pass(const AdamStep<T>& a) {
+    T* __restrict p = a.p;
+    const T* __restrict g = a.g;
+    T* __restrict m = a.m;
+    T* __restrict v = a.v;
+    const T b1 = a.b1, b2 = a.b2, c1 = a.c1, c2 = a.c2, eps = a.eps, wd = a.wd, decay = a.decay;
+    const T sbc2 = a.sqrt_bc2, lrc = a.lr_bc1;
+    for (int64_t i = 0; i < a.n; ++i) {
+        T gi = g[i], pi = p[i];
+        if (MODE == 1) gi = gi + wd * pi;
+        if (MODE == 2) pi = pi * decay;
+        const T mi = m[i] * b1 + c1 * gi;
+        const T vi = v[i] * b2 + c2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - lrc * mi / (std::sqrt(vi) / sbc2 + eps);
+    }
+}
+template <class T> void adam(const AdamStep<T>& a) {
+    if (a.mode == 1) adam_pass<T, 1>(a);
+    else if (a.mode == 2) adam_pass<T, 2>(a);
+    else adam_pass<T, 0>(a);
+}
+
 }  // namespace
 
 extern const KernelTable table;
@@ -3422,10 +3448,10 @@ const KernelTable table = {
     RNNCORE_ISA_NAME,
     {&gemm<float>, &dir_forward<float>, &dir_backward<float>, &step_work<float>, &step<float>, &step_pack_size<float>,
      &step_pack<float>, &step_packed<float>, &activations<float>,
-     &read_bandwidth<float>},
+     &read_bandwidth<float>, &adam<float>},
     {&gemm<double>, &dir_forward<double>, &dir_backward<double>, &step_work<double>, &step<double>,
      &step_pack_size<double>, &step_pack<double>, &step_packed<double>, &activations<double>,
-     &read_bandwidth<double>},
+     &read_bandwidth<double>, &adam<double>},
 };
 
 }  // namespace RNNCORE_ISA_NS
