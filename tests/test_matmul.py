@@ -66,6 +66,14 @@ def test_matmul_rejects_bad_arguments():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="out: array is read-only"):
         _core.matmul(a, b, out=ro)
+    sq = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="out: expected memory of its own"):
+        _core.matmul(sq, sq, out=sq)
+    big = np.ones((8, 4), np.float32)
+    _core.matmul(big[:4], sq, out=big[4:])   # disjoint halves of one array pass
+    np.testing.assert_array_equal(big[4:], 4.0)
+    with pytest.raises(ValueError, match="out: expected memory of its own"):
+        _core.matmul(sq, big[3:7], out=big[4:])
 
 
 def test_sum_squares():

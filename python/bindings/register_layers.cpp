@@ -93,6 +93,13 @@ py::array matmul_t(const py::array& a_any, const py::array& b_any, bool ta, bool
     } else {
         c = checked<T>(out, "out", {M, N});
         if (!c.writeable()) throw py::value_error("out: array is read-only");
+        // (a, b and c are C-contiguous here: each spans [data, data + nbytes))
+        auto overlaps = [&](const py::array& x) {
+            const char *x0 = static_cast<const char*>(x.data()), *c0 = reinterpret_cast<const char*>(c.data());
+            return x.nbytes() > 0 && c.nbytes() > 0 && x0 < c0 + c.nbytes() && c0 < x0 + x.nbytes();
+        };
+        if (overlaps(a) || overlaps(b)) throw py::value_error("out: expected memory of its own, got an array "
+                                                              "that overlaps a or b");
     }
     {
         py::gil_scoped_release r;
