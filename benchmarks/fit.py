@@ -4,8 +4,8 @@ against the same loop written in PyTorch (nn.Embedding, nn.LSTM, nn.Linear, torc
 clip_grad_norm_, cross_entropy), same weights, same batches, same threads.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/fit.py [--chars 200000]
-        [--hidden 256] [--embed 64] [--layers 1] [--batch-size 32] [--seq-len 128] [--bptt 64]
-        [--threads 2] [--rounds 3]
+        [--cell LSTM|GRU|RNN] [--hidden 256] [--embed 64] [--layers 1] [--batch-size 32]
+        [--seq-len 128] [--bptt 64] [--threads 2] [--rounds 3]
 
 Each round times one epoch of each library in turn (the machine is noisy: compare within a
 run); it prints the median seconds per epoch, characters per second, the ratio (rnncore /
@@ -26,7 +26,7 @@ from rnncore.data import CharVocab, ascii_clean, default_corpus, windows
 def rnncore_model(V, args):
     return rc.Sequential(
         rc.Embedding(V, args.embed, seed=0),
-        rc.LSTM(args.embed, args.hidden, num_layers=args.layers, batch_first=True, seed=0),
+        getattr(rc, args.cell)(args.embed, args.hidden, num_layers=args.layers, batch_first=True, seed=0),
         rc.Dense(args.hidden, V, seed=0))
 
 
@@ -36,7 +36,8 @@ def torch_model(torch, m, V, args):
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Embedding(V, args.embed)
-            self.lstm = torch.nn.LSTM(args.embed, args.hidden, num_layers=args.layers, batch_first=True)
+            self.lstm = getattr(torch.nn, args.cell)(args.embed, args.hidden, num_layers=args.layers,
+                                                     batch_first=True)
             self.out = torch.nn.Linear(args.hidden, V)
 
         def forward(self, x, state=None):
@@ -65,14 +66,14 @@ def torch_epoch(torch, t, opt, X, Y, order, args):
         state = None
         for s in range(0, xb.shape[1], args.bptt):
             out, state = t(xb[:, s:s + args.bptt], state)
-            state = tuple(v.detach() for v in state)
+            state = tuple(v.detach() for v in state) if isinstance(state, tuple) else state.detach()
             yc = yb[:, s:s + args.bptt]
             loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), yc.reshape(-1))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(t.parameters(), 5.0)
             opt.step()
-            tot += float(loss) * yc.numel()
+            tot += float(loss.detach()) * yc.numel()
             cnt += yc.numel()
     return tot / cnt
 
@@ -80,6 +81,7 @@ def torch_epoch(torch, t, opt, X, Y, order, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chars", type=int, default=200_000)
+    ap.add_argument("--cell", default="LSTM", choices=["LSTM", "GRU", "RNN"])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--embed", type=int, default=64)
     ap.add_argument("--layers", type=int, default=1)
@@ -104,7 +106,7 @@ def main(argv=None):
     ropt = rc.optim.Adam(lr=3e-3)
     topt = torch.optim.Adam(t.parameters(), lr=3e-3)
     print(f"rnncore {rc.__version__} ({rc.info()['isa']}), torch {torch.__version__}, {threads} threads: "
-          f"char LSTM (embed {args.embed}, hidden {args.hidden}, layers {args.layers}, vocabulary {V}), "
+          f"char {args.cell} (embed {args.embed}, hidden {args.hidden}, layers {args.layers}, vocabulary {V}), "
           f"{len(X)} sequences of {args.seq_len}, batch {args.batch_size}, truncated BPTT every "
           f"{args.bptt} steps; Adam, clip 5", flush=True)
     times = {"rnncore": [], "torch": []}
