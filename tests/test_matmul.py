@@ -223,3 +223,58 @@ def test_scatter_add_rows_rejects_bad_arguments():
         _core.scatter_add_rows(out, np.array([0, 1]), rows.astype(np.float64))
     _core.scatter_add_rows(out, np.array([2, 2], np.int32), rows)
     np.testing.assert_array_equal(out, [[0, 0], [0, 0], [2, 2]])
+
+
+def xent_reference(z, t, w):
+    z = z.astype(np.float64)
+    zm = z - z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(zm).sum(axis=1))
+    loss = float((w * (lse - zm[np.arange(len(t)), t])).sum())
+    g = np.exp(zm - lse[:, None])
+    g[np.arange(len(t)), t] -= 1
+    return loss, g * w[:, None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [1, 5, 16, 17, 94, 300])
+def test_softmax_xent_kernel_against_float64(dtype, C, each_isa):
+    """Every ISA's kernel: rows with weight 0, large and very negative logits (the max taken
+    off), a class count on and off the vector width."""
+    rng = np.random.default_rng(C)
+    R = 37
+    z = (rng.standard_normal((R, C)) * 4).astype(dtype)
+    z[3] += 80.0
+    z[4] -= 1e4
+    t = rng.integers(0, C, R)
+    w = rng.uniform(0.1, 1.0, R).astype(dtype)
+    w[5] = 0
+    loss, g = _core.softmax_xent(z, t, w)
+    want_loss, want_g = xent_reference(z, t, w.astype(np.float64))
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    assert loss == pytest.approx(want_loss, rel=tol, abs=tol)
+    assert g.dtype == dtype and g.shape == (R, C)
+    np.testing.assert_allclose(g, want_g, rtol=tol * 5, atol=tol)
+    assert not g[5].any()
+
+
+def test_softmax_xent_rejects_bad_arguments():
+    z = np.zeros((3, 4), np.float32)
+    w = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"targets: expected class ids in \[0, 3\], got 4 at index 2"):
+        _core.softmax_xent(z, np.array([0, 1, 4]), w)
+    with pytest.raises(ValueError, match=r"got -1 at index 0"):
+        _core.softmax_xent(z, np.array([-1, 1, 2]), w)
+    with pytest.raises(TypeError, match="targets: expected integer class ids"):
+        _core.softmax_xent(z, np.array([0.0, 1.0, 2.0]), w)
+    with pytest.raises(ValueError, match=r"targets: expected shape \(3,\)"):
+        _core.softmax_xent(z, np.array([0, 1]), w)
+    with pytest.raises(TypeError, match="weights: expected a C-contiguous float32"):
+        _core.softmax_xent(z, np.array([0, 1, 2]), w.astype(np.float64))
+    with pytest.raises(TypeError, match="logits: expected float32 or float64"):
+        _core.softmax_xent(z.astype(np.int32), np.array([0, 1, 2]), w)
+    with pytest.raises(ValueError, match="logits: expected a 2-D array"):
+        _core.softmax_xent(z[0], np.array([0]), w[:1])
+    with pytest.raises(ValueError, match="logits: expected at least one class"):
+        _core.softmax_xent(np.zeros((3, 0), np.float32), np.array([0, 0, 0]), w)
+    loss, g = _core.softmax_xent(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    assert loss == 0.0 and g.shape == (0, 4)

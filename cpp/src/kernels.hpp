@@ -135,6 +135,9 @@ template <class T> struct KernelFns {
     void (*activations)(int which, int64_t n, const T* x, T* y);   // 0 sigmoid, 1 tanh (tests)
     double (*read_bandwidth)(int64_t bytes, int reps);             // GB/s, calling thread
     void (*adam)(const AdamStep<T>&);
+    // Softmax cross-entropy of R rows of C logits z: g = w[r] * (softmax(z_r) - onehot(t[r])),
+    // returns sum_r w[r] * (logsumexp(z_r) - z_r[t[r]]); t[r] in [0, C) (checked by the caller).
+    double (*softmax_xent)(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g);
 };
 
 struct KernelTable {

@@ -867,6 +867,16 @@ void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, 
 }
 
 template <class T>
+double softmax_cross_entropy(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g) {
+    if (R < 0 || C < 1) throw std::invalid_argument("logits: expected at least one class, got " + str(C));
+    for (int64_t r = 0; r < R; ++r)
+        if (t[r] < 0 || t[r] >= C)
+            throw std::invalid_argument("targets: expected class ids in [0, " + str(C - 1) + "], got " +
+                                        str(t[r]) + " at index " + str(r));
+    return R > 0 ? kernels<T>().softmax_xent(R, C, z, t, w, g) : 0.0;
+}
+
+template <class T>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
     kernels<T>().gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -889,6 +899,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                 const T*, T*, T*, T*, const StepPacks<T>&);                       \
     template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
+    template double softmax_cross_entropy<T>(int64_t, int64_t, const T*, const int64_t*, const T*, T*); \
     template void adam_update<T>(int64_t, T*, const T*, T*, T*, double, double, double, double, double, \
                                  bool, int64_t);                                                  \
     template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, \

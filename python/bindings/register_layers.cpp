@@ -629,6 +629,41 @@ void register_layers(py::module_& m) {
           py::arg("step"),
           "One Adam (AdamW: decoupled) step in place: param, exp_avg and exp_avg_sq updated from grad "
           "(C-contiguous arrays of one float dtype and shape).");
+    m.def("softmax_xent",
+          [](const py::array& z, const py::array& t_any, const py::array& w) {
+              if (z.ndim() != 2) throw py::value_error("logits: expected a 2-D array (rows, classes)");
+              const bool f64 = z.dtype().equal(py::dtype::of<double>());
+              if (!f64 && !z.dtype().equal(py::dtype::of<float>()))
+                  throw py::type_error("logits: expected float32 or float64, got " + std::string(py::str(z.dtype())));
+              const char kind = py::dtype(t_any.dtype()).kind();
+              auto t = py::array_t<int64_t, py::array::c_style>::ensure(t_any);
+              if (!t || (kind != 'i' && kind != 'u'))
+                  throw py::type_error("targets: expected integer class ids, got " + std::string(py::str(t_any.dtype())));
+              const int64_t R = z.shape(0), C = z.shape(1);
+              if (t.ndim() != 1 || t.shape(0) != R)
+                  throw py::value_error("targets: expected shape (" + std::to_string(R) + ",), got " +
+                                        shape_str(shape_of(t)));
+              auto run = [&](auto tag) -> py::tuple {
+                  using T = decltype(tag);
+                  auto za = py::array_t<T, py::array::c_style>::ensure(z);
+                  auto wa = checked<T>(w, "weights", {R});
+                  py::array_t<T> g({R, C});
+                  double loss;
+                  {
+                      const T* zp = za.data();
+                      const int64_t* tp = t.data();
+                      const T* wp = wa.data();
+                      T* gp = g.mutable_data();
+                      py::gil_scoped_release rel;
+                      loss = softmax_cross_entropy<T>(R, C, zp, tp, wp, gp);
+                  }
+                  return py::make_tuple(loss, g);
+              };
+              return f64 ? run(double()) : run(float());
+          },
+          py::arg("logits"), py::arg("targets"), py::arg("weights"),
+          "Softmax cross-entropy of rows: (sum_r w_r (logsumexp(z_r) - z_r[t_r]), the gradient "
+          "w_r (softmax(z_r) - onehot(t_r))), one pass a row with the kernels' exp.");
     m.def("scatter_add_rows",
           [](const py::array& out, const py::array& ids_any, const py::array& rows) {
               // out[ids[k]] += rows[k]: the gradient of an embedding lookup (np.add.at)

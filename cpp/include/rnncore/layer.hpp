@@ -212,6 +212,13 @@ template <class T>
 void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, double b2, double eps,
                  double wd, bool decoupled, int64_t step);
 
+// Softmax cross-entropy of R rows of C logits (row-major z [R, C]) against class ids t [R] with
+// row weights w [R] (0: the row does not count): writes g [R, C] = w_r (softmax(z_r) - onehot(t_r))
+// and returns sum_r w_r (logsumexp(z_r) - z_r[t_r]), one vectorised pass a row. Throws
+// std::invalid_argument for a class id outside [0, C) before any work.
+template <class T>
+double softmax_cross_entropy(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g);
+
 // C = alpha * op(A) @ op(B) + beta * C, row-major; op(X) = X^T when trans is true.
 // A is [M, K] after op, B is [K, N] after op. Exposed for tests and benchmarks.
 template <class T>

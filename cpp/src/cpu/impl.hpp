@@ -3435,6 +3435,47 @@ template <class T, int MODE> void adam_pass(const AdamStep<T>& a) {
         p[i] = pi - lrc * mi / (std::sqrt(vi) / sbc2 + eps);
     }
 }
+// Softmax cross-entropy, row by row: the row's max, exp(z - max) into g (the float exp above,
+// ~1 ulp; the C library's for double), the sum, then g scaled by w / sum and w taken off at the
+// target. The tail of a row (C not a multiple of the vector) is summed from the stored lanes.
+inline VT<double> vexp(VT<double> x) {
+    for (int i = 0; i < VL<double>; ++i) x[i] = std::exp(x[i]);
+    return x;
+}
+template <class T> double softmax_xent(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g) {
+    constexpr int L = VL<T>;
+    double loss = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        const T* zr = z + r * C;
+        T* gr = g + r * C;
+        const T wr = w[r];
+        if (wr == T(0)) {
+            std::memset(gr, 0, sizeof(T) * C);
+            continue;
+        }
+        T m = zr[0];
+        for (int64_t k = 1; k < C; ++k) m = zr[k] > m ? zr[k] : m;
+        VT<T> acc{};
+        T s = 0;
+        int64_t k = 0;
+        for (; k + L <= C; k += L) {
+            const VT<T> e = vexp(ld(zr + k, L) - m);
+            st(gr + k, e, L);
+            acc += e;
+        }
+        if (k < C) {
+            st(gr + k, vexp(ld(zr + k, C - k) - m), C - k);
+            for (int64_t q = k; q < C; ++q) s += gr[q];
+        }
+        for (int i = 0; i < L; ++i) s += acc[i];
+        loss += (double)wr * (std::log((double)s) - (double)(zr[t[r]] - m));
+        const T sc = wr / s;
+        for (k = 0; k < C; k += L) st(gr + k, ld(gr + k, C - k) * sc, C - k);
+        gr[t[r]] -= wr;
+    }
+    return loss;
+}
+
 template <class T> void adam(const AdamStep<T>& a) {
     if (a.mode == 1) adam_pass<T, 1>(a);
     else if (a.mode == 2) adam_pass<T, 2>(a);
@@ -3448,10 +3489,10 @@ const KernelTable table = {
     RNNCORE_ISA_NAME,
     {&gemm<float>, &dir_forward<float>, &dir_backward<float>, &step_work<float>, &step<float>, &step_pack_size<float>,
      &step_pack<float>, &step_packed<float>, &activations<float>,
-     &read_bandwidth<float>, &adam<float>},
+     &read_bandwidth<float>, &adam<float>, &softmax_xent<float>},
     {&gemm<double>, &dir_forward<double>, &dir_backward<double>, &step_work<double>, &step<double>,
      &step_pack_size<double>, &step_pack<double>, &step_packed<double>, &activations<double>,
-     &read_bandwidth<double>, &adam<double>},
+     &read_bandwidth<double>, &adam<double>, &softmax_xent<double>},
 };
 
 }  // namespace RNNCORE_ISA_NS
