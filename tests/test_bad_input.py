@@ -144,6 +144,30 @@ CASES = {
                            "np.zeros((2, 1, 3)), None, None, False))", "ValueError", ["weight", "(4, 4, 3)"]),
     "core_bad_spec": ("expect(lambda: _core.LayerSpec(_core.CellType.GRU, 3, 4, proj_size=2))",
                       "ValueError", ["proj_size", "LSTM"]),
+    # the training helpers the Dense block, the optimizers, the losses and Embedding call
+    "matmul_inner": ("expect(lambda: _core.matmul(np.ones((3, 4), np.float32), np.ones((5, 2), np.float32)))",
+                     "ValueError", ["b", "4 rows", "got 5"]),
+    "matmul_dtypes": ("expect(lambda: _core.matmul(np.ones((3, 4)), np.ones((4, 2), np.float32)))",
+                      "TypeError", ["b", "float64", "float32"]),
+    "matmul_out_overlap": ("a = np.ones((4, 4), np.float32)\nexpect(lambda: _core.matmul(a, a, out=a))",
+                           "ValueError", ["out", "overlaps"]),
+    "matmul_out_shape": ("expect(lambda: _core.matmul(np.ones((3, 4), np.float32), np.ones((4, 2), np.float32), "
+                         "out=np.zeros((2, 3), np.float32)))", "ValueError", ["out", "(3, 2)", "(2, 3)"]),
+    "sum_squares_ints": ("expect(lambda: _core.sum_squares([np.ones(3, np.int8)]))", "TypeError",
+                         ["arrays[0]", "int8"]),
+    "adam_shapes": ("p = np.ones(8, np.float32)\nexpect(lambda: _core.adam_update(p, np.ones(7, np.float32), "
+                    "np.zeros(8, np.float32), np.zeros(8, np.float32), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1))",
+                    "ValueError", ["grad", "(8,)", "(7,)"]),
+    "scatter_ids_out_of_range": ("expect(lambda: _core.scatter_add_rows(np.zeros((3, 2), np.float32), "
+                                 "np.array([0, 2**40]), np.ones((2, 2), np.float32)))",
+                                 "ValueError", ["ids", "[0, 3)", str(2**40)]),
+    "xent_targets": ("expect(lambda: _core.softmax_xent(np.zeros((2, 3), np.float32), np.array([0, 9]), "
+                     "np.ones(2, np.float32)))", "ValueError", ["targets", "[0, 2]", "9"]),
+    "xent_loss_targets": ("expect(lambda: rnncore.losses.cross_entropy(np.zeros((2, 3), np.float32), [0, -5]))",
+                          "ValueError", ["targets", "[0, 2]", "-5"]),
+    "embedding_dy_shape": ("e = rnncore.Embedding(5, 3); y = e.forward(np.array([[1, 2]]))\n"
+                           "expect(lambda: e.backward(np.ones((2, 1, 3))))", "ValueError", ["dy", "(1, 2, 3)", "(2, 1, 3)"]),
+    "dense_x_shape": ("expect(lambda: rnncore.Dense(4, 2)(np.ones((3, 5))))", "ValueError", ["x", "(..., 4)", "(3, 5)"]),
 }
 
 
