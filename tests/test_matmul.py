@@ -174,6 +174,16 @@ def test_fused_adam_matches_the_numpy_rule(cls, kw, dtype, each_isa):
     np.testing.assert_allclose(oa.state["w"]["v"], ob.state["w"]["v"], rtol=tol, atol=tol)
 
 
+def test_adam_with_grads_that_are_the_params():
+    """Gradients sharing the parameters' memory take the NumPy rule (the fused kernel would
+    read them as distinct arrays)."""
+    a = {"w": np.ones(5, np.float32)}
+    b = {"w": np.asfortranarray(np.ones((5, 1), np.float32))}
+    rc.optim.Adam(lr=0.1).step(a, a)
+    rc.optim.Adam(lr=0.1).step(b, {"w": b["w"].copy()})
+    np.testing.assert_allclose(a["w"], b["w"][:, 0], rtol=1e-6)
+
+
 def test_fused_adam_rejects_bad_arrays():
     p = np.ones(4, np.float32)
     z = np.zeros(4, np.float32)
@@ -187,6 +197,11 @@ def test_fused_adam_rejects_bad_arrays():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         _core.adam_update(p, p.copy(), ro, z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    m = z.copy()
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.adam_update(p, p.copy(), m, m, 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.adam_update(p, p, z.copy(), z.copy(), 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

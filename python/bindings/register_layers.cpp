@@ -69,6 +69,12 @@ template <class T> py::array_t<T> checked(py::handle obj, const std::string& nam
     return a;
 }
 
+// Whether two C-contiguous arrays share memory (each spans [data, data + nbytes)).
+bool overlap(const py::array& x, const py::array& y) {
+    const char *x0 = static_cast<const char*>(x.data()), *y0 = static_cast<const char*>(y.data());
+    return x.nbytes() > 0 && y.nbytes() > 0 && x0 < y0 + y.nbytes() && y0 < x0 + x.nbytes();
+}
+
 // matmul: out = op(a) @ op(b) + beta * out with rnncore's GEMM on its own threads. a and b
 // (2-D, of the dtype T, any strides: a strided operand is copied) are checked before any work.
 template <class T>
@@ -93,12 +99,7 @@ py::array matmul_t(const py::array& a_any, const py::array& b_any, bool ta, bool
     } else {
         c = checked<T>(out, "out", {M, N});
         if (!c.writeable()) throw py::value_error("out: array is read-only");
-        // (a, b and c are C-contiguous here: each spans [data, data + nbytes))
-        auto overlaps = [&](const py::array& x) {
-            const char *x0 = static_cast<const char*>(x.data()), *c0 = reinterpret_cast<const char*>(c.data());
-            return x.nbytes() > 0 && c.nbytes() > 0 && x0 < c0 + c.nbytes() && c0 < x0 + x.nbytes();
-        };
-        if (overlaps(a) || overlaps(b)) throw py::value_error("out: expected memory of its own, got an array "
+        if (overlap(a, c) || overlap(b, c)) throw py::value_error("out: expected memory of its own, got an array "
                                                               "that overlaps a or b");
     }
     {
@@ -613,6 +614,12 @@ void register_layers(py::module_& m) {
                   auto va = checked<T>(v, "exp_avg_sq", shape);
                   for (const auto* a : {&pa, &ma, &va})
                       if (!a->writeable()) throw py::value_error("adam_update: a read-only array");
+                  const py::array all[4] = {pa, ga, ma, va};   // (the kernel reads them as restrict)
+                  for (int i = 0; i < 4; ++i)
+                      for (int k = i + 1; k < 4; ++k)
+                          if (overlap(all[i], all[k]))
+                              throw py::value_error("adam_update: param, grad, exp_avg and exp_avg_sq must not "
+                                                    "share memory");
                   T* pp = pa.mutable_data();
                   const T* gp = ga.data();
                   T* mp = ma.mutable_data();

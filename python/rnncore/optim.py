@@ -94,7 +94,7 @@ class Adam(Optimizer):
         m, v = st["m"], st["v"]
         if (p.dtype in (np.float32, np.float64) and p.flags.c_contiguous and p.flags.writeable and
                 all(a.dtype == p.dtype and a.shape == p.shape and a.flags.c_contiguous for a in (g, m, v))
-                and m.flags.writeable and v.flags.writeable):
+                and m.flags.writeable and v.flags.writeable and not np.may_share_memory(p, g)):
             # one fused pass in C++ (the same rule and order of operations as below)
             st["t"] += 1
             _core.adam_update(p, g, st["m"], st["v"], self.lr, b1, b2, self.eps, self.weight_decay,
