@@ -866,6 +866,28 @@ void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, 
     kernels<T>().adam(a);
 }
 
+template <class T> double sum_squares(int64_t n, const T* x) {
+    double s[4] = {0, 0, 0, 0};   // four chains, so the adds overlap
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; ++k) s[k] += (double)x[i + k] * (double)x[i + k];
+    for (; i < n; ++i) s[0] += (double)x[i] * (double)x[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <class T>
+void scatter_add_rows(int64_t V, int64_t E, T* out, int64_t n, const int64_t* ids, const T* rows) {
+    for (int64_t k = 0; k < n; ++k)
+        if (ids[k] < 0 || ids[k] >= V)
+            throw std::invalid_argument("ids: expected values in [0, " + str(V) + "), got " + str(ids[k]) +
+                                        " at index " + str(k));
+    for (int64_t k = 0; k < n; ++k) {
+        T* dst = out + ids[k] * E;
+        const T* src = rows + k * E;
+        for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
+    }
+}
+
 template <class T>
 double softmax_cross_entropy(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g) {
     if (R < 0 || C < 1) throw std::invalid_argument("logits: expected at least one class, got " + str(C));
@@ -899,6 +921,8 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
                                 const T*, T*, T*, T*, const StepPacks<T>&);                       \
     template void rtrl_step<T>(const LayerSpec&, const DirParams<T>&, const T*, T*, T*, T*);                                        \
     template int64_t cache_batch<T>(const StackCache<T>&);                                        \
+    template double sum_squares<T>(int64_t, const T*);                                            \
+    template void scatter_add_rows<T>(int64_t, int64_t, T*, int64_t, const int64_t*, const T*);  \
     template double softmax_cross_entropy<T>(int64_t, int64_t, const T*, const int64_t*, const T*, T*); \
     template void adam_update<T>(int64_t, T*, const T*, T*, T*, double, double, double, double, double, \
                                  bool, int64_t);                                                  \

@@ -69,6 +69,16 @@ template <class T> py::array_t<T> checked(py::handle obj, const std::string& nam
     return a;
 }
 
+// An integer array (any integer dtype a safe cast takes to int64) as C-contiguous int64; else
+// a TypeError: what, then the dtype received.
+py::array_t<int64_t, py::array::c_style> int_ids(const py::array& a, const char* what) {
+    const char kind = py::dtype(a.dtype()).kind();
+    auto ids = py::array_t<int64_t, py::array::c_style>::ensure(a);
+    if (!ids || (kind != 'i' && kind != 'u'))
+        throw py::type_error(std::string(what) + ", got " + std::string(py::str(a.dtype())));
+    return ids;
+}
+
 // Whether two C-contiguous arrays share memory (each spans [data, data + nbytes)).
 bool overlap(const py::array& x, const py::array& y) {
     const char *x0 = static_cast<const char*>(x.data()), *y0 = static_cast<const char*>(y.data());
@@ -584,19 +594,9 @@ void register_layers(py::module_& m) {
               double total = 0;
               {
                   py::gil_scoped_release r;
-                  for (const py::array& x : keep) {
-                      double s[4] = {0, 0, 0, 0};
-                      const int64_t n = x.size();
-                      auto add = [&](auto* p) {
-                          int64_t i = 0;
-                          for (; i + 4 <= n; i += 4)
-                              for (int k = 0; k < 4; ++k) s[k] += (double)p[i + k] * (double)p[i + k];
-                          for (; i < n; ++i) s[0] += (double)p[i] * (double)p[i];
-                      };
-                      if (x.itemsize() == 4) add(static_cast<const float*>(x.data()));
-                      else add(static_cast<const double*>(x.data()));
-                      total += (s[0] + s[1]) + (s[2] + s[3]);
-                  }
+                  for (const py::array& x : keep)
+                      total += x.itemsize() == 4 ? sum_squares<float>(x.size(), static_cast<const float*>(x.data()))
+                                                 : sum_squares<double>(x.size(), static_cast<const double*>(x.data()));
               }
               return total;
           },
@@ -604,8 +604,7 @@ void register_layers(py::module_& m) {
     m.def("adam_update",
           [](const py::array& p, const py::array& g, const py::array& m, const py::array& v, double lr, double b1,
              double b2, double eps, double weight_decay, bool decoupled, int64_t step) {
-              if (step < 1) throw py::value_error("step: expected >= 1, got " + std::to_string(step));
-              auto run = [&](auto tag) {
+              auto run = [&](auto tag) {   // (step >= 1: checked by the core before any work)
                   using T = decltype(tag);
                   const std::vector<int64_t> shape = shape_of(p);
                   auto pa = checked<T>(p, "param", shape);
@@ -642,10 +641,7 @@ void register_layers(py::module_& m) {
               const bool f64 = z.dtype().equal(py::dtype::of<double>());
               if (!f64 && !z.dtype().equal(py::dtype::of<float>()))
                   throw py::type_error("logits: expected float32 or float64, got " + std::string(py::str(z.dtype())));
-              const char kind = py::dtype(t_any.dtype()).kind();
-              auto t = py::array_t<int64_t, py::array::c_style>::ensure(t_any);
-              if (!t || (kind != 'i' && kind != 'u'))
-                  throw py::type_error("targets: expected integer class ids, got " + std::string(py::str(t_any.dtype())));
+              auto t = int_ids(t_any, "targets: expected integer class ids");
               const int64_t R = z.shape(0), C = z.shape(1);
               if (t.ndim() != 1 || t.shape(0) != R)
                   throw py::value_error("targets: expected shape (" + std::to_string(R) + ",), got " +
@@ -674,9 +670,7 @@ void register_layers(py::module_& m) {
     m.def("scatter_add_rows",
           [](const py::array& out, const py::array& ids_any, const py::array& rows) {
               // out[ids[k]] += rows[k]: the gradient of an embedding lookup (np.add.at)
-              auto ids = py::array_t<int64_t, py::array::c_style>::ensure(ids_any);
-              if (!ids || !(py::dtype(ids_any.dtype()).kind() == 'i' || py::dtype(ids_any.dtype()).kind() == 'u'))
-                  throw py::type_error("ids: expected an integer array, got " + std::string(py::str(ids_any.dtype())));
+              auto ids = int_ids(ids_any, "ids: expected an integer array");
               if (out.ndim() != 2) throw py::value_error("out: expected a 2-D array");
               const int64_t V = out.shape(0), E = out.shape(1), n = ids.size();
               auto run = [&](auto tag) {
@@ -684,19 +678,11 @@ void register_layers(py::module_& m) {
                   auto o = checked<T>(out, "out", {V, E});
                   if (!o.writeable()) throw py::value_error("out: array is read-only");
                   auto r = checked<T>(rows, "rows", {n, E});
-                  const int64_t* id = ids.data();
-                  for (int64_t k = 0; k < n; ++k)
-                      if (id[k] < 0 || id[k] >= V)
-                          throw py::value_error("ids: expected values in [0, " + std::to_string(V) + "), got " +
-                                                std::to_string(id[k]) + " at index " + std::to_string(k));
                   T* op = o.mutable_data();
                   const T* rp = r.data();
+                  const int64_t* id = ids.data();
                   py::gil_scoped_release rel;
-                  for (int64_t k = 0; k < n; ++k) {
-                      T* dst = op + id[k] * E;
-                      const T* src = rp + k * E;
-                      for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
-                  }
+                  scatter_add_rows<T>(V, E, op, n, id, rp);   // (ids checked before any row is added)
               };
               if (out.dtype().equal(py::dtype::of<double>())) run(double());
               else run(float());

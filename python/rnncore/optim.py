@@ -91,22 +91,19 @@ class Adam(Optimizer):
             st["t"] = 0
             st["m"] = np.zeros_like(p)
             st["v"] = np.zeros_like(p)
-        m, v = st["m"], st["v"]
+        st["t"] += 1
+        t, m, v = st["t"], st["m"], st["v"]
         if (p.dtype in (np.float32, np.float64) and p.flags.c_contiguous and p.flags.writeable and
                 all(a.dtype == p.dtype and a.shape == p.shape and a.flags.c_contiguous for a in (g, m, v))
                 and m.flags.writeable and v.flags.writeable and not np.may_share_memory(p, g)):
             # one fused pass in C++ (the same rule and order of operations as below)
-            st["t"] += 1
-            _core.adam_update(p, g, st["m"], st["v"], self.lr, b1, b2, self.eps, self.weight_decay,
-                              self.decoupled, st["t"])
+            _core.adam_update(p, g, m, v, self.lr, b1, b2, self.eps, self.weight_decay, self.decoupled, t)
             return
         if self.weight_decay:
             if self.decoupled:
                 p *= 1 - self.lr * self.weight_decay
             else:
                 g = g + self.weight_decay * p
-        st["t"] += 1
-        t, m, v = st["t"], st["m"], st["v"]
         m *= b1
         m += (1 - b1) * g
         v *= b2

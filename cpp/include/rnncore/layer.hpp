@@ -219,6 +219,14 @@ void adam_update(int64_t n, T* p, const T* g, T* m, T* v, double lr, double b1, 
 template <class T>
 double softmax_cross_entropy(int64_t R, int64_t C, const T* z, const int64_t* t, const T* w, T* g);
 
+// The sum of the squares of x[0..n), accumulated in double (a gradient-clipping norm).
+template <class T> double sum_squares(int64_t n, const T* x);
+
+// out[ids[k]] += rows[k] for k < n (out [V, E], rows [n, E]): the gradient of an embedding
+// lookup. Throws std::invalid_argument for an id outside [0, V) before any row is added.
+template <class T>
+void scatter_add_rows(int64_t V, int64_t E, T* out, int64_t n, const int64_t* ids, const T* rows);
+
 // C = alpha * op(A) @ op(B) + beta * C, row-major; op(X) = X^T when trans is true.
 // A is [M, K] after op, B is [K, N] after op. Exposed for tests and benchmarks.
 template <class T>
