@@ -415,10 +415,19 @@ def test_info_command():
 
 
 def test_cuda_device_says_why():
-    if rnncore._core.cuda_built():
-        pytest.skip("built with CUDA")
-    with pytest.raises(RuntimeError, match="CUDA"):
-        rnncore.LSTM(3, 4, device="cuda")
+    # without CUDA built: says so; built, without a GPU: the runtime's reason; built, with a
+    # GPU (checked on an H200 machine): that the layers run on the CPU in this version
+    if not rnncore._core.cuda_built():
+        why = "CUDA"
+    elif not rnncore._core.cuda_available():
+        why = "no usable GPU|no GPU found"
+    else:
+        why = "run on the CPU only"
+    for make in (rnncore.LSTM, rnncore.GRU, rnncore.RNN):
+        with pytest.raises(RuntimeError, match=f"device='cuda': .*({why})"):
+            make(3, 4, device="cuda")
+    with pytest.raises(ValueError, match="device: expected 'cpu' or 'cuda', got 'gpu'"):
+        rnncore.GRU(3, 4, device="gpu")
 
 
 @pytest.mark.parametrize("make", [

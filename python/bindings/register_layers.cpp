@@ -12,7 +12,6 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -25,13 +24,16 @@ using namespace rnncore;
 
 namespace {
 
+// "(2, 3)", "(4,)": numpy's form. Plain string appends, no iostreams anywhere in the module:
+// built with Ubuntu 24.04's GCC 13 (the GPU machine's toolchain), the module carried its own
+// copy of libstdc++'s stream code beside the process's shared libstdc++, and formatting an
+// integer through a string stream here crashed the process (a locale facet call landed in
+// codecvt::do_unshift) on every shape error.
 std::string shape_str(const std::vector<int64_t>& s) {
-    std::ostringstream o;
-    o << "(";
-    for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-    if (s.size() == 1) o << ",";
-    o << ")";
-    return o.str();
+    std::string o = "(";
+    for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+    if (s.size() == 1) o += ",";
+    return o + ")";
 }
 
 std::vector<int64_t> shape_of(const py::array& a) {
