@@ -95,3 +95,17 @@ def test_module_sources_use_no_iostreams(path):
     text = path.read_text()
     for banned in ("<sstream>", "<iostream>", "stringstream", "std::cout", "std::cerr", "<fstream>"):
         assert banned not in text, f"{path.name} uses {banned}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_module_exports_only_its_init():
+    # Nothing of the static core (nor of a statically linked libstdc++) is exported by the
+    # module, so no other library in the process binds to its copies (--exclude-libs,ALL).
+    import rnncore._core as core
+    out = subprocess.run(["nm", "-D", "--defined-only", "-C", core.__file__], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    functions = [line.split(" ", 2)[2] for line in out.stdout.splitlines()
+                 if len(line.split(" ", 2)) == 3 and line.split(" ", 2)[1] in ("T", "W", "u", "i")]
+    assert "PyInit__core" in functions
+    leaked = [f for f in functions if "rnncore::" in f or "basic_ostream" in f or "locale" in f]
+    assert not leaked, leaked[:10]
