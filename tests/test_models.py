@@ -183,6 +183,28 @@ def test_generate_seeded_and_validated():
         m.generate([1], 5, temperature=-1)
 
 
+def test_generate_draws_as_generator_choice():
+    # each sampled id is the one Generator.choice(len(p), p=p) draws from the softmax of the
+    # last output at that temperature, with the seeded generator (the whole sequence so far
+    # run again each time as the reference, not the streaming state)
+    m = rc.Sequential(rc.Embedding(7, 6, seed=1, dtype="float64"),
+                      rc.LSTM(6, 12, batch_first=True, seed=2, dtype="float64"),
+                      rc.Dense(12, 7, seed=3, dtype="float64"))
+    got = m.generate([3, 1], 40, temperature=0.7, seed=11)
+    rng = np.random.default_rng(11)
+    seq = [3, 1]
+    for _ in range(40):
+        z = m.predict(np.array([seq]))[0, -1].astype(np.float64) / 0.7
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        seq.append(int(rng.choice(len(p), p=p)))
+    np.testing.assert_array_equal(got, seq[2:])
+    assert len(set(got.tolist())) > 2          # (it samples, not a constant)
+    m.blocks[2].params["weight"][:] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        m.generate([3], 5, temperature=1.0, seed=0)
+
+
 def test_fit_validates_inputs():
     m = rc.Sequential(rc.GRU(1, 4, batch_first=True), rc.LastStep(), rc.Dense(4, 2))
     with pytest.raises(ValueError, match="Y: expected 3 items"):

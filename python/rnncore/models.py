@@ -496,7 +496,14 @@ class Sequential(_Trainable):
                     z = logits / temperature
                     p = np.exp(z - z.max())
                     p /= p.sum()
-                    tok = int(rng.choice(len(p), p=p))
+                    # Generator.choice(len(p), p=p)'s own draw without its checks of p (half
+                    # of a sampled step's Python time): the same token from the same number
+                    cdf = p.cumsum()
+                    if not np.isfinite(cdf[-1]):
+                        raise ValueError("generate: the model's outputs are not finite (NaN or inf "
+                                         "logits); cannot sample from them")
+                    cdf /= cdf[-1]
+                    tok = int(cdf.searchsorted(rng.random(), side="right"))
                 res[i] = tok
                 out, states = self._run(np.array([[tok]]), None, states, keep=False, stream=True)
             return res
