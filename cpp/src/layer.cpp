@@ -1,10 +1,12 @@
 // The layer-stack driver: argument checks, buffers, layers and directions, dropout between
 // layers. The per-direction recurrences run in the ISA kernels (cpu/impl.hpp).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -113,28 +115,99 @@ template <class T> struct StackCache {
         int gate_team = 0;                    // layout of `gates` (DirJob::gate_team)
     };
     std::vector<Dir> dirs;                    // L*D
+    uint64_t epoch = 0;                       // release_memory()'s count when it was taken
 };
 
 template <class T> int64_t cache_steps(const StackCache<T>& c) { return c.steps; }
 
 namespace {
-// One spare training cache per thread: a cache released after backward keeps its buffers
-// here for the next forward, so repeated training steps fault in and zero no new pages.
-template <class T> std::unique_ptr<StackCache<T>>& spare_cache() {
-    thread_local std::unique_ptr<StackCache<T>> slot;
-    return slot;
+// The buffers a thread keeps from call to call, at their largest size, so that repeated calls
+// fault in and zero no new pages: one spare training cache (a cache released after backward
+// keeps its buffers here for the next forward), inference's activations and outputs, and the
+// backward's gradient buffers. release_memory() drops them: the calling thread's at once,
+// every other thread's at the start of its next call (kept_at_entry).
+std::atomic<uint64_t> kept_epoch{0};
+template <class T> struct ThreadKept {
+    std::unique_ptr<StackCache<T>> spare;
+    std::shared_ptr<StackCache<T>> pool;                 // inference
+    std::vector<T> pool_y[2];
+    std::vector<std::vector<T>> pipe_y;
+    std::vector<T> dgx, dgh, dhs, dlayer[2];             // backward, layer by layer
+    std::vector<std::vector<T>> pdgx, pdgh, pdhs, pdx, pdh, pdc;   // the backward pipeline
+    uint64_t epoch = 0;                                  // of release_memory() last seen
+    int depth = 0;                                       // calls of this thread in progress
+    int64_t bytes() const {
+        auto v = [](const std::vector<T>& x) { return (int64_t)(x.capacity() * sizeof(T)); };
+        auto vv = [&](const std::vector<std::vector<T>>& x) {
+            int64_t n = 0;
+            for (const auto& e : x) n += v(e);
+            return n;
+        };
+        auto cache = [&](const StackCache<T>* c) {
+            if (!c) return (int64_t)0;
+            int64_t n = vv(c->inputs) + vv(c->masks);
+            for (const auto& d : c->dirs) n += v(d.gates) + v(d.hbuf) + v(d.cbuf) + v(d.mbuf) + v(d.extra);
+            return n;
+        };
+        int64_t n = cache(spare.get()) + cache(pool.get()) + v(pool_y[0]) + v(pool_y[1]) + vv(pipe_y) +
+                    v(dgx) + v(dgh) + v(dhs) + v(dlayer[0]) + v(dlayer[1]);
+        for (const auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc}) n += vv(*x);
+        return n;
+    }
+    void release() {
+        spare.reset();
+        pool.reset();
+        for (auto& y : pool_y) std::vector<T>().swap(y);
+        std::vector<std::vector<T>>().swap(pipe_y);
+        for (auto* x : {&dgx, &dgh, &dhs, &dlayer[0], &dlayer[1]}) std::vector<T>().swap(*x);
+        for (auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc}) std::vector<std::vector<T>>().swap(*x);
+    }
+};
+template <class T> ThreadKept<T>& thread_kept() {
+    thread_local ThreadKept<T> k;
+    return k;
 }
+// For the span of a call that uses the kept buffers: at the outermost such call, first drops
+// them if release_memory() came since this thread last looked (none of them is in use then).
+template <class T> struct KeptScope {
+    ThreadKept<T>& k;
+    KeptScope() : k(thread_kept<T>()) {
+        const uint64_t e = kept_epoch.load(std::memory_order_acquire);
+        if (k.depth++ == 0 && k.epoch != e) {
+            k.release();
+            k.epoch = e;
+        }
+    }
+    ~KeptScope() { --k.depth; }
+    KeptScope(const KeptScope&) = delete;
+    KeptScope& operator=(const KeptScope&) = delete;
+};
 
 template <class T> std::shared_ptr<StackCache<T>> take_cache() {
-    std::unique_ptr<StackCache<T>>& slot = spare_cache<T>();
+    std::unique_ptr<StackCache<T>>& slot = thread_kept<T>().spare;
     StackCache<T>* raw = slot ? slot.release() : new StackCache<T>();
+    raw->epoch = kept_epoch.load(std::memory_order_acquire);
     return std::shared_ptr<StackCache<T>>(raw, [](StackCache<T>* p) {
-        std::unique_ptr<StackCache<T>>& spare = spare_cache<T>();
-        if (!spare) spare.reset(p);
+        // back to the releasing thread's spare slot, unless release_memory() came since it
+        // was taken or that thread holds a spare already
+        ThreadKept<T>& k = thread_kept<T>();
+        if (!k.spare && p->epoch == kept_epoch.load(std::memory_order_acquire)) k.spare.reset(p);
         else delete p;
     });
 }
 }  // namespace
+
+void release_memory() {
+    const uint64_t e = kept_epoch.fetch_add(1, std::memory_order_acq_rel) + 1;
+    // this thread's now, unless one of its calls is in progress (then at its next call)
+    ThreadKept<float>& f = thread_kept<float>();
+    ThreadKept<double>& g = thread_kept<double>();
+    if (f.depth == 0) { f.release(); f.epoch = e; }
+    if (g.depth == 0) { g.release(); g.epoch = e; }
+}
+
+int64_t kept_memory_bytes() { return thread_kept<float>().bytes() + thread_kept<double>().bytes(); }
+
 template <class T> int64_t cache_batch(const StackCache<T>& c) { return c.batch; }
 
 namespace {
@@ -370,8 +443,9 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     // buffers from call to call: after the first call of a size no page is faulted in or
     // zeroed again (the buffers stay allocated, at their largest size, for the thread).
     std::shared_ptr<StackCache<T>> c;
-    thread_local std::shared_ptr<StackCache<T>> pool;
-    thread_local std::vector<T> pool_y[2];
+    KeptScope<T> kept;
+    std::shared_ptr<StackCache<T>>& pool = kept.k.pool;
+    std::vector<T>* pool_y = kept.k.pool_y;
     std::vector<T> own_y[2];
     if (keep) {
         c = take_cache<T>();
@@ -442,7 +516,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         // Every buffer is sized before the region (nothing is allocated while layers wait on
         // each other): a set of job buffers and an output per layer. Training writes each
         // layer's output straight into the next layer's kept input.
-        thread_local std::vector<std::vector<T>> pipe_y;
+        std::vector<std::vector<T>>& pipe_y = kept.k.pipe_y;
         std::vector<std::vector<T>>& ins = keep ? c->inputs : pipe_y;
         if (keep) c->inputs[0].assign(a.x, a.x + TT * B * s.input_size);
         else if ((int64_t)pipe_y.size() < L - 1) pipe_y.resize(L - 1);
@@ -546,7 +620,8 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
 
     // Per-thread scratch reused from call to call (every element is written before it is read).
-    thread_local std::vector<T> dgx, dgh, dhs, dlayer[2];
+    KeptScope<T> kept;
+    std::vector<T> &dgx = kept.k.dgx, &dgh = kept.k.dgh, &dhs = kept.k.dhs, *dlayer = kept.k.dlayer;
     std::vector<T> dh(B * P), dc(s.is_lstm() ? B * H : 1);
     // Rows of the gate gradients a multiple of 1 KB apart would put the rows that a per-step
     // product reads together (the A operand of dh = dG @ W_hh) in the same few L1 sets: one
@@ -590,7 +665,8 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     if (pipe > 0) {
         // Every buffer sized before the region: per layer its gradient buffers, its dh and dc,
         // and (above layer 0) its dx, the dy of the layer below.
-        thread_local std::vector<std::vector<T>> pdgx, pdgh, pdhs, pdx, pdh, pdc;
+        std::vector<std::vector<T>> &pdgx = kept.k.pdgx, &pdgh = kept.k.pdgh, &pdhs = kept.k.pdhs,
+                                    &pdx = kept.k.pdx, &pdh = kept.k.pdh, &pdc = kept.k.pdc;
         for (auto* v : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc})
             if ((int64_t)v->size() < L) v->resize(L);
         std::vector<Ready> ready(L);

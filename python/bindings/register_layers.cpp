@@ -532,6 +532,12 @@ void register_layers(py::module_& m) {
              "packed: the layer's PackedWeights (its bfloat16 ones with bfloat16=True). "
              "batch_first: x is (B, T, I) (only B=1 on this path).");
 
+    m.def("release_memory", &rnncore::release_memory,
+          "Frees the buffers the core keeps between calls (inference's activations, the backward's "
+          "gradient buffers, a spare training cache): this thread's now, every other thread's at "
+          "the start of its next call.");
+    m.def("kept_memory", &rnncore::kept_memory_bytes,
+          "Bytes of the buffers the core keeps between calls for this thread.");
     m.def("activations",
           [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int which) {
               py::array_t<float> y(x.size());

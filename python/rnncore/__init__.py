@@ -19,7 +19,7 @@ __version__ = _core.version()
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
            "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
-           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "get_cmake_dir", "get_include", "get_library", "get_num_threads", "info", "__version__"]
+           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "release_memory", "kept_memory", "get_cmake_dir", "get_include", "get_library", "get_num_threads", "info", "__version__"]
 
 
 def get_cmake_dir() -> str:
@@ -50,6 +50,22 @@ def set_num_threads(n: int) -> None:
     """Threads used by rnncore's kernels (default: OMP_NUM_THREADS, else the core count)."""
     from ._arrays import check_int
     _core.set_num_threads(check_int(n, "n"))
+
+
+def release_memory() -> None:
+    """Frees the buffers rnncore keeps between calls so that repeated calls of a size fault in
+    no new pages: inference's activations and outputs, the backward's gradient buffers and a
+    spare training cache, each at the largest size it was used at. The calling thread's are
+    freed now, every other thread's at the start of its next call; the next call allocates
+    what it needs again. Use after a one-off large call in a long-running process (the
+    weights' packed copies belong to the layers and go with them)."""
+    _core.release_memory()
+
+
+def kept_memory() -> int:
+    """Bytes of the buffers rnncore keeps between calls for the calling thread (see
+    release_memory)."""
+    return int(_core.kept_memory())
 
 
 def info() -> dict:

@@ -163,6 +163,16 @@ void stack_backward(const LayerSpec& spec, const std::vector<DirParams<T>>& para
                     const StackCache<T>& cache, const BackwardArgs<T>& args,
                     const BackwardOut<T>& out, const std::vector<DirGrads<T>>& grads);
 
+// Memory kept between calls. stack_forward and stack_backward keep their buffers (inference's
+// activations and outputs, the backward's gradient buffers, one spare training cache) per
+// thread at their largest size, so that repeated calls fault in and zero no new pages; a
+// process that ran one large call holds them until release_memory(), which frees the calling
+// thread's at once (unless a call of its own is in progress) and every other thread's at the
+// start of its next call. The next call of a size then allocates them again.
+void release_memory();
+// Bytes of those buffers the calling thread holds now.
+int64_t kept_memory_bytes();
+
 // One time step of a unidirectional stack (streaming). x [B, I]; h [L, B, P] and c [L, B, H]
 // (LSTM) are read and updated in place; y [B, P] receives the last layer's output.
 // No dropout. Thread-safe for distinct states.
