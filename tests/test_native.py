@@ -119,6 +119,7 @@ def c_api():
     lib.rnncore_state_create.argtypes = [P, ctypes.c_int64, ctypes.POINTER(P)]
     lib.rnncore_state_free.argtypes = [P]
     lib.rnncore_step.argtypes = [P, P, fp, ctypes.c_int64, ctypes.c_int64, fp, ctypes.c_int64]
+    lib.rnncore_kept_memory.restype = ctypes.c_int64
     return lib
 
 
@@ -163,6 +164,27 @@ def test_c_api_from_several_threads(tmp_path, hidden):
     x = np.ascontiguousarray(xs[0])
     assert lib.rnncore_predict(handle, fptr(x), 20, 1, 4, None, fptr(y), y.size) == 0
     np.testing.assert_allclose(y, want[0].ravel(), rtol=1e-6, atol=1e-6)
+    lib.rnncore_model_free(handle)
+
+
+def test_c_api_releases_kept_memory(tmp_path):
+    lib = c_api()
+    m = rc.Sequential(rc.LSTM(4, 64, batch_first=True, seed=0), rc.Dense(64, 3, seed=1))
+    m.save(tmp_path / "l.rnnc")
+    handle = ctypes.c_void_p()
+    assert lib.rnncore_model_load(str(tmp_path / "l.rnnc").encode(), ctypes.byref(handle)) == 0
+    x = np.random.default_rng(2).standard_normal((50, 16, 4)).astype(np.float32)
+    y0, y1 = np.zeros(50 * 16 * 3, np.float32), np.zeros(50 * 16 * 3, np.float32)
+    lib.rnncore_release_memory()
+    assert lib.rnncore_kept_memory() == 0
+    assert lib.rnncore_predict(handle, fptr(x), 50, 16, 4, None, fptr(y0), y0.size) == 0
+    assert lib.rnncore_kept_memory() >= 50 * 16 * 64 * 4    # the layer's outputs at least
+    lib.rnncore_release_memory()
+    assert lib.rnncore_kept_memory() == 0
+    assert lib.rnncore_predict(handle, fptr(x), 50, 16, 4, None, fptr(y1), y1.size) == 0
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_allclose(y0.reshape(50, 16, 3), m.predict(x.transpose(1, 0, 2)).transpose(1, 0, 2),
+                               rtol=1e-5, atol=1e-6)
     lib.rnncore_model_free(handle)
 
 

@@ -49,6 +49,8 @@ extern "C" {
 
 const char* rnncore_version(void) { return rnncore::version(); }
 const char* rnncore_last_error(void) { return last_error.c_str(); }
+void rnncore_release_memory(void) { rnncore::release_memory(); }
+int64_t rnncore_kept_memory(void) { return rnncore::kept_memory_bytes(); }
 
 int rnncore_model_load_with_precision(const char* path, int recurrent_precision, rnncore_model** out) {
     if (!out) return fail(RNNCORE_ERROR_INVALID_ARGUMENT, "out: NULL");
