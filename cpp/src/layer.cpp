@@ -125,7 +125,7 @@ namespace {
 // fault in and zero no new pages: one spare training cache (a cache released after backward
 // keeps its buffers here for the next forward), inference's activations and outputs, and the
 // backward's gradient buffers. release_memory() drops them: the calling thread's at once,
-// every other thread's at the start of its next call (kept_at_entry).
+// every other thread's at the start of its next call (KeptScope).
 std::atomic<uint64_t> kept_epoch{0};
 template <class T> struct ThreadKept {
     std::unique_ptr<StackCache<T>> spare;
