@@ -1,6 +1,8 @@
 """The buffers the core keeps between calls (inference's activations, the backward's gradient
-buffers, a spare training cache) and `rnncore.release_memory()`, which frees them: the calling
-thread's at once, every other thread's at the start of its next call. Results never change."""
+buffers, a spare training cache): trimmed to the last call's sizes after 8 calls in a row that
+used under a quarter of them (and only where they hold 16 MiB or more), and freed by
+`rnncore.release_memory()`: the calling thread's at once, every other thread's at the start of
+its next call. Results never change."""
 import subprocess
 import sys
 import textwrap
@@ -134,3 +136,51 @@ def test_release_while_other_threads_run_calls():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "OK 0", out.stdout + out.stderr[-2000:]
+
+
+TRIM_AFTER = 8
+
+
+def test_a_one_off_large_call_is_trimmed_after_smaller_ones():
+    rc.release_memory()
+    lay = rc.LSTM(16, 64, seed=6)
+    lay.eval()
+    big, small = _x(400, 200, 16), _x(10, 2, 16)
+    want_small, _ = lay(small)
+    lay(big)
+    kept_big = rc.kept_memory()
+    assert kept_big > 2 * 400 * 200 * 64 * 4      # h and c of every step at least
+    for _ in range(TRIM_AFTER - 1):
+        y, _ = lay(small)
+    assert rc.kept_memory() == kept_big           # not yet
+    y, _ = lay(small)
+    assert rc.kept_memory() < kept_big / 100     # trimmed to the small call's sizes
+    np.testing.assert_array_equal(y, want_small)
+    y, _ = lay(small)                             # and kept at those
+    np.testing.assert_array_equal(y, want_small)
+    # calls that alternate between sizes keep the larger one
+    lay(big)
+    for _ in range(2 * TRIM_AFTER):
+        lay(small)
+        lay(big)
+    assert rc.kept_memory() >= kept_big
+
+
+def test_training_buffers_are_trimmed_too():
+    rc.release_memory()
+    lay = rc.GRU(16, 64, seed=7)
+    big, small = _x(300, 200, 16), _x(10, 2, 16)
+    lay.zero_grad()
+    y, _ = lay.forward(small)
+    lay.backward(np.ones_like(y))
+    want = {k: v.copy() for k, v in lay.grads.items()}
+    y, _ = lay.forward(big)
+    lay.backward(np.ones_like(y))
+    kept_big = rc.kept_memory()
+    for _ in range(TRIM_AFTER):
+        lay.zero_grad()
+        y, _ = lay.forward(small)
+        lay.backward(np.ones_like(y))
+    assert rc.kept_memory() < kept_big / 50, (rc.kept_memory(), kept_big)
+    for k, v in lay.grads.items():
+        np.testing.assert_array_equal(v, want[k])

@@ -121,12 +121,43 @@ template <class T> struct StackCache {
 template <class T> int64_t cache_steps(const StackCache<T>& c) { return c.steps; }
 
 namespace {
-// The buffers a thread keeps from call to call, at their largest size, so that repeated calls
-// fault in and zero no new pages: one spare training cache (a cache released after backward
-// keeps its buffers here for the next forward), inference's activations and outputs, and the
-// backward's gradient buffers. release_memory() drops them: the calling thread's at once,
-// every other thread's at the start of its next call (KeptScope).
+// The buffers a thread keeps from call to call, so that repeated calls fault in and zero no
+// new pages: one spare training cache (a cache released after backward keeps its buffers here
+// for the next forward), inference's activations and outputs, and the backward's gradient
+// buffers. Each group is trimmed to its last call's sizes once TRIM_AFTER calls in a row have
+// used less than a quarter of what it keeps (and it keeps at least TRIM_MIN_BYTES): a
+// one-off large call does not hold its memory for good, while calls that alternate between
+// sizes (the layers of a model, batches of varying size) keep theirs. release_memory() drops
+// them all: the calling thread's at once, every other thread's at the start of its next call
+// (KeptScope).
 std::atomic<uint64_t> kept_epoch{0};
+constexpr int64_t TRIM_MIN_BYTES = int64_t(16) << 20;
+constexpr int TRIM_AFTER = 8;
+
+template <class T, class F> void each_buffer(StackCache<T>& c, F&& f) {
+    for (auto& v : c.inputs) f(v);
+    for (auto& v : c.masks) f(v);
+    for (auto& d : c.dirs) {
+        f(d.gates); f(d.hbuf); f(d.cbuf); f(d.mbuf); f(d.extra);
+    }
+}
+// Counts a group's calls that used under a quarter of its buffers' capacity; at TRIM_AFTER in a
+// row, shrinks each buffer to its size (what the last call used). each(f) visits the buffers.
+template <class T, class Each> void settle(Each&& each, int& small) {
+    int64_t used = 0, cap = 0;
+    each([&](std::vector<T>& v) {
+        used += (int64_t)(v.size() * sizeof(T));
+        cap += (int64_t)(v.capacity() * sizeof(T));
+    });
+    if (cap < TRIM_MIN_BYTES || 4 * used >= cap) {
+        small = 0;
+        return;
+    }
+    if (++small < TRIM_AFTER) return;
+    small = 0;
+    each([](std::vector<T>& v) { v.shrink_to_fit(); });
+}
+
 template <class T> struct ThreadKept {
     std::unique_ptr<StackCache<T>> spare;
     std::shared_ptr<StackCache<T>> pool;                 // inference
@@ -136,22 +167,23 @@ template <class T> struct ThreadKept {
     std::vector<std::vector<T>> pdgx, pdgh, pdhs, pdx, pdh, pdc;   // the backward pipeline
     uint64_t epoch = 0;                                  // of release_memory() last seen
     int depth = 0;                                       // calls of this thread in progress
-    int64_t bytes() const {
-        auto v = [](const std::vector<T>& x) { return (int64_t)(x.capacity() * sizeof(T)); };
-        auto vv = [&](const std::vector<std::vector<T>>& x) {
-            int64_t n = 0;
-            for (const auto& e : x) n += v(e);
-            return n;
-        };
-        auto cache = [&](const StackCache<T>* c) {
-            if (!c) return (int64_t)0;
-            int64_t n = vv(c->inputs) + vv(c->masks);
-            for (const auto& d : c->dirs) n += v(d.gates) + v(d.hbuf) + v(d.cbuf) + v(d.mbuf) + v(d.extra);
-            return n;
-        };
-        int64_t n = cache(spare.get()) + cache(pool.get()) + v(pool_y[0]) + v(pool_y[1]) + vv(pipe_y) +
-                    v(dgx) + v(dgh) + v(dhs) + v(dlayer[0]) + v(dlayer[1]);
-        for (const auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc}) n += vv(*x);
+    int small[3] = {0, 0, 0};                            // settle's counts: inference, backward, spare
+    template <class F> void each_infer(F&& f) {
+        if (pool) each_buffer(*pool, f);
+        f(pool_y[0]); f(pool_y[1]);
+        for (auto& v : pipe_y) f(v);
+    }
+    template <class F> void each_back(F&& f) {
+        f(dgx); f(dgh); f(dhs); f(dlayer[0]); f(dlayer[1]);
+        for (auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc})
+            for (auto& v : *x) f(v);
+    }
+    int64_t bytes() {
+        int64_t n = 0;
+        auto add = [&](std::vector<T>& v) { n += (int64_t)(v.capacity() * sizeof(T)); };
+        if (spare) each_buffer(*spare, add);
+        each_infer(add);
+        each_back(add);
         return n;
     }
     void release() {
@@ -161,24 +193,32 @@ template <class T> struct ThreadKept {
         std::vector<std::vector<T>>().swap(pipe_y);
         for (auto* x : {&dgx, &dgh, &dhs, &dlayer[0], &dlayer[1]}) std::vector<T>().swap(*x);
         for (auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc}) std::vector<std::vector<T>>().swap(*x);
+        small[0] = small[1] = small[2] = 0;
     }
 };
 template <class T> ThreadKept<T>& thread_kept() {
     thread_local ThreadKept<T> k;
     return k;
 }
+enum class KeptUse { none, inference, backward };
 // For the span of a call that uses the kept buffers: at the outermost such call, first drops
-// them if release_memory() came since this thread last looked (none of them is in use then).
+// them if release_memory() came since this thread last looked (none of them is in use then),
+// and at its end settles the group it used.
 template <class T> struct KeptScope {
     ThreadKept<T>& k;
-    KeptScope() : k(thread_kept<T>()) {
+    KeptUse use;
+    explicit KeptScope(KeptUse u) : k(thread_kept<T>()), use(u) {
         const uint64_t e = kept_epoch.load(std::memory_order_acquire);
         if (k.depth++ == 0 && k.epoch != e) {
             k.release();
             k.epoch = e;
         }
     }
-    ~KeptScope() { --k.depth; }
+    ~KeptScope() {
+        if (--k.depth > 0) return;
+        if (use == KeptUse::inference) settle<T>([&](auto&& f) { k.each_infer(f); }, k.small[0]);
+        if (use == KeptUse::backward) settle<T>([&](auto&& f) { k.each_back(f); }, k.small[1]);
+    }
     KeptScope(const KeptScope&) = delete;
     KeptScope& operator=(const KeptScope&) = delete;
 };
@@ -191,8 +231,12 @@ template <class T> std::shared_ptr<StackCache<T>> take_cache() {
         // back to the releasing thread's spare slot, unless release_memory() came since it
         // was taken or that thread holds a spare already
         ThreadKept<T>& k = thread_kept<T>();
-        if (!k.spare && p->epoch == kept_epoch.load(std::memory_order_acquire)) k.spare.reset(p);
-        else delete p;
+        if (!k.spare && p->epoch == kept_epoch.load(std::memory_order_acquire)) {
+            settle<T>([&](auto&& f) { each_buffer(*p, f); }, k.small[2]);
+            k.spare.reset(p);
+        } else {
+            delete p;
+        }
     });
 }
 }  // namespace
@@ -443,7 +487,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     // buffers from call to call: after the first call of a size no page is faulted in or
     // zeroed again (the buffers stay allocated, at their largest size, for the thread).
     std::shared_ptr<StackCache<T>> c;
-    KeptScope<T> kept;
+    KeptScope<T> kept(keep ? KeptUse::none : KeptUse::inference);
     std::shared_ptr<StackCache<T>>& pool = kept.k.pool;
     std::vector<T>* pool_y = kept.k.pool_y;
     std::vector<T> own_y[2];
@@ -620,7 +664,7 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     const int64_t* lens = c.lengths.empty() ? nullptr : c.lengths.data();
 
     // Per-thread scratch reused from call to call (every element is written before it is read).
-    KeptScope<T> kept;
+    KeptScope<T> kept(KeptUse::backward);
     std::vector<T> &dgx = kept.k.dgx, &dgh = kept.k.dgh, &dhs = kept.k.dhs, *dlayer = kept.k.dlayer;
     std::vector<T> dh(B * P), dc(s.is_lstm() ? B * H : 1);
     // Rows of the gate gradients a multiple of 1 KB apart would put the rows that a per-step

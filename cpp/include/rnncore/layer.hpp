@@ -165,10 +165,12 @@ void stack_backward(const LayerSpec& spec, const std::vector<DirParams<T>>& para
 
 // Memory kept between calls. stack_forward and stack_backward keep their buffers (inference's
 // activations and outputs, the backward's gradient buffers, one spare training cache) per
-// thread at their largest size, so that repeated calls fault in and zero no new pages; a
-// process that ran one large call holds them until release_memory(), which frees the calling
-// thread's at once (unless a call of its own is in progress) and every other thread's at the
-// start of its next call. The next call of a size then allocates them again.
+// thread, so that repeated calls fault in and zero no new pages. A group of them that holds
+// 16 MiB or more is trimmed to its last call's sizes after 8 calls in a row that used under a
+// quarter of it (so one large call does not hold its memory for good, and calls alternating
+// between sizes keep theirs). release_memory() frees them all: the calling thread's at once
+// (unless a call of its own is in progress) and every other thread's at the start of its next
+// call. The next call of a size then allocates them again.
 void release_memory();
 // Bytes of those buffers the calling thread holds now.
 int64_t kept_memory_bytes();
