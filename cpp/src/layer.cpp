@@ -186,14 +186,13 @@ template <class T> struct ThreadKept {
         each_back(add);
         return n;
     }
-    void release() {
-        spare.reset();
-        pool.reset();
-        for (auto& y : pool_y) std::vector<T>().swap(y);
-        std::vector<std::vector<T>>().swap(pipe_y);
-        for (auto* x : {&dgx, &dgh, &dhs, &dlayer[0], &dlayer[1]}) std::vector<T>().swap(*x);
-        for (auto* x : {&pdgx, &pdgh, &pdhs, &pdx, &pdh, &pdc}) std::vector<std::vector<T>>().swap(*x);
-        small[0] = small[1] = small[2] = 0;
+    // Frees every buffer (a fresh set, the calls in progress counted as before) and notes
+    // release_memory()'s count e as seen.
+    void release(uint64_t e) {
+        const int d = depth;
+        *this = ThreadKept();
+        depth = d;
+        epoch = e;
     }
 };
 template <class T> ThreadKept<T>& thread_kept() {
@@ -209,10 +208,7 @@ template <class T> struct KeptScope {
     KeptUse use;
     explicit KeptScope(KeptUse u) : k(thread_kept<T>()), use(u) {
         const uint64_t e = kept_epoch.load(std::memory_order_acquire);
-        if (k.depth++ == 0 && k.epoch != e) {
-            k.release();
-            k.epoch = e;
-        }
+        if (k.depth++ == 0 && k.epoch != e) k.release(e);
     }
     ~KeptScope() {
         if (--k.depth > 0) return;
@@ -244,10 +240,8 @@ template <class T> std::shared_ptr<StackCache<T>> take_cache() {
 void release_memory() {
     const uint64_t e = kept_epoch.fetch_add(1, std::memory_order_acq_rel) + 1;
     // this thread's now, unless one of its calls is in progress (then at its next call)
-    ThreadKept<float>& f = thread_kept<float>();
-    ThreadKept<double>& g = thread_kept<double>();
-    if (f.depth == 0) { f.release(); f.epoch = e; }
-    if (g.depth == 0) { g.release(); g.epoch = e; }
+    if (thread_kept<float>().depth == 0) thread_kept<float>().release(e);
+    if (thread_kept<double>().depth == 0) thread_kept<double>().release(e);
 }
 
 int64_t kept_memory_bytes() { return thread_kept<float>().bytes() + thread_kept<double>().bytes(); }
@@ -485,7 +479,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
                                     "runs in float32");
     // Training keeps its activations in a cache of its own. Inference reuses this thread's
     // buffers from call to call: after the first call of a size no page is faulted in or
-    // zeroed again (the buffers stay allocated, at their largest size, for the thread).
+    // zeroed again (the buffers stay allocated for the thread: ThreadKept).
     std::shared_ptr<StackCache<T>> c;
     KeptScope<T> kept(keep ? KeptUse::none : KeptUse::inference);
     std::shared_ptr<StackCache<T>>& pool = kept.k.pool;
