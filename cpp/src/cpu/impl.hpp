@@ -115,6 +115,7 @@ inline int64_t packed_a_size(int64_t M, int64_t K) { return ceil_div(M, MR) * MR
 // op(B)[k, n] = tb ? B[n*ldb + k] : B[k*ldb + n]
 constexpr int64_t PACK_AHEAD = 8;    // rows of the source the packing loops prefetch ahead
 constexpr int64_t PACK_AHEAD_BYTES = 2048;   // pack_b: at least this far ahead, 2 rows at least
+constexpr int64_t TKB = 32;   // pack_b, transposed: steps of k a pass (16 and 64 measured alike)
 template <class T>
 void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
     const int nr = NR<T>;
@@ -159,11 +160,22 @@ void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
         T* dst = out + p * K * nr;
         const int64_t n0 = p * nr;
         const int64_t nn = N - n0 < nr ? N - n0 : nr;
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t c = nn; c < nr; ++c) dst[k * nr + c] = T(0);
-        for (int64_t c = 0; c < nn; ++c) {
-            const T* src = B + (n0 + c) * ldb;
-            for (int64_t k = 0; k < K; ++k) dst[k * nr + c] = src[k];
+        // Transposed: each source row is a column of the panel. KB steps of k at a time, so
+        // that the rows of the panel being written (KB x NR, a few KB) stay in L1 until they
+        // are whole (a column at a time over all of K wrote each line NR times, 4 bytes at a
+        // time, after it had left L1 for a long panel). One process, alternating rounds,
+        // C = A B^T: M=64 N=4096 K=1024 97 -> 180 GFLOP/s, M=200 N=1024 K=1024 130 -> 210,
+        // M=1600 N=3072 K=1024 275 -> 290; the input projection of a GRU training step (T=50
+        // B=32 I=H=1024, X packed this way 64 rows at a time) 0.974.
+        for (int64_t k0 = 0; k0 < K; k0 += TKB) {
+            const int64_t kb = K - k0 < TKB ? K - k0 : TKB;
+            T* d = dst + k0 * nr;
+            for (int64_t c = 0; c < nn; ++c) {
+                const T* src = B + (n0 + c) * ldb + k0;
+                for (int64_t k = 0; k < kb; ++k) d[k * nr + c] = src[k];
+            }
+            for (int64_t k = 0; k < kb; ++k)
+                for (int64_t c = nn; c < nr; ++c) d[k * nr + c] = T(0);
         }
     }
 }
