@@ -191,12 +191,16 @@ void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, W* ou
         W* dst = out + p * K * nr;
         const int64_t n0 = p * nr;
         const int64_t nn = N - n0 < nr ? N - n0 : nr;
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t c = nn; c < nr; ++c) dst[k * nr + panel_col<T, W>(c)] = WConv<W>::from(T(0));
-        for (int64_t c = 0; c < nn; ++c) {
-            const T* src = B + row(n0 + c) * ldb;
-            const int64_t pc = panel_col<T, W>(c);
-            for (int64_t k = 0; k < K; ++k) dst[k * nr + pc] = WConv<W>::from(src[k]);
+        for (int64_t k0 = 0; k0 < K; k0 += TKB) {   // as pack_b's transposed case
+            const int64_t kb = K - k0 < TKB ? K - k0 : TKB;
+            W* d = dst + k0 * nr;
+            for (int64_t c = 0; c < nn; ++c) {
+                const T* src = B + row(n0 + c) * ldb + k0;
+                const int64_t pc = panel_col<T, W>(c);
+                for (int64_t k = 0; k < kb; ++k) d[k * nr + pc] = WConv<W>::from(src[k]);
+            }
+            for (int64_t k = 0; k < kb; ++k)
+                for (int64_t c = nn; c < nr; ++c) d[k * nr + panel_col<T, W>(c)] = WConv<W>::from(T(0));
         }
     }
 }
