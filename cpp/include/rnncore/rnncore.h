@@ -33,9 +33,9 @@ typedef struct rnncore_state rnncore_state;
 
 RNNCORE_API const char* rnncore_version(void);
 RNNCORE_API const char* rnncore_last_error(void);
-/* The buffers rnncore_predict keeps per thread between calls (at the largest size used, so
-   that repeated calls fault in no new pages): rnncore_release_memory frees the calling
-   thread's now and every other thread's at the start of its next call;
+/* The buffers rnncore_predict keeps per thread between calls (so that repeated calls fault in
+   no new pages; trimmed on their own as rnncore/layer.hpp says): rnncore_release_memory frees
+   the calling thread's now and every other thread's at the start of its next call;
    rnncore_kept_memory returns the bytes the calling thread holds. */
 RNNCORE_API void rnncore_release_memory(void);
 RNNCORE_API int64_t rnncore_kept_memory(void);

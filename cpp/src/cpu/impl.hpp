@@ -125,8 +125,8 @@ void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
         // line or two of it per panel). The rows lie a row of B apart, on a different page
         // nearly every time, which the hardware prefetchers do not follow; so the row at least
         // PACK_AHEAD_BYTES on is asked for, line by line, into L2 (more lines in flight than
-        // L1's fill buffers hold), and each panel's line it is copied to 16 rows on with write
-        // intent (a packed block the other threads read in the last K block is shared with
+        // L1's fill buffers hold), and each panel's line it is copied to 2 * PACK_AHEAD rows on
+        // with write intent (a packed block the other threads read in the last K block is shared with
         // their caches, and each store waited for its invalidation: one 384 x 384 block from
         // memory 77 -> 30 us). Panel by panel before, with the row 8 on into L1: a training step
         // of RNN T=50 B=32 I=H=1024 0.981 of the time (one process, alternating rounds), its
@@ -141,9 +141,9 @@ void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
                 for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(src + ahead * ldb + l * (64 / (int64_t)sizeof(T)), 0, 2);
             for (int64_t p = 0; p < full; ++p) {
                 T* d = out + p * K * nr + k * nr;
-                if (k + 16 < K) {
-                    __builtin_prefetch(d + 16 * nr, 1, 3);
-                    if (nr * sizeof(T) > 64) __builtin_prefetch(d + 16 * nr + 64 / sizeof(T), 1, 3);
+                if (k + 2 * PACK_AHEAD < K) {
+                    __builtin_prefetch(d + 2 * PACK_AHEAD * nr, 1, 3);
+                    if (nr * sizeof(T) > 64) __builtin_prefetch(d + 2 * PACK_AHEAD * nr + 64 / sizeof(T), 1, 3);
                 }
                 std::memcpy(d, src + p * nr, sizeof(T) * nr);
             }
