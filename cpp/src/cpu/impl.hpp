@@ -346,7 +346,7 @@ RNNCORE_UNROLL_ROWS
     for (int r = 0; r < mr; ++r) { acc0[r] = V{} ; acc1[r] = V{}; }
 #ifdef RNNCORE_ASM_MICRO
     if constexpr (mr == 12 && inplace && same_type<T, float>::value && same_type<W, float>::value && !PF) {
-        micro12_asm_inplace(K, a, lda, b, acc0, acc1);
+        if (K > 0) micro12_asm_inplace(K, a, lda, b, acc0, acc1);
     } else
 #endif
     for (int64_t k = 0; k < K; ++k) {
