@@ -112,76 +112,18 @@ template <class T> inline int64_t packed_b_size(int64_t K, int64_t N) {
 }
 inline int64_t packed_a_size(int64_t M, int64_t K) { return ceil_div(M, MR) * MR * K; }
 
-// op(B)[k, n] = tb ? B[n*ldb + k] : B[k*ldb + n]
 constexpr int64_t PACK_AHEAD = 8;    // rows of the source the packing loops prefetch ahead
 constexpr int64_t PACK_AHEAD_BYTES = 2048;   // pack_b: at least this far ahead, 2 rows at least
-constexpr int64_t TKB = 32;   // pack_b, transposed: steps of k a pass (16 and 64 measured alike)
-template <class T>
-void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
-    const int nr = NR<T>;
-    const int64_t panels = ceil_div(N, nr);
-    if (!tb) {
-        // Row by row across all the panels: each source row is read left to right once (not a
-        // line or two of it per panel). The rows lie a row of B apart, on a different page
-        // nearly every time, which the hardware prefetchers do not follow; so the row at least
-        // PACK_AHEAD_BYTES on is asked for, line by line, into L2 (more lines in flight than
-        // L1's fill buffers hold), and each panel's line it is copied to 2 * PACK_AHEAD rows on
-        // with write intent (a packed block the other threads read in the last K block is shared with
-        // their caches, and each store waited for its invalidation: one 384 x 384 block from
-        // memory 77 -> 30 us). Panel by panel before, with the row 8 on into L1: a training step
-        // of RNN T=50 B=32 I=H=1024 0.981 of the time (one process, alternating rounds), its
-        // packing of W_hh 0.64 (backward) and 0.82 (forward), its weight-gradient GEMM 0.98.
-        const int64_t rowb = N * (int64_t)sizeof(T);
-        const int64_t lines = ceil_div(rowb, 64) + 1;
-        const int64_t ahead = PACK_AHEAD_BYTES / rowb > 2 ? PACK_AHEAD_BYTES / rowb : 2;
-        const int64_t full = N / nr;
-        for (int64_t k = 0; k < K; ++k) {
-            const T* src = B + k * ldb;
-            if (k + ahead < K)
-                for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(src + ahead * ldb + l * (64 / (int64_t)sizeof(T)), 0, 2);
-            for (int64_t p = 0; p < full; ++p) {
-                T* d = out + p * K * nr + k * nr;
-                if (k + 2 * PACK_AHEAD < K) {
-                    __builtin_prefetch(d + 2 * PACK_AHEAD * nr, 1, 3);
-                    if (nr * sizeof(T) > 64) __builtin_prefetch(d + 2 * PACK_AHEAD * nr + 64 / sizeof(T), 1, 3);
-                }
-                std::memcpy(d, src + p * nr, sizeof(T) * nr);
-            }
-            if (full < panels) {
-                T* d = out + full * K * nr + k * nr;
-                int64_t c = 0;
-                for (; c < N - full * nr; ++c) d[c] = src[full * nr + c];
-                for (; c < nr; ++c) d[c] = T(0);
-            }
-        }
-        return;
-    }
-    for (int64_t p = 0; p < panels; ++p) {
-        T* dst = out + p * K * nr;
-        const int64_t n0 = p * nr;
-        const int64_t nn = N - n0 < nr ? N - n0 : nr;
-        // Transposed: each source row is a column of the panel. KB steps of k at a time, so
-        // that the rows of the panel being written (KB x NR, a few KB) stay in L1 until they
-        // are whole (a column at a time over all of K wrote each line NR times, 4 bytes at a
-        // time, after it had left L1 for a long panel). One process, alternating rounds,
-        // C = A B^T: M=64 N=4096 K=1024 97 -> 180 GFLOP/s, M=200 N=1024 K=1024 130 -> 210,
-        // M=1600 N=3072 K=1024 275 -> 290; the input projection of a GRU training step (T=50
-        // B=32 I=H=1024, X packed this way 64 rows at a time) 0.974.
-        for (int64_t k0 = 0; k0 < K; k0 += TKB) {
-            const int64_t kb = K - k0 < TKB ? K - k0 : TKB;
-            T* d = dst + k0 * nr;
-            for (int64_t c = 0; c < nn; ++c) {
-                const T* src = B + (n0 + c) * ldb + k0;
-                for (int64_t k = 0; k < kb; ++k) d[k * nr + c] = src[k];
-            }
-            for (int64_t k = 0; k < kb; ++k)
-                for (int64_t c = nn; c < nr; ++c) d[k * nr + c] = T(0);
-        }
-    }
-}
-
+constexpr int64_t TKB = 32;   // pack_b_rows: steps of k a pass (16 and 64 measured alike)
 // Packs op(B)[k, n] = B[row(n) * ldb + k] for a gathered list of rows (a thread's slice of
-// the gates of W_hh, say), in the same panel layout as pack_b.
+// the gates of W_hh, say; pack_b's transposed case: every row in order), in pack_b's panel
+// layout. Each source row is a column of a panel: TKB steps of k at a time, so that the rows
+// of the panel being written (TKB x NR, a few KB) stay in L1 until they are whole (a column at
+// a time over all of K wrote each line NR times, 4 bytes at a time, after it had left L1 for a
+// long panel). One process, alternating rounds, C = A B^T: M=64 N=4096 K=1024 97 -> 180
+// GFLOP/s, M=200 N=1024 K=1024 130 -> 210, M=1600 N=3072 K=1024 275 -> 290; the input
+// projection of a GRU training step (T=50 B=32 I=H=1024, X packed this way 64 rows at a time)
+// 0.974.
 // W: the packed element type (T, or bf16 for float32 weights streamed at half the bytes).
 template <class T, class RowFn, class W>
 void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, W* out) {
@@ -191,7 +133,7 @@ void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, W* ou
         W* dst = out + p * K * nr;
         const int64_t n0 = p * nr;
         const int64_t nn = N - n0 < nr ? N - n0 : nr;
-        for (int64_t k0 = 0; k0 < K; k0 += TKB) {   // as pack_b's transposed case
+        for (int64_t k0 = 0; k0 < K; k0 += TKB) {
             const int64_t kb = K - k0 < TKB ? K - k0 : TKB;
             W* d = dst + k0 * nr;
             for (int64_t c = 0; c < nn; ++c) {
@@ -201,6 +143,50 @@ void pack_b_rows(int64_t K, int64_t N, const T* B, int64_t ldb, RowFn row, W* ou
             }
             for (int64_t k = 0; k < kb; ++k)
                 for (int64_t c = nn; c < nr; ++c) d[k * nr + panel_col<T, W>(c)] = WConv<W>::from(T(0));
+        }
+    }
+}
+
+// op(B)[k, n] = tb ? B[n*ldb + k] : B[k*ldb + n]
+template <class T>
+void pack_b(bool tb, int64_t K, int64_t N, const T* B, int64_t ldb, T* out) {
+    const int nr = NR<T>;
+    const int64_t panels = ceil_div(N, nr);
+    if (tb) {   // each row of B a column of a panel
+        pack_b_rows<T>(K, N, B, ldb, [](int64_t n) { return n; }, out);
+        return;
+    }
+    // Row by row across all the panels: each source row is read left to right once (not a
+    // line or two of it per panel). The rows lie a row of B apart, on a different page
+    // nearly every time, which the hardware prefetchers do not follow; so the row at least
+    // PACK_AHEAD_BYTES on is asked for, line by line, into L2 (more lines in flight than
+    // L1's fill buffers hold), and each panel's line it is copied to 2 * PACK_AHEAD rows on
+    // with write intent (a packed block the other threads read in the last K block is shared with
+    // their caches, and each store waited for its invalidation: one 384 x 384 block from
+    // memory 77 -> 30 us). Panel by panel before, with the row 8 on into L1: a training step
+    // of RNN T=50 B=32 I=H=1024 0.981 of the time (one process, alternating rounds), its
+    // packing of W_hh 0.64 (backward) and 0.82 (forward), its weight-gradient GEMM 0.98.
+    const int64_t rowb = N * (int64_t)sizeof(T);
+    const int64_t lines = ceil_div(rowb, 64) + 1;
+    const int64_t ahead = PACK_AHEAD_BYTES / rowb > 2 ? PACK_AHEAD_BYTES / rowb : 2;
+    const int64_t full = N / nr;
+    for (int64_t k = 0; k < K; ++k) {
+        const T* src = B + k * ldb;
+        if (k + ahead < K)
+            for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(src + ahead * ldb + l * (64 / (int64_t)sizeof(T)), 0, 2);
+        for (int64_t p = 0; p < full; ++p) {
+            T* d = out + p * K * nr + k * nr;
+            if (k + 2 * PACK_AHEAD < K) {
+                __builtin_prefetch(d + 2 * PACK_AHEAD * nr, 1, 3);
+                if (nr * sizeof(T) > 64) __builtin_prefetch(d + 2 * PACK_AHEAD * nr + 64 / sizeof(T), 1, 3);
+            }
+            std::memcpy(d, src + p * nr, sizeof(T) * nr);
+        }
+        if (full < panels) {
+            T* d = out + full * K * nr + k * nr;
+            int64_t c = 0;
+            for (; c < N - full * nr; ++c) d[c] = src[full * nr + c];
+            for (; c < nr; ++c) d[c] = T(0);
         }
     }
 }
