@@ -2493,7 +2493,14 @@ template <class T> void peephole_grads(const DirBackJob<T>& bj) {
 // goes in two pieces, the halves of the gate rows of dW (and of the block's rows of dx), so
 // that two threads can share the blocks without private copies of dW: a piece waits for the
 // last piece of its half to be finished (they accumulate into the same rows).
-constexpr int64_t PIPE_ROWS = 128;   // rows (steps x batch) of a block, at most
+// Rows (steps x batch) of a block, at most. A piece's GEMM reads and writes its half of dW
+// once per block, for `rows` multiply-adds per element: 256 rows against 128, training, two
+// threads, one process, alternating (benchmarks/ab.py, new/old, 7-9 rounds): RNN T=100 B=64
+// I=256 H=512 0.975-0.978 (its weight-gradient pieces 0.937), B=16 I=128 H=256 0.973, LSTM
+// B=64 I=128 H=256 0.975, B=16 0.986-1.012, B=32 I=H=256 0.991, GRU B=16 I=128 H=256 0.983, B=32
+// I=H=256 1.004-1.015; 512 rows: RNN B=64 0.981, LSTM B=16 1.009. (Up to B=8 the blocks of a
+// 100-step sequence stay T/8 steps.)
+constexpr int64_t PIPE_ROWS = 256;
 constexpr int64_t PIPE_BLOCKS = 8;   // blocks at least, where the rows allow
 inline int64_t pipe_steps(int64_t TT, int64_t B) {   // steps of a block
     const int64_t s = ceil_div(PIPE_ROWS, B), f = ceil_div(TT, PIPE_BLOCKS);
