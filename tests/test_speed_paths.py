@@ -378,6 +378,37 @@ def test_pipelined_backward_block_edges(steps, batch, dtype, threads):
     compare_with_torch(layer, x, lengths=lengths, rng=rng)
 
 
+def test_pipelined_backward_beyond_the_l2_at_64_batch_rows():
+    """A packed W_hh over 3/4 of the L2 but within twice it is pipelined from 64 batch rows on
+    (one core's product then runs at the GEMM's rate from the L3), split below. With
+    RNNCORE_L2_BYTES=64 KiB, GRU H=96 (108 KiB packed) and LSTM H=64 (64 KiB), float64 LSTM H=48
+    (96 KiB): against PyTorch with lengths at B=64 and B=32, and the path each took (the
+    pipeline's weight gradients run on thread 1, the split recurrence's after it on thread 0)."""
+    from conftest import run_child
+    r = run_child("""
+        import sys
+        sys.path.insert(0, %r)
+        import numpy as np, rnncore as rc
+        from torch_oracle import compare_with_torch
+        assert rc.info()["l2_cache_bytes"] == 65536
+        rc.set_num_threads(2)
+        rng = np.random.default_rng(21)
+        for make, dtype in ((lambda d: rc.GRU(24, 96, dtype=d), np.float32),
+                            (lambda d: rc.LSTM(24, 64, bidirectional=True, dtype=d), np.float32),
+                            (lambda d: rc.LSTM(24, 48, dtype=d), np.float64)):
+            for batch in (64, 32):
+                x = rng.standard_normal((24, batch, 24)).astype(dtype)
+                lengths = [24] + list(rng.integers(1, 25, size=batch - 1))
+                rc._core.phase_times(True)
+                compare_with_torch(make(dtype), x, lengths=lengths, rng=rng)
+                on_thread_1 = rc._core.phase_times(True)["backward.weight_grads"][1] > 0
+                assert on_thread_1 == (batch == 64), (batch, dtype)
+        print("ok")
+    """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "65536", "RNNCORE_PHASES": "1"},
+                  timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("cell", ["lstm_peep_coupled", "lstm_peep", "rnn_relu", "gru"])
 def test_pipelined_backward_variants(cell, threads):
     """Variants PyTorch lacks (and the GRU, without sequence lengths): the pipelined backward

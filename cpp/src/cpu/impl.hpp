@@ -2502,6 +2502,7 @@ template <class T> void peephole_grads(const DirBackJob<T>& bj) {
 // 100-step sequence stay T/8 steps.)
 constexpr int64_t PIPE_ROWS = 256;
 constexpr int64_t PIPE_BLOCKS = 8;   // blocks at least, where the rows allow
+constexpr int64_t PIPE_WIDE_B = 64;  // batch rows from which a W_hh of up to twice the L2 pipelines (dir_backward)
 inline int64_t pipe_steps(int64_t TT, int64_t B) {   // steps of a block
     const int64_t s = ceil_div(PIPE_ROWS, B), f = ceil_div(TT, PIPE_BLOCKS);
     return s < f ? s : f;
@@ -2665,17 +2666,24 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
     }
     // Pipelined (pipe_backward): a team of two, more than four batch rows (fewer: one core
     // alone reads the whole W_hh from its L2 every step, where two read half each: batch 1
-    // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2 (beyond it the
-    // split product runs at the GEMM's rate already: GRU T=100 B=64 H=512 0.99, RNN T=50 B=32
-    // H=1024 1.035 pipelined) and at least four blocks of steps. Also a recurrence that runs
+    // ran 1.1-1.2 times as long), the whole packed W_hh within 3/4 of the L2, or within twice
+    // the L2 at PIPE_WIDE_B batch rows or more (enough rows a step for one core's product to
+    // run at the GEMM's rate from the L3), and at least four blocks of steps. Beyond 3/4 of
+    // the L2, training, two threads, one process against the split recurrence (benchmarks/
+    // ab.py, new/old, blocks of 256 rows): GRU T=100 I=256 H=512 (3 MiB) B=64 0.978-0.985
+    // (the dh product 1.98, the weight and input gradients 0.47 and 0.44 of their time on the
+    // other thread), T=50 B=128 0.976, B=32 0.994, B=16 1.048; LSTM H=512 (4 MiB) B=64 0.995,
+    // B=32 1.021; RNN H=1024 (4 MiB) B=64 0.992, B=32 0.984-1.022; T=50 B=32 I=H=1024 (12-16
+    // MiB, streamed) GRU 1.059, RNN 1.028, LSTM 1.082. Also a recurrence that runs
     // on one thread anyway (a step under TEAM_MIN_MACS), with a second thread for the weight
     // gradients: training step, T=100, one process against the layer-by-layer build, B=1 LSTM
     // I=32 H=64 0.925, GRU I=64 H=128 0.918, RNN 0.951; B=2 LSTM I=32 H=64 0.873; B=4 LSTM I=16
     // H=32 0.895, GRU I=32 H=64 0.795. (Not inside the layer pipeline, whose other threads run
     // the other layers.)
+    const int64_t pk_bytes = packed_b_size<T>(Kc, P) * (int64_t)sizeof(T);
     if (((rteam == 2 && B > SMALL_B) || (rteam == 1 && threads_for_kernels() >= 2)) && !proj && !gru_orig &&
         ceil_div(TT, pipe_steps(TT, B)) >= 4 && !bj.dy_ready && !bj.dx_ready &&
-        split_fits(packed_b_size<T>(Kc, P) * (int64_t)sizeof(T))) {
+        (split_fits(pk_bytes) || (B >= PIPE_WIDE_B && pk_bytes <= 2 * l2_cache_bytes()))) {
         pipe_backward<T>(bj, gteam, ghx, Kc, LD, dgh);
         if (lstm && j.peephole) peephole_grads<T>(bj);
         return;
