@@ -2492,7 +2492,10 @@ template <class T> void peephole_grads(const DirBackJob<T>& bj) {
 // a block); when the recurrence is done, thread 0 joins in on the blocks left. A block's work
 // goes in two pieces, the halves of the gate rows of dW (and of the block's rows of dx), so
 // that two threads can share the blocks without private copies of dW: a piece waits for the
-// last piece of its half to be finished (they accumulate into the same rows).
+// last piece of its half to be finished (they accumulate into the same rows). From PIPE_WIDE_B
+// batch rows a W_hh of up to twice the L2 is pipelined too: thread 0 then reads part of it
+// from the L3 every step, with enough rows a step to keep its product at the GEMM's rate
+// (dir_backward has the measurements).
 // Rows (steps x batch) of a block, at most. A piece's GEMM reads and writes its half of dW
 // once per block, for `rows` multiply-adds per element: 256 rows against 128, training, two
 // threads, one process, alternating (benchmarks/ab.py, new/old, 7-9 rounds): RNN T=100 B=64
