@@ -42,6 +42,9 @@ struct PackSet {
 //   reverse:  slot t+1 = state entering time step t, slot 0 = final state.
 // So the state entering step t is slot t + rev, the state leaving it is slot t + 1 - rev,
 // and the states entering steps 0..T-1 in time order are contiguous from slot rev.
+// With `ring` (inference: nothing reads a past step's state) hbuf and cbuf hold two slots,
+// slot s at s & 1, and mbuf and extra one step: the per-step state stays in the cache
+// instead of streaming [T+1, B, P] arrays through memory every call.
 template <class T> struct DirJob {
     int cell;                       // CellType
     int64_t steps, batch, in, hid, out;   // T, B, I, H, P
@@ -55,6 +58,7 @@ template <class T> struct DirJob {
     T* cbuf;                        // [T+1, B, H] LSTM, entering state preset by driver
     T* mbuf;                        // [T, B, H] LSTM with projection: o * tanh(c)
     T* extra;                       // [T, B, H] GRU: lbr: W_hn h + b_hn; else r * h
+    bool ring;                      // hbuf, cbuf [2, ...], mbuf, extra [1, ...] (see slots)
     T* y; int64_t ldy;              // output rows [T*B] of stride ldy, offset to this direction
     const T* ymask;                 // null, or y is written times this (the next layer's
                                     // dropout mask: the layer pipeline), same rows and stride

@@ -266,10 +266,13 @@ DirJob<T> make_job(const LayerSpec& s, int64_t layer, int d, int64_t TT, int64_t
     // Inference needs the [T, B, G*H] gate array only on the unpacked path (kernels.hpp):
     // elsewhere it is neither sized nor zeroed (T=100 B=64 H=512 LSTM: 52 MB a thread).
     if (!infer || (B <= SMALL_B && TT <= SMALL_T)) buf.gates.resize(TT * B * GH);
-    buf.hbuf.resize((TT + 1) * B * P);
-    if (s.is_lstm()) buf.cbuf.resize((TT + 1) * B * H);
-    if (s.is_lstm() && P != H) buf.mbuf.resize(TT * B * H);
-    if (s.cell == CellType::GRU) buf.extra.resize(TT * B * H);
+    // Inference keeps the state of two steps (j.ring: kernels.hpp), not of every step.
+    j.ring = infer;
+    const int64_t slots = infer ? 2 : TT + 1, rows = infer ? 1 : TT;
+    buf.hbuf.resize(slots * B * P);
+    if (s.is_lstm()) buf.cbuf.resize(slots * B * H);
+    if (s.is_lstm() && P != H) buf.mbuf.resize(rows * B * H);
+    if (s.cell == CellType::GRU) buf.extra.resize(rows * B * H);
     j.gates = buf.gates.empty() ? nullptr : buf.gates.data();
     j.gate_team = &buf.gate_team;
     j.hbuf = buf.hbuf.data();
@@ -531,11 +534,12 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         j.bf16 = bf16;
         j.max_threads = max_threads;
         const int rev = d == 1;
-        T* h_in = j.hbuf + (rev ? TT : 0) * B * P;
+        const int64_t in_slot = rev ? (j.ring ? TT & 1 : TT) : 0;
+        T* h_in = j.hbuf + in_slot * B * P;
         if (a.h0) std::memcpy(h_in, a.h0 + idx * B * P, sizeof(T) * B * P);
         else std::fill(h_in, h_in + B * P, T(0));
         if (s.is_lstm()) {
-            T* c_in = j.cbuf + (rev ? TT : 0) * B * H;
+            T* c_in = j.cbuf + in_slot * B * H;
             if (a.c0) std::memcpy(c_in, a.c0 + idx * B * H, sizeof(T) * B * H);
             else std::fill(c_in, c_in + B * H, T(0));
         }
@@ -544,9 +548,10 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     auto finish = [&](const DirJob<T>& j, int64_t l, int d) {
         const int64_t idx = l * D + d;
         const int rev = d == 1;
-        std::memcpy(out.h_n + idx * B * P, j.hbuf + (rev ? 0 : TT) * B * P, sizeof(T) * B * P);
+        const int64_t out_slot = rev ? 0 : (j.ring ? TT & 1 : TT);
+        std::memcpy(out.h_n + idx * B * P, j.hbuf + out_slot * B * P, sizeof(T) * B * P);
         if (s.is_lstm())
-            std::memcpy(out.c_n + idx * B * H, j.cbuf + (rev ? 0 : TT) * B * H, sizeof(T) * B * H);
+            std::memcpy(out.c_n + idx * B * H, j.cbuf + out_slot * B * H, sizeof(T) * B * H);
     };
 
     const int pipe = pipeline_threads(s, TT, B, (int)sizeof(T));

@@ -2239,12 +2239,17 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 }
             }
         };
+        // State slots and per-step rows: two slots and one row with j.ring (kernels.hpp).
+        auto slot = [&](int64_t sl) { return j.ring ? sl & 1 : sl; };
+        auto srow = [&](int64_t t) { return j.ring ? int64_t(0) : t; };
         for (int64_t q = 0; q < TT; ++q) {
             const int64_t t = rev ? TT - 1 - q : q;
             if (!late) project(q);
             clock.mark(PH_FWD_PROJ);
-            const T* hprev = j.hbuf + (t + rev) * B * P;
-            T* hnext = j.hbuf + (t + 1 - rev) * B * P;
+            const T* hprev = j.hbuf + slot(t + rev) * B * P;
+            T* hnext = j.hbuf + slot(t + 1 - rev) * B * P;
+            T* ext = j.extra ? j.extra + srow(t) * B * H : nullptr;   // this step's rows
+            T* mrow = j.mbuf ? j.mbuf + srow(t) * B * H : nullptr;
             T* yt = j.y + t * B * j.ldy;
             const bool zero_h = q == 0 && j.zero_start;   // h @ W_hh^T = 0
             if (nh > 0 && zero_h) {
@@ -2274,9 +2279,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 const T* hb = hh + b * Gk * nh;
                 const bool act = active(j.lengths, b, t);
                 if (lstm) {
-                    const T* cp = j.cbuf + (t + rev) * B * H + b * H + u0;
-                    T* cn = j.cbuf + (t + 1 - rev) * B * H + b * H + u0;
-                    T* m = proj ? j.mbuf + (t * B + b) * H + u0 : hnext + b * P + u0;
+                    const T* cp = j.cbuf + slot(t + rev) * B * H + b * H + u0;
+                    T* cn = j.cbuf + slot(t + 1 - rev) * B * H + b * H + u0;
+                    T* m = proj ? mrow + b * H + u0 : hnext + b * P + u0;
                     if (!act) {
                         std::memcpy(cn, cp, sizeof(T) * nh);
                         if (proj) std::memset(m, 0, sizeof(T) * nh);
@@ -2287,7 +2292,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                     pi ? pi + H + u0 : nullptr, pi ? pi + 2 * H + u0 : nullptr,
                                     j.coupled);
                 } else if (gru) {
-                    T* ex = j.extra + (t * B + b) * H + u0;
+                    T* ex = ext + b * H + u0;
                     if (!act) {
                         if (gru_orig) std::memset(ex, 0, sizeof(T) * nh);
                         continue;
@@ -2306,9 +2311,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 if (nh > 0 && zero_h)
                     std::memset(hnv, 0, sizeof(T) * B * nh);
                 else if (nh > 0 && small)
-                    small_nt<T>(B, nh, H, j.w.w_hh + (2 * H + u0) * H, H, j.extra + t * B * H, H, hnv, nh);
+                    small_nt<T>(B, nh, H, j.w.w_hh + (2 * H + u0) * H, H, ext, H, hnv, nh);
                 else if (nh > 0)
-                    gemm_pb<T>(B, nh, H, j.extra + t * B * H, H, pkn, T(0), hnv, nh, false, 0, stream);
+                    gemm_pb<T>(B, nh, H, ext, H, pkn, T(0), hnv, nh, false, 0, stream);
                 for (int64_t b = 0; b < B && nh > 0; ++b) {
                     if (!active(j.lengths, b, t)) continue;
                     T* g = grow(t, b);
@@ -2319,9 +2324,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             if (proj) {
                 sbar.wait(bsense);   // o * tanh(c) complete
                 if (nq > 0 && small)
-                    small_nt<T>(B, nq, H, j.w.w_hr + Q.lo * H, H, j.mbuf + t * B * H, H, hnext + Q.lo, P);
+                    small_nt<T>(B, nq, H, j.w.w_hr + Q.lo * H, H, mrow, H, hnext + Q.lo, P);
                 else if (nq > 0)
-                    gemm_pb<T>(B, nq, H, j.mbuf + t * B * H, H, pkr, T(0), hnext + Q.lo, P, false, 0, stream);
+                    gemm_pb<T>(B, nq, H, mrow, H, pkr, T(0), hnext + Q.lo, P, false, 0, stream);
             }
             // Inactive rows carry their state; every row writes its output slice.
             for (int64_t b = 0; b < B && nq > 0; ++b) {
