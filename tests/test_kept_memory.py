@@ -167,6 +167,35 @@ def test_a_one_off_large_call_is_trimmed_after_smaller_ones(threads):
     assert rc.kept_memory() >= kept_big
 
 
+def test_buffers_of_a_path_the_calls_no_longer_take_are_trimmed(threads):
+    """With two threads a large stack runs its layers at once (the layer pipeline, whose
+    outputs are kept in buffers of their own) and a small one in order: buffers the small calls
+    never touch count as unused, so a one-off large call's are freed after TRIM_AFTER small
+    ones too (before, they were kept until release_memory())."""
+    from rnncore import _core
+    threads(2)
+    rc.release_memory()
+    lay = rc.LSTM(16, 64, num_layers=2, seed=6)
+    lay.eval()
+    big, small = _x(400, 200, 16), _x(10, 2, 16)
+    want_small, _ = lay(small)
+    runs = _core.layer_pipeline_runs()
+    lay(big)
+    big_piped = _core.layer_pipeline_runs() - runs
+    kept_big = rc.kept_memory()
+    assert kept_big > 400 * 200 * 64 * 4          # the first layer's output at least
+    runs = _core.layer_pipeline_runs()
+    for _ in range(TRIM_AFTER - 1):
+        y, _ = lay(small)
+    assert (_core.layer_pipeline_runs() - runs > 0) != (big_piped > 0)   # the other path
+    assert rc.kept_memory() == kept_big           # not yet
+    y, _ = lay(small)
+    assert rc.kept_memory() < kept_big / 100      # the big call's buffers freed
+    np.testing.assert_array_equal(y, want_small)
+    y, _ = lay(big[:, :3])                        # and a later call of the other path works
+    np.testing.assert_allclose(y[:, :2], lay(big[:, :2])[0], rtol=1e-5, atol=1e-6)
+
+
 def test_training_buffers_are_trimmed_too():
     rc.release_memory()
     lay = rc.GRU(16, 64, seed=7)

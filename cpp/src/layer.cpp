@@ -143,10 +143,17 @@ template <class T, class F> void each_buffer(StackCache<T>& c, F&& f) {
 }
 // Counts a group's calls that used under a quarter of its buffers' capacity; at TRIM_AFTER in a
 // row, shrinks each buffer to its size (what the last call used). each(f) visits the buffers.
-template <class T, class Each> void settle(Each&& each, int& small) {
+// With `touched` (the buffers the last call noted as its own: note_used), a buffer not among
+// them counts as unused and is freed when the group is trimmed: one of a path the calls no
+// longer take (the layer pipeline's against the plain order's) is not kept for good.
+template <class T, class Each>
+void settle(Each&& each, int& small, const std::vector<const std::vector<T>*>* touched = nullptr) {
+    auto in_use = [&](const std::vector<T>& v) {
+        return !touched || std::find(touched->begin(), touched->end(), &v) != touched->end();
+    };
     int64_t used = 0, cap = 0;
     each([&](std::vector<T>& v) {
-        used += (int64_t)(v.size() * sizeof(T));
+        used += in_use(v) ? (int64_t)(v.size() * sizeof(T)) : 0;
         cap += (int64_t)(v.capacity() * sizeof(T));
     });
     if (cap < TRIM_MIN_BYTES || 4 * used >= cap) {
@@ -155,7 +162,10 @@ template <class T, class Each> void settle(Each&& each, int& small) {
     }
     if (++small < TRIM_AFTER) return;
     small = 0;
-    each([](std::vector<T>& v) { v.shrink_to_fit(); });
+    each([&](std::vector<T>& v) {
+        if (in_use(v)) v.shrink_to_fit();
+        else std::vector<T>().swap(v);
+    });
 }
 
 template <class T> struct ThreadKept {
@@ -168,6 +178,7 @@ template <class T> struct ThreadKept {
     uint64_t epoch = 0;                                  // of release_memory() last seen
     int depth = 0;                                       // calls of this thread in progress
     int small[3] = {0, 0, 0};                            // settle's counts: inference, backward, spare
+    std::vector<const std::vector<T>*> touched;          // buffers of the outermost call in progress
     template <class F> void each_infer(F&& f) {
         if (pool) each_buffer(*pool, f);
         f(pool_y[0]); f(pool_y[1]);
@@ -208,12 +219,18 @@ template <class T> struct KeptScope {
     KeptUse use;
     explicit KeptScope(KeptUse u) : k(thread_kept<T>()), use(u) {
         const uint64_t e = kept_epoch.load(std::memory_order_acquire);
+        if (k.depth == 0) k.touched.clear();
         if (k.depth++ == 0 && k.epoch != e) k.release(e);
     }
     ~KeptScope() {
         if (--k.depth > 0) return;
-        if (use == KeptUse::inference) settle<T>([&](auto&& f) { k.each_infer(f); }, k.small[0]);
-        if (use == KeptUse::backward) settle<T>([&](auto&& f) { k.each_back(f); }, k.small[1]);
+        if (use == KeptUse::inference) settle<T>([&](auto&& f) { k.each_infer(f); }, k.small[0], &k.touched);
+        if (use == KeptUse::backward) settle<T>([&](auto&& f) { k.each_back(f); }, k.small[1], &k.touched);
+    }
+    // Notes a buffer as one this call uses (settle), on the calling thread.
+    void note_used(std::vector<T>& v) { k.touched.push_back(&v); }
+    template <class Dir> void note_dir(Dir& d) {
+        for (std::vector<T>* v : {&d.gates, &d.hbuf, &d.cbuf, &d.mbuf, &d.extra}) note_used(*v);
     }
     KeptScope(const KeptScope&) = delete;
     KeptScope& operator=(const KeptScope&) = delete;
@@ -571,8 +588,10 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             T* y = out.y;
             if (l < L - 1) {
                 layer_in(l + 1).resize(TT * B * P);
+                kept.note_used(layer_in(l + 1));
                 y = layer_in(l + 1).data();
             }
+            kept.note_dir(c->dirs[l]);
             const T* in = l > 0 ? layer_in(l).data() : keep ? c->inputs[0].data() : a.x;
             DirJob<T>& j = jobs[l] = prepare(l, 0, in, c->dirs[l], y, 1);
             if (a.dropout_masks && l < L - 1) {   // the next layer's input: y times its mask
@@ -603,6 +622,7 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             if (a.dropout_masks) {
                 const T* m = a.dropout_masks[l - 1];
                 in.resize(prev.size());
+                kept.note_used(in);
                 for (size_t i = 0; i < prev.size(); ++i) in[i] = prev[i] * m[i];
                 if (keep) c->masks.emplace_back(m, m + prev.size());
                 layer_in = in.data();
@@ -616,8 +636,10 @@ void stack_forward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
         T* y = out.y;
         if (l < L - 1) {
             ybuf[l & 1].resize(TT * B * D * P);
+            kept.note_used(ybuf[l & 1]);
             y = ybuf[l & 1].data();
         }
+        for (int d = 0; d < D; ++d) kept.note_dir(c->dirs[keep ? l * D + d : d]);
         const int per_dir = keep ? 0 : concurrent_dir_threads(s, l, TT, B, bf16 ? 2 : (int)sizeof(T));
         auto run_dir = [&](int d) {
             const DirJob<T> j = prepare(l, d, layer_in, c->dirs[keep ? l * D + d : d], y, per_dir);
@@ -721,6 +743,12 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
             pdh[l].resize(B * P);
             pdc[l].resize(s.is_lstm() ? B * H : 1);
             if (l > 0) pdx[l].resize(TT * B * s.layer_input_size(l));
+            kept.note_used(pdgx[l]);
+            kept.note_used(pdh[l]);
+            kept.note_used(pdc[l]);
+            if (use_dgh) kept.note_used(pdgh[l]);
+            if (use_dhs) kept.note_used(pdhs[l]);
+            if (l > 0) kept.note_used(pdx[l]);
         }
         for (int64_t l = 0; l < L; ++l) {
             DirBackJob<T>& bj = jobs[l] = prepare(l, 0, pdh[l].data(), pdc[l].data(), pdgx[l].data(), pdgh[l].data(),
@@ -742,12 +770,16 @@ void stack_backward(const LayerSpec& s, const std::vector<DirParams<T>>& params,
     dgx.resize(TT * B * LD);
     if (use_dgh) dgh.resize(TT * B * LD);
     if (use_dhs) dhs.resize(TT * B * P);
+    kept.note_used(dgx);
+    if (use_dgh) kept.note_used(dgh);
+    if (use_dhs) kept.note_used(dhs);
     const T* dy = a.dy;
     for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t In = s.layer_input_size(l);
         T* dx = out.dx;
         if (l > 0) {
             dlayer[l & 1].resize(TT * B * In);
+            kept.note_used(dlayer[l & 1]);
             dx = dlayer[l & 1].data();
         }
         for (int d = 0; d < D; ++d) {
