@@ -134,12 +134,13 @@ std::atomic<uint64_t> kept_epoch{0};
 constexpr int64_t TRIM_MIN_BYTES = int64_t(16) << 20;
 constexpr int TRIM_AFTER = 8;
 
+template <class Dir, class F> void each_dir_buffer(Dir& d, F&& f) {
+    f(d.gates); f(d.hbuf); f(d.cbuf); f(d.mbuf); f(d.extra);
+}
 template <class T, class F> void each_buffer(StackCache<T>& c, F&& f) {
     for (auto& v : c.inputs) f(v);
     for (auto& v : c.masks) f(v);
-    for (auto& d : c.dirs) {
-        f(d.gates); f(d.hbuf); f(d.cbuf); f(d.mbuf); f(d.extra);
-    }
+    for (auto& d : c.dirs) each_dir_buffer(d, f);
 }
 // Counts a group's calls that used under a quarter of its buffers' capacity; at TRIM_AFTER in a
 // row, shrinks each buffer to its size (what the last call used). each(f) visits the buffers.
@@ -219,8 +220,10 @@ template <class T> struct KeptScope {
     KeptUse use;
     explicit KeptScope(KeptUse u) : k(thread_kept<T>()), use(u) {
         const uint64_t e = kept_epoch.load(std::memory_order_acquire);
-        if (k.depth == 0) k.touched.clear();
-        if (k.depth++ == 0 && k.epoch != e) k.release(e);
+        if (k.depth++ == 0) {
+            k.touched.clear();
+            if (k.epoch != e) k.release(e);
+        }
     }
     ~KeptScope() {
         if (--k.depth > 0) return;
@@ -230,7 +233,7 @@ template <class T> struct KeptScope {
     // Notes a buffer as one this call uses (settle), on the calling thread.
     void note_used(std::vector<T>& v) { k.touched.push_back(&v); }
     template <class Dir> void note_dir(Dir& d) {
-        for (std::vector<T>* v : {&d.gates, &d.hbuf, &d.cbuf, &d.mbuf, &d.extra}) note_used(*v);
+        each_dir_buffer(d, [&](std::vector<T>& v) { note_used(v); });
     }
     KeptScope(const KeptScope&) = delete;
     KeptScope& operator=(const KeptScope&) = delete;

@@ -2248,6 +2248,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             clock.mark(PH_FWD_PROJ);
             const T* hprev = j.hbuf + slot(t + rev) * B * P;
             T* hnext = j.hbuf + slot(t + 1 - rev) * B * P;
+            const T* cprev = j.cbuf ? j.cbuf + slot(t + rev) * B * H : nullptr;
+            T* cnext = j.cbuf ? j.cbuf + slot(t + 1 - rev) * B * H : nullptr;
             T* ext = j.extra ? j.extra + srow(t) * B * H : nullptr;   // this step's rows
             T* mrow = j.mbuf ? j.mbuf + srow(t) * B * H : nullptr;
             T* yt = j.y + t * B * j.ldy;
@@ -2279,8 +2281,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 const T* hb = hh + b * Gk * nh;
                 const bool act = active(j.lengths, b, t);
                 if (lstm) {
-                    const T* cp = j.cbuf + slot(t + rev) * B * H + b * H + u0;
-                    T* cn = j.cbuf + slot(t + 1 - rev) * B * H + b * H + u0;
+                    const T* cp = cprev + b * H + u0;
+                    T* cn = cnext + b * H + u0;
                     T* m = proj ? mrow + b * H + u0 : hnext + b * P + u0;
                     if (!act) {
                         std::memcpy(cn, cp, sizeof(T) * nh);
