@@ -45,13 +45,27 @@ def run_child(code: str, timeout=120, env=None):
                           text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(params=rnncore._core.available_isas().split(","))
+def amx_usable():
+    return not rnncore._core.amx_status().startswith("not available")
+
+
+def _isa_params():
+    isas = rnncore._core.available_isas().split(",")
+    if "avx512" in isas and amx_usable():
+        isas.insert(0, "avx512+amx")   # the avx512 kernels with the AMX GEMM; "avx512" without it
+    return isas
+
+
+@pytest.fixture(params=_isa_params())
 def each_isa(request):
-    """Runs a test once per kernel ISA this CPU supports."""
-    old = rnncore._core.isa()
-    rnncore._core.set_isa(request.param)
+    """Runs a test once per kernel ISA this CPU supports (and, where the CPU has AMX, the avx512
+    kernels once with the AMX GEMM and once without)."""
+    old, old_amx = rnncore._core.isa(), rnncore._core.amx_enabled()
+    rnncore._core.set_isa(request.param.split("+")[0])
+    rnncore._core.set_amx(request.param.endswith("+amx"))
     yield request.param
     rnncore._core.set_isa(old)
+    rnncore._core.set_amx(old_amx)
 
 
 @pytest.fixture

@@ -25,3 +25,128 @@ def test_gemm_against_numpy(ta, tb, each_isa):
         scale = np.sqrt(K) * 1e-5 + 1e-6
         err = np.abs(got - want).max() / scale
         assert err < 4, (each_isa, M, N, K, ta, tb, float(err))
+
+
+# ---------------------------------------------------------------- AMX (cpu/amx.hpp)
+# Shapes with remnants of every block of the AMX GEMM: rows (32 a block), columns (16 and 32 a
+# block, 512 a B block), k (32 a chunk, 512 a K block); several B and K blocks; row shares of
+# unequal size on two threads.
+AMX_SHAPES = [(32, 32, 64), (33, 45, 2000), (97, 530, 1025), (200, 1100, 513), (1030, 70, 500),
+              (64, 33, 4096)]
+
+
+def _amx_usable():
+    return not _core.amx_status().startswith("not available")
+
+
+def _normalized_error(got, a, b):
+    """max |got - a b| / (|a| |b|): the error of each element against the scale of its own sum
+    (float32's dot products stay near 1e-7 by this measure)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return float((np.abs(got - a @ b) / (np.abs(a) @ np.abs(b))).max())
+
+
+@pytest.fixture
+def amx():
+    if not _amx_usable():
+        pytest.skip(f"AMX: {_core.amx_status()}")
+    old_isa, old = _core.isa(), _core.amx_enabled()
+    _core.set_isa("avx512")
+    yield _core.set_amx
+    _core.set_amx(old)
+    _core.set_isa(old_isa)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_amx_gemm_keeps_float32_accuracy(ta, tb, amx, threads):
+    """Three bfloat16 parts per operand and six products: as accurate as a float32 dot product
+    (1e-7 of the sum of |a b|; bf16x3, three products of two parts, would give ~1e-5). The
+    largest shape also differs from the FMA GEMM's result, so the AMX path did run."""
+    rng = np.random.default_rng(11)
+    for n in (1, 2):
+        threads(n)
+        for M, N, K in AMX_SHAPES:
+            a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+            b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+            amx(True)
+            got = _core.gemm(a, b, ta, tb)
+            amx(False)
+            fma = _core.gemm(a, b, ta, tb)
+            A, B = (a.T if ta else a), (b.T if tb else b)
+            err, err_fma = _normalized_error(got, A, B), _normalized_error(fma, A, B)
+            assert err < 5e-7, (n, M, N, K, err, err_fma)
+        assert not np.array_equal(got, fma)
+
+
+def test_amx_gemm_non_finite_where_float32_is(amx):
+    """An inf or NaN operand makes the elements it enters non-finite, exactly those that are
+    non-finite in float32 (the AMX result may hold NaN where float32 holds +-inf: inf times a
+    zero part); the others keep float32 accuracy."""
+    rng = np.random.default_rng(5)
+    M, N, K = 70, 90, 600
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    a[3, 7], a[40, 100], b[9, 5], b[500, 60] = np.inf, -np.inf, np.nan, np.inf
+    b[200, :] = 1.0                        # exact in bfloat16: its other parts are zero
+    a[10, 200] = np.inf
+    amx(True)
+    got = _core.gemm(a, b, False, False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.array_equal(np.isfinite(got), np.isfinite(want))
+    fin = np.isfinite(want)
+    assert fin.sum() > M * N // 2
+    scale = np.abs(np.nan_to_num(a, posinf=0, neginf=0).astype(np.float64)) @ np.abs(
+        np.nan_to_num(b, nan=0, posinf=0, neginf=0).astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(got - want)
+    assert float((diff[fin] / scale[fin]).max()) < 5e-7
+
+
+def test_amx_weight_gradients_accumulate(amx, threads):
+    """A layer whose weight gradients go through the AMX GEMM (accumulating: beta = 1): two
+    backward calls give twice one call's gradients, and one call matches the FMA GEMM's."""
+    import rnncore
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((30, 16, 96)).astype(np.float32)
+    for cell in ("LSTM", "GRU", "RNN"):
+        layer = getattr(rnncore, cell)(96, 200, seed=1)
+        dy = rng.standard_normal((30, 16, 200)).astype(np.float32)
+        grads = {}
+        for on in (False, True):
+            amx(on)
+            layer.zero_grad()
+            layer.forward(x)
+            layer.backward(dy)
+            grads[on] = {k: v.copy() for k, v in layer.grads.items()}
+        layer.forward(x)
+        layer.backward(dy)
+        for k, g in layer.grads.items():
+            scale = max(1.0, float(np.abs(grads[True][k]).max()))
+            assert np.abs(grads[True][k] - grads[False][k]).max() / scale < 2e-5, (cell, k)
+            assert np.abs(g - 2 * grads[True][k]).max() / scale < 2e-5, (cell, k)
+        assert any(not np.array_equal(grads[True][k], grads[False][k]) for k in grads[True]), cell
+
+
+def test_amx_switch_and_environment():
+    """RNNCORE_AMX=0 switches the AMX GEMM off from the start; set_amx(True) works where AMX is
+    usable and otherwise raises a ValueError that says why."""
+    from conftest import run_child
+    r = run_child("from rnncore import _core; print(_core.amx_enabled(), _core.amx_status())",
+                  env={"RNNCORE_AMX": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False"), r.stdout
+    old = _core.amx_enabled()
+    try:
+        if _amx_usable():
+            _core.set_amx(True)
+            assert _core.amx_enabled()
+        else:
+            with pytest.raises(ValueError, match="amx"):
+                _core.set_amx(True)
+        _core.set_amx(False)
+        assert not _core.amx_enabled()
+    finally:
+        _core.set_amx(old)

@@ -156,6 +156,7 @@ template <> inline const KernelFns<float>& kernels<float>() { return active_kern
 template <> inline const KernelFns<double>& kernels<double>() { return active_kernels().f64; }
 
 int threads_for_kernels();   // current thread setting (runtime.cpp)
+bool amx_active();           // the float32 GEMMs may use AMX (dispatch.cpp; cpu/amx.hpp)
 // A recurrence whose step has fewer multiply-adds (B G H P) runs on one thread: a team's
 // per-step exchange would cost more than it shares (rec_threads in cpu/impl.hpp; layer.cpp's
 // layer pipeline runs such layers at once instead).

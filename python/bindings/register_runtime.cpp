@@ -16,6 +16,11 @@ void register_runtime(py::module_& m) {
           "Switch the kernels to another ISA this CPU supports (generic, avx2, avx512).");
     m.def("available_isas", &rnncore::available_isas);
     m.def("detected_isa", &rnncore::detected_isa);
+    m.def("amx_enabled", &rnncore::amx_enabled,
+          "Whether the float32 GEMMs of the avx512 kernels use AMX (bf16x6, float32 accuracy).");
+    m.def("set_amx", &rnncore::set_amx, py::arg("on"),
+          "Switch the AMX GEMM on or off (RNNCORE_AMX=0 in the environment: off from the start).");
+    m.def("amx_status", &rnncore::amx_status);
     m.def("l2_cache_bytes", &rnncore::l2_cache_bytes,
           "One core's L2 cache in bytes as the kernels plan for it (RNNCORE_L2_BYTES overrides).");
     m.def("phase_timing", &rnncore::phase_timing,

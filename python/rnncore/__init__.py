@@ -70,13 +70,15 @@ def kept_memory() -> int:
 
 
 def info() -> dict:
-    """Version, kernel ISA in use, threads, and CUDA status."""
+    """Version, kernel ISA in use (and whether the float32 GEMMs use AMX), threads, and CUDA
+    status."""
     import numpy as np
     return {
         "version": __version__,
         "isa": _core.isa(),
         "isa_detected": _core.detected_isa(),
         "isa_available": _core.available_isas(),
+        "amx": _core.amx_status(),
         "threads": _core.get_num_threads(),
         "l2_cache_bytes": _core.l2_cache_bytes(),
         "openmp": _core.openmp_enabled(),

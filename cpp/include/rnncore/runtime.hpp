@@ -23,6 +23,16 @@ void set_isa(const std::string& name);
 std::string available_isas();   // comma-separated, best first
 std::string detected_isa();     // best ISA this CPU supports
 
+// AMX (Intel Sapphire Rapids and later): with the avx512 kernels, the large float32 GEMMs
+// (weight and input gradients of BPTT, standalone products) run on the tile unit, each
+// operand split exactly into three bfloat16 parts so that the result keeps float32 accuracy
+// (not bit-identical to the FMA GEMM). On by default where the CPU and OS allow it;
+// RNNCORE_AMX=0 in the environment or set_amx(false) switches it off; set_amx(true) where it
+// cannot be used throws std::invalid_argument saying why. amx_status() says which.
+bool amx_enabled();
+void set_amx(bool on);
+std::string amx_status();
+
 // The float32 sigmoid (which = 0) or tanh (1) of the active kernels, for tests.
 void fast_activation(int which, int64_t n, const float* x, float* y);
 // The L2 cache of one core in bytes, as the kernels plan for it: what the OS reports

@@ -1781,6 +1781,15 @@ template <class T> struct GemmPart {
     int64_t n;                 // columns
 };
 
+#if RNNCORE_VEC_BYTES == 64 && defined(__AVX512F__) && defined(__GNUC__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(RNNCORE_NO_AMX)
+#define RNNCORE_AMX_GEMM 1
+#include "amx.hpp"
+// The GEMMs the tile unit takes: at least this many flops (2 M N K), and no dimension under 32
+// (the packing of three parts costs more than the tile unit saves on small products).
+constexpr double AMX_MIN_FLOPS = 4.0e6;
+#endif
+
 // With ta, A2 (same layout as A) gives the rows m >= msplit of op(A): the reset-after GRU's
 // dW_hh, whose gate gradients' r and z columns are in dgx and its n columns in dgh.
 template <class T>
@@ -1810,6 +1819,13 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
         }
         return;
     }
+#ifdef RNNCORE_AMX_GEMM
+    if constexpr (same_type<T, float>::value) {
+        if (alpha == T(1) && M >= 32 && N >= 32 && K >= 32 && 2.0 * (double)M * (double)N * (double)K >= AMX_MIN_FLOPS &&
+            amx_active() && amx_gemm_parts(ta, tb, M, K, A, lda, parts, nparts, beta, A2, msplit))
+            return;
+    }
+#endif
     const int nr = NR<T>;
     // B panels of every part in sequence (a part's last panel may be partial).
     int64_t pstart[MAXP + 1] = {0};

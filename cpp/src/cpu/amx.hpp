@@ -1,0 +1,353 @@
+// float32 GEMMs on the AMX tile unit (Sapphire Rapids and later), as accurate as float32.
+// Included by impl.hpp in the AVX-512 unit only, inside its namespaces, where gemm_parts
+// hands it the GEMMs it takes (amx_gemm_parts); run only where amx_active() (dispatch.cpp:
+// the CPU has AMX-TILE and AMX-BF16, the OS grants the tile state, not switched off).
+//
+// Each float32 element x is split exactly into three bfloat16 parts, x = x0 + x1 + x2, by
+// truncation: x0 is x with the low 16 bits cleared, x1 the same of x - x0, x2 = x - x0 - x1
+// (each subtraction is exact, and x2 has at most 8 significant bits). A product a b is then
+// accumulated from the six partial products of order >= 2^-16 relative,
+//   a0 b0 + a0 b1 + a1 b0 + a0 b2 + a2 b0 + a1 b1,
+// each exact in float32, summed in float32 by TDPBF16PS; the three dropped are below 2^-24
+// relative, float32's own rounding. Measured against float64: max |error| / sum |a b| 3-6e-8
+// over K = 1536, where a float32 dot product gives 1e-7. Not bit-identical to the FMA GEMM.
+// A non-finite x keeps x0 = x and x1 = x2 = 0 (inf times b stays inf). The tile unit reads
+// bfloat16 subnormals as zero: parts below 2^-126 (x below about 1e-33) are lost, an
+// absolute error under 1e-38 a product.
+//
+// Layouts (bf16 as uint16_t): an A block is [part][16-row block][32-k chunk][16][32], a tile
+// of 16 rows of 32 consecutive k each; a B block is [part][16-column block][32-k chunk][16][32]
+// in the tile unit's pair layout: row w holds, for each of 16 columns, k = 2w and 2w + 1. The
+// micro-kernel holds a 32 x 32 block of C in tiles 0-3 and streams the parts through tiles
+// 4-5 (A) and 6-7 (B): 16 tile loads per 24 products.
+#pragma once
+
+namespace amx {
+
+typedef uint16_t bf;
+constexpr int64_t KC = 512;      // k per block
+constexpr int64_t NC = 512;      // columns per B block (3 parts x 512 x 512 x 2 bytes = 1.5 MB)
+constexpr int64_t MC = 64;       // rows of A per packed block
+
+// The tile instructions in assembly (AT&T operand order), so that no compiler needs the amx
+// target options for this unit (Clang ignores GCC's target pragma): tiles by number, C in 0-3.
+#define RNNCORE_TILE_LOAD(t, base, stride) \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t : : "r"(base), "r"((int64_t)(stride)) : "memory")
+#define RNNCORE_TILE_STORE(t, base, stride) \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" : : "r"(base), "r"((int64_t)(stride)) : "memory")
+#define RNNCORE_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t : :)
+#define RNNCORE_TILE_DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c : :)
+
+struct TileCfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// Every tile 16 rows of 64 bytes. Per thread; released at the end of the thread's share.
+inline void begin() {
+    alignas(64) TileCfg c;
+    std::memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    // The whole struct as the operand: GCC 12 took its _tile_loadconfig(&c) as reading only the
+    // first bytes and dropped the stores of the rows and columns (the tiles then unconfigured:
+    // an illegal instruction at the first tile operation).
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+inline void end() { __asm__ volatile("tilerelease" : :); }
+
+// The three parts of 16 floats as float32 bit patterns (low 16 bits zero).
+inline void split(__m512 x, __m512i& p0, __m512i& p1, __m512i& p2) {
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i ex = _mm512_set1_epi32(0x7f800000);
+    const __m512i u = _mm512_castps_si512(x);
+    p0 = _mm512_and_si512(u, hi);
+    const __mmask16 nonfinite = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, ex), ex);
+    const __m512 r = _mm512_maskz_sub_ps((__mmask16)~nonfinite, x, _mm512_castsi512_ps(p0));
+    p1 = _mm512_and_si512(_mm512_castps_si512(r), hi);
+    p2 = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(p1))), hi);
+}
+
+// Pairs: 32-bit words of two parts, `lo` (k even) in the low half and `hi` (k odd) in the high.
+inline __m512i pair(__m512i lo, __m512i hi) { return _mm512_or_si512(hi, _mm512_srli_epi32(lo, 16)); }
+
+// 16 parts' bf16 of 16 consecutive elements, in order.
+inline __m256i narrow(__m512i p) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(p, 16)); }
+
+// r[i][j] <- r[j][i], 16 x 16 32-bit words.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; ++i) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
+
+// Rows [m0, m0 + mm) and k [k0, k0 + kk) of op(A) into an A block of nrb row blocks (zero
+// padded) and nkc chunks; ps: elements per part. ta: op(A)[m, k] = A[k lda + m], rows m >=
+// msplit from A2 (gemm_parts' second source); else A[m lda + k].
+inline void pack_a(bool ta, const float* A, const float* A2, int64_t msplit, int64_t lda, int64_t m0,
+                   int64_t mm, int64_t k0, int64_t kk, int64_t nrb, int64_t nkc, bf* out) {
+    const int64_t ps = nrb * nkc * 512;
+    if (!ta) {
+        for (int64_t rb = 0; rb < nrb; ++rb)
+            for (int r = 0; r < 16; ++r) {
+                const int64_t m = rb * 16 + r;
+                for (int64_t c = 0; c < nkc; ++c) {
+                    bf* d = out + (rb * nkc + c) * 512 + r * 32;
+                    for (int h = 0; h < 2; ++h) {
+                        const int64_t kb = c * 32 + h * 16;
+                        const __mmask16 km = m < mm ? lanes(kk - kb) : (__mmask16)0;
+                        const __m512 x = _mm512_maskz_loadu_ps(km, km ? A + (m0 + m) * lda + k0 + kb : A);
+                        __m512i p[3];
+                        split(x, p[0], p[1], p[2]);
+                        for (int q = 0; q < 3; ++q) _mm256_storeu_si256((__m256i*)(d + q * ps + h * 16), narrow(p[q]));
+                    }
+                }
+            }
+        return;
+    }
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+        const int64_t mb = m0 + rb * 16;                        // first row of the block
+        const __mmask16 valid = lanes(mm - rb * 16);
+        const __mmask16 from2 = A2 ? (__mmask16)(valid & ~lanes(msplit - mb)) : (__mmask16)0;
+        const __mmask16 from1 = (__mmask16)(valid & ~from2);
+        for (int64_t c = 0; c < nkc; ++c) {
+            __m512i w[3][16];
+            for (int i = 0; i < 16; ++i) {
+                __m512i e[3], o[3];
+                for (int s = 0; s < 2; ++s) {
+                    const int64_t k = c * 32 + 2 * i + s;
+                    __m512 x = _mm512_setzero_ps();
+                    if (k < kk) {
+                        const int64_t off = (k0 + k) * lda + mb;
+                        if (from1) x = _mm512_maskz_loadu_ps(from1, A + off);
+                        if (from2) x = _mm512_mask_loadu_ps(x, from2, A2 + off);
+                    }
+                    if (s == 0) split(x, e[0], e[1], e[2]);
+                    else split(x, o[0], o[1], o[2]);
+                }
+                for (int q = 0; q < 3; ++q) w[q][i] = pair(e[q], o[q]);
+            }
+            for (int q = 0; q < 3; ++q) {
+                transpose16(w[q]);
+                bf* d = out + q * ps + (rb * nkc + c) * 512;
+                for (int r = 0; r < 16; ++r) _mm512_storeu_si512((void*)(d + r * 32), w[q][r]);
+            }
+        }
+    }
+}
+
+// Columns [n0, n0 + nn) (nn <= 16) and k [k0, k0 + kk) of op(B) into the 16-column block
+// `cb` of a B block of ncb column blocks and nkc chunks. tb: op(B)[k, n] = B[n ldb + k]; else
+// B[k ldb + n].
+inline void pack_b(bool tb, const float* B, int64_t ldb, int64_t n0, int64_t nn, int64_t k0, int64_t kk,
+                   int64_t cb, int64_t ncb, int64_t nkc, bf* out) {
+    const int64_t ps = ncb * nkc * 512;
+    const __mmask16 nm = lanes(nn);
+    for (int64_t c = 0; c < nkc; ++c) {
+        bf* d = out + (cb * nkc + c) * 512;
+        if (!tb) {
+            for (int i = 0; i < 16; ++i) {
+                __m512i e[3], o[3];
+                for (int s = 0; s < 2; ++s) {
+                    const int64_t k = c * 32 + 2 * i + s;
+                    const __m512 x = k < kk ? _mm512_maskz_loadu_ps(nm, B + (k0 + k) * ldb + n0) : _mm512_setzero_ps();
+                    if (s == 0) split(x, e[0], e[1], e[2]);
+                    else split(x, o[0], o[1], o[2]);
+                }
+                for (int q = 0; q < 3; ++q) _mm512_storeu_si512((void*)(d + q * ps + i * 32), pair(e[q], o[q]));
+            }
+            continue;
+        }
+        __m512i w[3][16];
+        for (int n = 0; n < 16; ++n) {
+            __m256i lo[3], hi[3];
+            for (int h = 0; h < 2; ++h) {
+                const int64_t kb = c * 32 + h * 16;
+                const __mmask16 km = n < nn ? lanes(kk - kb) : (__mmask16)0;
+                const __m512 x = _mm512_maskz_loadu_ps(km, km ? B + (n0 + n) * ldb + k0 + kb : B);
+                __m512i p[3];
+                split(x, p[0], p[1], p[2]);
+                for (int q = 0; q < 3; ++q) (h == 0 ? lo : hi)[q] = narrow(p[q]);
+            }
+            for (int q = 0; q < 3; ++q)
+                w[q][n] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1);
+        }
+        for (int q = 0; q < 3; ++q) {
+            transpose16(w[q]);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_si512((void*)(d + q * ps + i * 32), w[q][i]);
+        }
+    }
+}
+
+// C[32 x 32] (row stride ldc floats) = (load ? C : 0) + A rows (a0: row block, a1: the next)
+// times B columns (b0, b1), over nkc chunks; aps, bps: elements per part.
+inline void kernel(int64_t nkc, const bf* a0, const bf* a1, int64_t aps, const bf* b0, const bf* b1,
+                   int64_t bps, float* c, int64_t ldc, bool load) {
+    const int64_t cs = ldc * (int64_t)sizeof(float);
+    if (load) {
+        RNNCORE_TILE_LOAD(0, c, cs);
+        RNNCORE_TILE_LOAD(1, c + 16, cs);
+        RNNCORE_TILE_LOAD(2, c + 16 * ldc, cs);
+        RNNCORE_TILE_LOAD(3, c + 16 * ldc + 16, cs);
+    } else {
+        RNNCORE_TILE_ZERO(0);
+        RNNCORE_TILE_ZERO(1);
+        RNNCORE_TILE_ZERO(2);
+        RNNCORE_TILE_ZERO(3);
+    }
+#define RNNCORE_AMX_4 RNNCORE_TILE_DP(0, 4, 6); RNNCORE_TILE_DP(1, 4, 7); RNNCORE_TILE_DP(2, 5, 6); RNNCORE_TILE_DP(3, 5, 7);
+    for (int64_t k = 0; k < nkc; ++k) {
+        const int64_t o = k * 512;
+        RNNCORE_TILE_LOAD(4, a0 + o, 64);             // a0 b0
+        RNNCORE_TILE_LOAD(5, a1 + o, 64);
+        RNNCORE_TILE_LOAD(6, b0 + o, 64);
+        RNNCORE_TILE_LOAD(7, b1 + o, 64);
+        RNNCORE_AMX_4
+        RNNCORE_TILE_LOAD(6, b0 + bps + o, 64);       // a0 b1
+        RNNCORE_TILE_LOAD(7, b1 + bps + o, 64);
+        RNNCORE_AMX_4
+        RNNCORE_TILE_LOAD(6, b0 + 2 * bps + o, 64);   // a0 b2
+        RNNCORE_TILE_LOAD(7, b1 + 2 * bps + o, 64);
+        RNNCORE_AMX_4
+        RNNCORE_TILE_LOAD(4, a0 + aps + o, 64);       // a1 b1
+        RNNCORE_TILE_LOAD(5, a1 + aps + o, 64);
+        RNNCORE_TILE_LOAD(6, b0 + bps + o, 64);
+        RNNCORE_TILE_LOAD(7, b1 + bps + o, 64);
+        RNNCORE_AMX_4
+        RNNCORE_TILE_LOAD(6, b0 + o, 64);             // a1 b0
+        RNNCORE_TILE_LOAD(7, b1 + o, 64);
+        RNNCORE_AMX_4
+        RNNCORE_TILE_LOAD(4, a0 + 2 * aps + o, 64);   // a2 b0
+        RNNCORE_TILE_LOAD(5, a1 + 2 * aps + o, 64);
+        RNNCORE_AMX_4
+    }
+#undef RNNCORE_AMX_4
+    RNNCORE_TILE_STORE(0, c, cs);
+    RNNCORE_TILE_STORE(1, c + 16, cs);
+    RNNCORE_TILE_STORE(2, c + 16 * ldc, cs);
+    RNNCORE_TILE_STORE(3, c + 16 * ldc + 16, cs);
+}
+
+}  // namespace amx
+
+// A 32-column block of the parts' columns (one part's; its last may be narrower).
+struct AmxCols { int part; int64_t n0, w; };
+
+// gemm_parts on the tile unit (float32, alpha = 1, beta 0 or 1). Blocked as the FMA GEMM: a
+// B block (KC x NC, its three parts 1.5 MB) packed by the team, then each thread its share of
+// the rows, MC at a time, against every 32-column block of it. Returns false where it does
+// not take the GEMM (the caller runs the FMA GEMM).
+inline bool amx_gemm_parts(
+        bool ta, bool tb, int64_t M, int64_t K, const float* A, int64_t lda, const GemmPart<float>* parts,
+        int nparts, float beta, const float* A2, int64_t msplit) {
+    if (beta != 0.0f && beta != 1.0f) return false;
+    int64_t nblk = 0;
+    for (int i = 0; i < nparts; ++i) nblk += ceil_div(parts[i].n > 0 ? parts[i].n : 0, 32);
+    AmxCols* cols = static_cast<AmxCols*>(std::malloc((size_t)(nblk > 0 ? nblk : 1) * sizeof(AmxCols)));
+    if (!cols) throw std::bad_alloc();
+    int64_t nb = 0;
+    for (int i = 0; i < nparts; ++i)
+        for (int64_t n0 = 0; n0 < parts[i].n; n0 += 32) cols[nb++] = AmxCols{i, n0, parts[i].n - n0 < 32 ? parts[i].n - n0 : 32};
+    const int64_t kc = K < amx::KC ? K : amx::KC;
+    const int64_t nkc_max = ceil_div(kc, 32);
+    const int64_t bcap = amx::NC / 32;                            // 32-column blocks per B block
+    const int64_t bpart = 2 * bcap * nkc_max * 512;               // elements per part of a B block
+    const int64_t apart = (amx::MC / 16) * nkc_max * 512;
+    int nth = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel()) nth = threads_for_kernels();
+#endif
+    const int64_t mblocks = ceil_div(M, 32);
+    if (nth > mblocks) nth = (int)mblocks;
+    amx::bf* Bp = static_cast<amx::bf*>(aligned_buffer((size_t)3 * bpart * sizeof(amx::bf)));
+    if (!Bp) {
+        std::free(cols);
+        throw std::bad_alloc();
+    }
+    int failed = 0;
+    run_team(nth, [&](int tid, int team) {
+        amx::bf* Ap = static_cast<amx::bf*>(aligned_buffer((size_t)3 * apart * sizeof(amx::bf)));
+        if (!Ap) raise_failure(&failed);
+        if (team_failed(&failed, team)) {
+            std::free(Ap);
+            return;
+        }
+        alignas(64) float tmp[32 * 32];
+        amx::begin();
+        const Part rows = part(mblocks, team, tid, 1);             // 32-row blocks of this thread
+        for (int64_t b0 = 0; b0 < nb; b0 += bcap) {
+            const int64_t bn = nb - b0 < bcap ? nb - b0 : bcap;
+            const int64_t ncb = 2 * bn;                           // 16-column blocks
+            for (int64_t k0 = 0; k0 < K; k0 += kc) {
+                const int64_t kk = K - k0 < kc ? K - k0 : kc;
+                const int64_t nkc = ceil_div(kk, 32);
+                const int64_t bps = ncb * nkc * 512;
+                const bool load = k0 > 0 || beta == 1.0f;
+                barrier(team);                                    // the last B block is done with
+                for (int64_t i = bn * tid / team; i < bn * (tid + 1) / team; ++i) {
+                    const AmxCols& q = cols[b0 + i];
+                    const GemmPart<float>& pt = parts[q.part];
+                    for (int h = 0; h < 2; ++h)
+                        amx::pack_b(tb, pt.B, pt.ldb, q.n0 + 16 * h, q.w - 16 * h, k0, kk, 2 * i + h, ncb, nkc, Bp);
+                }
+                barrier(team);                                    // the B block is complete
+                for (int64_t r0 = rows.lo * 32; r0 < rows.hi * 32 && r0 < M; r0 += amx::MC) {
+                    const int64_t r1 = r0 + amx::MC < rows.hi * 32 ? r0 + amx::MC : rows.hi * 32;
+                    const int64_t mm = (r1 < M ? r1 : M) - r0;
+                    const int64_t nrb = 2 * ceil_div(mm, 32);
+                    const int64_t aps = nrb * nkc * 512;
+                    amx::pack_a(ta, A, A2, msplit, lda, r0, mm, k0, kk, nrb, nkc, Ap);
+                    for (int64_t i = 0; i < bn; ++i) {
+                        const AmxCols& q = cols[b0 + i];
+                        const GemmPart<float>& pt = parts[q.part];
+                        const amx::bf* bq = Bp + 2 * i * nkc * 512;
+                        for (int64_t rb = 0; rb < nrb; rb += 2) {
+                            const int64_t m = r0 + rb * 16, mr = M - m < 32 ? M - m : 32;
+                            const amx::bf* aq = Ap + rb * nkc * 512;
+                            float* cq = pt.C + m * pt.ldc + q.n0;
+                            if (mr == 32 && q.w == 32) {
+                                amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, cq, pt.ldc, load);
+                                continue;
+                            }
+                            for (int64_t r = 0; r < 32; ++r)
+                                for (int64_t n = 0; n < 32; ++n)
+                                    tmp[r * 32 + n] = load && r < mr && n < q.w ? cq[r * pt.ldc + n] : 0.0f;
+                            amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, tmp, 32, true);
+                            for (int64_t r = 0; r < mr; ++r)
+                                for (int64_t n = 0; n < q.w; ++n) cq[r * pt.ldc + n] = tmp[r * 32 + n];
+                        }
+                    }
+                }
+            }
+        }
+        amx::end();
+        std::free(Ap);
+    });
+    std::free(Bp);
+    std::free(cols);
+    if (failed) throw std::bad_alloc();
+    return true;
+}
