@@ -25,6 +25,9 @@
 namespace amx {
 
 typedef uint16_t bf;
+// Blocks (one process, alternating, against KC 256 and 128, MC 128, NC 256: these were best or
+// level on 1536^3 and the weight-gradient shapes, one and two threads; KC 128 was 0.7 of the
+// speed: a pass over C per K block).
 constexpr int64_t KC = 512;      // k per block
 constexpr int64_t NC = 512;      // columns per B block (3 parts x 512 x 512 x 2 bytes = 1.5 MB)
 constexpr int64_t MC = 64;       // rows of A per packed block
@@ -264,13 +267,6 @@ inline bool amx_gemm_parts(
         bool ta, bool tb, int64_t M, int64_t K, const float* A, int64_t lda, const GemmPart<float>* parts,
         int nparts, float beta, const float* A2, int64_t msplit) {
     if (beta != 0.0f && beta != 1.0f) return false;
-    int64_t nblk = 0;
-    for (int i = 0; i < nparts; ++i) nblk += ceil_div(parts[i].n > 0 ? parts[i].n : 0, 32);
-    AmxCols* cols = static_cast<AmxCols*>(std::malloc((size_t)(nblk > 0 ? nblk : 1) * sizeof(AmxCols)));
-    if (!cols) throw std::bad_alloc();
-    int64_t nb = 0;
-    for (int i = 0; i < nparts; ++i)
-        for (int64_t n0 = 0; n0 < parts[i].n; n0 += 32) cols[nb++] = AmxCols{i, n0, parts[i].n - n0 < 32 ? parts[i].n - n0 : 32};
     const int64_t kc = K < amx::KC ? K : amx::KC;
     const int64_t nkc_max = ceil_div(kc, 32);
     const int64_t bcap = amx::NC / 32;                            // 32-column blocks per B block
@@ -282,6 +278,16 @@ inline bool amx_gemm_parts(
 #endif
     const int64_t mblocks = ceil_div(M, 32);
     if (nth > mblocks) nth = (int)mblocks;
+    int64_t N = 0;
+    for (int i = 0; i < nparts; ++i) N += parts[i].n > 0 ? parts[i].n : 0;
+    if (2.0 * (double)M * (double)N * (double)K < (nth > 1 ? AMX_MIN_FLOPS_TEAM : AMX_MIN_FLOPS)) return false;
+    int64_t nblk = 0;
+    for (int i = 0; i < nparts; ++i) nblk += ceil_div(parts[i].n > 0 ? parts[i].n : 0, 32);
+    AmxCols* cols = static_cast<AmxCols*>(std::malloc((size_t)(nblk > 0 ? nblk : 1) * sizeof(AmxCols)));
+    if (!cols) throw std::bad_alloc();
+    int64_t nb = 0;
+    for (int i = 0; i < nparts; ++i)
+        for (int64_t n0 = 0; n0 < parts[i].n; n0 += 32) cols[nb++] = AmxCols{i, n0, parts[i].n - n0 < 32 ? parts[i].n - n0 : 32};
     amx::bf* Bp = static_cast<amx::bf*>(aligned_buffer((size_t)3 * bpart * sizeof(amx::bf)));
     if (!Bp) {
         std::free(cols);
@@ -328,6 +334,20 @@ inline bool amx_gemm_parts(
                             const int64_t m = r0 + rb * 16, mr = M - m < 32 ? M - m : 32;
                             const amx::bf* aq = Ap + rb * nkc * 512;
                             float* cq = pt.C + m * pt.ldc + q.n0;
+                            // The next block of C into the cache, for writing, while this one
+                            // runs: its rows lie a row of C apart and come from memory (a pass
+                            // over C per K block), which the tile loads and stores wait for.
+                            if (rb + 2 < nrb || i + 1 < bn) {
+                                const AmxCols& qn = rb + 2 < nrb ? q : cols[b0 + i + 1];
+                                const GemmPart<float>& pn = parts[qn.part];
+                                const int64_t mn = rb + 2 < nrb ? m + 32 : r0;
+                                const int64_t rows_n = M - mn < 32 ? M - mn : 32;
+                                const float* cn = pn.C + mn * pn.ldc + qn.n0;
+                                for (int64_t r = 0; r < rows_n; ++r) {
+                                    __builtin_prefetch(cn + r * pn.ldc, 1, 3);
+                                    if (qn.w > 16) __builtin_prefetch(cn + r * pn.ldc + 16, 1, 3);
+                                }
+                            }
                             if (mr == 32 && q.w == 32) {
                                 amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, cq, pt.ldc, load);
                                 continue;

@@ -1784,10 +1784,14 @@ template <class T> struct GemmPart {
 #if RNNCORE_VEC_BYTES == 64 && defined(__AVX512F__) && defined(__GNUC__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(RNNCORE_NO_AMX)
 #define RNNCORE_AMX_GEMM 1
+// The GEMMs the tile unit takes: no dimension under 32, at least AMX_MIN_FLOPS (2 M N K) on one
+// thread and AMX_MIN_FLOPS_TEAM on more (amx_gemm_parts), below which packing three parts costs
+// more than the tile unit saves. AMX time over the FMA GEMM's, one process, alternating: one
+// thread 4.2 MFLOP 0.77-1.06, 8.4 0.77-0.85, 12 0.91, 34 0.71; two threads 4.2 1.00-1.53, 8.4
+// 0.98-1.19, 12 1.09, 22 0.93, 34 0.88, 75 0.83, 230 0.68.
+constexpr double AMX_MIN_FLOPS = 4.0e6, AMX_MIN_FLOPS_TEAM = 2.5e7;
 #include "amx.hpp"
-// The GEMMs the tile unit takes: at least this many flops (2 M N K), and no dimension under 32
-// (the packing of three parts costs more than the tile unit saves on small products).
-constexpr double AMX_MIN_FLOPS = 4.0e6;
+
 #endif
 
 // With ta, A2 (same layout as A) gives the rows m >= msplit of op(A): the reset-after GRU's
