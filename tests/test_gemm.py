@@ -151,3 +151,37 @@ def test_amx_switch_and_environment():
         assert not _core.amx_enabled()
     finally:
         _core.set_amx(old)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_amx_input_projection_kept_copy_follows_switch_and_weights(cell, amx, threads):
+    """The fused input projection keeps W_ih's slices packed in AMX's three parts while AMX is
+    on and in the FMA layout while it is off: switching repacks (the results are each path's
+    own, bit for bit, as a fresh layer's), and so does a change of W_ih in place. Against
+    PyTorch as well."""
+    import rnncore
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20, 32, 64)).astype(np.float32)
+    for n in (1, 2):
+        threads(n)
+        layer = getattr(rnncore, cell)(64, 128, seed=6)
+        out = {}
+        for on in (True, False, True):
+            amx(on)
+            fresh = getattr(rnncore, cell)(64, 128, seed=6)
+            y, _ = layer(x)
+            np.testing.assert_array_equal(y, fresh(x)[0])
+            if on in out:
+                np.testing.assert_array_equal(y, out[on])
+            out[on] = y
+        assert not np.array_equal(out[True], out[False])
+        layer.params["weight_ih_l0"][5:40] *= 1.5          # in place: the kept copy must follow
+        fresh = getattr(rnncore, cell)(64, 128, seed=6)
+        fresh.load_state_dict(layer.state_dict())
+        y, _ = layer(x)
+        np.testing.assert_array_equal(y, fresh(x)[0])
+        tl = getattr(torch.nn, cell)(64, 128)
+        tl.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in layer.params.items()})
+        yt = tl(torch.from_numpy(x))[0].detach().numpy()
+        assert np.abs(y - yt).max() < 2e-5

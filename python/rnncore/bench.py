@@ -175,7 +175,7 @@ class Peers:
 
 def sgemm_peak(peers, threads):
     """GFLOP/s of a large fp32 matrix product: PyTorch's (MKL/oneDNN) when installed, and
-    rnncore's own GEMM."""
+    rnncore's own GEMM (on AMX where it is in use, then also on the FMA units: rnncore_fma)."""
     from . import _core
     n = 1536
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
@@ -186,6 +186,13 @@ def sgemm_peak(peers, threads):
         res["torch"] = 2 * n ** 3 / t / 1e9
     t = _median_time(lambda: _core.gemm(a, a), min_time=0.5)
     res["rnncore"] = 2 * n ** 3 / t / 1e9
+    if _core.amx_enabled():   # rnncore's GEMM above ran on AMX (bf16x6); the FMA units' too
+        _core.set_amx(False)
+        try:
+            t = _median_time(lambda: _core.gemm(a, a), min_time=0.5)
+            res["rnncore_fma"] = 2 * n ** 3 / t / 1e9
+        finally:
+            _core.set_amx(True)
     return res
 
 

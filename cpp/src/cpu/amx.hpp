@@ -254,6 +254,48 @@ inline void kernel(int64_t nkc, const bf* a0, const bf* a1, int64_t aps, const b
     RNNCORE_TILE_STORE(3, c + 16 * ldc + 16, cs);
 }
 
+// Elements (bf16) of a B block packed by pack_b for all of K: three parts of ncb column blocks.
+inline int64_t packed_b_elems(int64_t K, int64_t N) { return 3 * 2 * ceil_div(N, 32) * ceil_div(K, 32) * 512; }
+// Elements of an A block of M rows packed by pack_a for all of K.
+inline int64_t packed_a_elems(int64_t M, int64_t K) { return 3 * 2 * ceil_div(M, 32) * ceil_div(K, 32) * 512; }
+
+// Op(B) = rows [r0, r0 + N) of a row-major W (stride ldw), all K columns: op(B)[k, n] = W[(r0 + n)
+// ldw + k], packed for gemm_packed_b (packed_b_elems(K, N) elements).
+inline void pack_rows_b(int64_t K, int64_t N, const float* W, int64_t ldw, bf* out) {
+    const int64_t ncb = 2 * ceil_div(N, 32), nkc = ceil_div(K, 32);
+    for (int64_t cb = 0; cb < ncb; ++cb) pack_b(true, W, ldw, cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
+}
+
+// C[M x N] = A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_rows_b, on the calling
+// thread (its tiles configured here); Ap: packed_a_elems(M, K) elements of scratch. Every
+// k at once: C stays in the tiles from the first chunk to the last.
+// With a_packed, Ap already holds this A (an earlier call's: several B against one A).
+inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const bf* Bp, float* C,
+                          int64_t ldc, bf* Ap, bool a_packed) {
+    const int64_t nkc = ceil_div(K, 32), nrb = 2 * ceil_div(M, 32), ncb = 2 * ceil_div(N, 32);
+    const int64_t aps = nrb * nkc * 512, bps = ncb * nkc * 512;
+    if (!a_packed) pack_a(false, A, nullptr, 0, lda, 0, M, 0, K, nrb, nkc, Ap);
+    alignas(64) float tmp[32 * 32];
+    begin();
+    for (int64_t cb = 0; cb < ncb; cb += 2) {
+        const int64_t n0 = cb * 16, w = N - n0 < 32 ? N - n0 : 32;
+        const bf* b0 = Bp + cb * nkc * 512;
+        for (int64_t rb = 0; rb < nrb; rb += 2) {
+            const int64_t m0 = rb * 16, mr = M - m0 < 32 ? M - m0 : 32;
+            const bf* a0 = Ap + rb * nkc * 512;
+            float* c = C + m0 * ldc + n0;
+            if (mr == 32 && w == 32) {
+                kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, c, ldc, false);
+                continue;
+            }
+            kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
+            for (int64_t r = 0; r < mr; ++r)
+                for (int64_t n = 0; n < w; ++n) c[r * ldc + n] = tmp[r * 32 + n];
+        }
+    }
+    end();
+}
+
 }  // namespace amx
 
 // A 32-column block of the parts' columns (one part's; its last may be narrower).

@@ -2125,13 +2125,25 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
         // this thread packs from matches the one stored with them.
+#ifdef RNNCORE_AMX_GEMM
+        // The fused blocks' input projection on the tile unit (cpu/amx.hpp): W_ih's slice kept in
+        // its three bfloat16 parts, each block's rows of x split once for the G gates.
+        const bool amx_ih = same_type<T, float>::value && ih_packed && fuse && nh >= 32 && I >= 32 &&
+                            SB * B >= 32 && amx_active();
+        auto amx_t = [](int64_t bf_elems) { return (bf_elems * 2 + (int64_t)sizeof(T) - 1) / (int64_t)sizeof(T); };   // in T
+        const int64_t npi1 = !ih_packed ? 0 : amx_ih ? amx_t(amx::packed_b_elems(I, nh)) : packed_b_size<T>(I, nh);
+        const int64_t nxa = amx_ih ? amx_t(amx::packed_a_elems(SB * B, I)) : 0;   // a block's x rows, packed
+#else
+        const bool amx_ih = false;
         const int64_t npi1 = ih_packed ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
+        const int64_t nxa = 0;
+#endif
         // The thread's packed weights exceed its L2: they come from the L3 every step (gemm_pb)
         const bool stream = !small && !split_fits((wt(npk) + wt(npn) + wt(npr) + G * npi1) * (int64_t)sizeof(T));
         constexpr int BUFN = 8;
         const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
                                      local_g ? SB * B * G * nh : 0,
-                                     !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
+                                     amx_ih ? nxa : !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
@@ -2144,7 +2156,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
                                        (uint64_t)ih_packed,
                                        ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2,
-                                       (uint64_t)inplace};
+                                       (uint64_t)inplace, (uint64_t)amx_ih};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
                 for (int g = 0; g < Gk && !inplace; ++g)
@@ -2198,9 +2210,18 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         };
         const int64_t u0 = U.lo;
         if (!fresh) {
-            for (int g = 0; ih_packed && nh > 0 && g < G; ++g)
+            for (int g = 0; ih_packed && nh > 0 && g < G; ++g) {
+#ifdef RNNCORE_AMX_GEMM
+                if constexpr (same_type<T, float>::value) {
+                    if (amx_ih) {
+                        amx::pack_rows_b(I, nh, j.w.w_ih + (g * H + u0) * I, I, reinterpret_cast<amx::bf*>(pki + g * npi1));
+                        continue;
+                    }
+                }
+#endif
                 pack_b_rows<T>(I, nh, j.w.w_ih, I, [&](int64_t n) { return g * H + u0 + n; },
                                pki + g * npi1);
+            }
             if (nh > 0 && !small && !inplace) {
                 pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                                [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
@@ -2247,9 +2268,20 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 if (blocked) gblk = j.gates + gate_offset(TT, B, GH, G, SB, rev, ta, 0, u0, nh);
                 T* gb = grow(ta, 0);
                 if (ih_packed) {
-                    for (int g = 0; g < G; ++g)
+                    for (int g = 0; g < G; ++g) {
+#ifdef RNNCORE_AMX_GEMM
+                        if constexpr (same_type<T, float>::value) {
+                            if (amx_ih) {
+                                amx::gemm_packed_b(ns * B, nh, I, j.x + ta * B * I, I,
+                                                   reinterpret_cast<const amx::bf*>(pki + g * npi1), gb + g * gs, ldg,
+                                                   reinterpret_cast<amx::bf*>(xp), g > 0);
+                                continue;
+                            }
+                        }
+#endif
                         gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg,
                                    false, 0, stream);
+                    }
                     for (int64_t r = 0; r < ns * B && bias; ++r)
                         for (int g = 0; g < G; ++g)
                             add_row<T>(nh, bias + g * H + u0, gb + r * ldg + g * gs);
