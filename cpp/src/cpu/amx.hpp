@@ -107,6 +107,14 @@ inline void transpose16(__m512i r[16]) {
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
 
+// The three parts' bf16 of up to 16 consecutive floats from p (lanes km; the others zero; p is
+// not read where km is empty).
+inline void run_parts(const float* p, __mmask16 km, __m256i out[3]) {
+    __m512i q[3];
+    split(km ? _mm512_maskz_loadu_ps(km, p) : _mm512_setzero_ps(), q[0], q[1], q[2]);
+    for (int i = 0; i < 3; ++i) out[i] = narrow(q[i]);
+}
+
 // Rows [m0, m0 + mm) and k [k0, k0 + kk) of op(A) into an A block of nrb row blocks (zero
 // padded) and nkc chunks; ps: elements per part. ta: op(A)[m, k] = A[k lda + m], rows m >=
 // msplit from A2 (gemm_parts' second source); else A[m lda + k].
@@ -121,11 +129,9 @@ inline void pack_a(bool ta, const float* A, const float* A2, int64_t msplit, int
                     bf* d = out + (rb * nkc + c) * 512 + r * 32;
                     for (int h = 0; h < 2; ++h) {
                         const int64_t kb = c * 32 + h * 16;
-                        const __mmask16 km = m < mm ? lanes(kk - kb) : (__mmask16)0;
-                        const __m512 x = _mm512_maskz_loadu_ps(km, km ? A + (m0 + m) * lda + k0 + kb : A);
-                        __m512i p[3];
-                        split(x, p[0], p[1], p[2]);
-                        for (int q = 0; q < 3; ++q) _mm256_storeu_si256((__m256i*)(d + q * ps + h * 16), narrow(p[q]));
+                        __m256i p[3];
+                        run_parts(A + (m0 + m) * lda + k0 + kb, m < mm ? lanes(kk - kb) : (__mmask16)0, p);
+                        for (int q = 0; q < 3; ++q) _mm256_storeu_si256((__m256i*)(d + q * ps + h * 16), p[q]);
                     }
                 }
             }
@@ -189,11 +195,7 @@ inline void pack_b(bool tb, const float* B, int64_t ldb, int64_t n0, int64_t nn,
             __m256i lo[3], hi[3];
             for (int h = 0; h < 2; ++h) {
                 const int64_t kb = c * 32 + h * 16;
-                const __mmask16 km = n < nn ? lanes(kk - kb) : (__mmask16)0;
-                const __m512 x = _mm512_maskz_loadu_ps(km, km ? B + (n0 + n) * ldb + k0 + kb : B);
-                __m512i p[3];
-                split(x, p[0], p[1], p[2]);
-                for (int q = 0; q < 3; ++q) (h == 0 ? lo : hi)[q] = narrow(p[q]);
+                run_parts(B + (n0 + n) * ldb + k0 + kb, n < nn ? lanes(kk - kb) : (__mmask16)0, h == 0 ? lo : hi);
             }
             for (int q = 0; q < 3; ++q)
                 w[q][n] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1);
