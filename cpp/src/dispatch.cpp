@@ -127,7 +127,7 @@ void set_amx(bool on) {
 std::string amx_status() {
     if (!amx_unusable().empty()) return "not available: " + amx_unusable();
     if (!amx_enabled()) return "available, switched off";
-    return std::string(active_kernels().name) == "avx512" ? "in use for the float32 GEMMs"
+    return std::string(active_kernels().name) == "avx512" ? "in use for the float32 matrix products"
                                                           : "on, but only with the avx512 kernels";
 }
 

@@ -1,6 +1,7 @@
-// float32 GEMMs on the AMX tile unit (Sapphire Rapids and later), as accurate as float32.
+// float32 GEMMs on the AMX tile unit (Sapphire Rapids and later), with float32 accuracy.
 // Included by impl.hpp in the AVX-512 unit only, inside its namespaces, where gemm_parts
-// hands it the GEMMs it takes (amx_gemm_parts); run only where amx_active() (dispatch.cpp:
+// hands it the GEMMs it takes (amx_gemm_parts) and the fused blocks of the forward's input
+// projection use gemm_packed_b; run only where amx_active() (dispatch.cpp:
 // the CPU has AMX-TILE and AMX-BF16, the OS grants the tile state, not switched off).
 //
 // Each float32 element x is split exactly into three bfloat16 parts, x = x0 + x1 + x2, by
@@ -9,10 +10,12 @@
 // accumulated from the six partial products of order >= 2^-16 relative,
 //   a0 b0 + a0 b1 + a1 b0 + a0 b2 + a2 b0 + a1 b1,
 // each exact in float32, summed in float32 by TDPBF16PS; the three dropped are below 2^-24
-// relative, float32's own rounding. Measured against float64: max |error| / sum |a b| 3-6e-8
-// over K = 1536, where a float32 dot product gives 1e-7. Not bit-identical to the FMA GEMM.
-// A non-finite x keeps x0 = x and x1 = x2 = 0 (inf times b stays inf). The tile unit reads
-// bfloat16 subnormals as zero: parts below 2^-126 (x below about 1e-33) are lost, an
+// relative, float32's own rounding. Measured against float64, max |error| / sum |a b|: 3-6e-8
+// at K = 1536 with uniform operands (a float32 dot product 1e-7); at most 2.6e-7 over the test
+// shapes (the FMA GEMM 3.4e-7). Not bit-identical to the FMA GEMM. A non-finite x keeps x0 = x
+// and x1 = x2 = 0: the elements it enters are non-finite, as in float32, but its products with
+// the other operand's zero parts make them NaN where float32 may give +-inf. The tile unit
+// reads bfloat16 subnormals as zero: parts below 2^-126 (x below about 1e-33) are lost, an
 // absolute error under 1e-38 a product.
 //
 // Layouts (bf16 as uint16_t): an A block is [part][16-row block][32-k chunk][16][32], a tile
