@@ -4,6 +4,7 @@ against float64 NumPy: every ISA, both operand orders, shapes with remnants of e
 import numpy as np
 import pytest
 
+from conftest import amx_usable, run_child
 from rnncore import _core
 
 SHAPES = [(1, 1, 1), (13, 37, 5), (33, 17, 3), (50, 33, 400), (97, 70, 769),
@@ -36,10 +37,6 @@ AMX_SHAPES = [(32, 32, 2048), (33, 45, 2000), (97, 530, 1025), (1030, 70, 500), 
               (40, 37, 3000), (200, 1100, 513)]
 
 
-def _amx_usable():
-    return not _core.amx_status().startswith("not available")
-
-
 def _normalized_error(got, a, b):
     """max |got - a b| / (|a| |b|): the error of each element against the scale of its own sum
     (float32's dot products stay near 1e-7 by this measure)."""
@@ -50,7 +47,7 @@ def _normalized_error(got, a, b):
 
 @pytest.fixture
 def amx():
-    if not _amx_usable():
+    if not amx_usable():
         pytest.skip(f"AMX: {_core.amx_status()}")
     old_isa, old = _core.isa(), _core.amx_enabled()
     _core.set_isa("avx512")
@@ -134,14 +131,13 @@ def test_amx_weight_gradients_accumulate(amx, threads):
 def test_amx_switch_and_environment():
     """RNNCORE_AMX=0 switches the AMX GEMM off from the start; set_amx(True) works where AMX is
     usable and otherwise raises a ValueError that says why."""
-    from conftest import run_child
     r = run_child("from rnncore import _core; print(_core.amx_enabled(), _core.amx_status())",
                   env={"RNNCORE_AMX": "0"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("False"), r.stdout
     old = _core.amx_enabled()
     try:
-        if _amx_usable():
+        if amx_usable():
             _core.set_amx(True)
             assert _core.amx_enabled()
         else:

@@ -306,14 +306,14 @@ inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64
 // A 32-column block of the parts' columns (one part's; its last may be narrower).
 struct AmxCols { int part; int64_t n0, w; };
 
-// gemm_parts on the tile unit (float32, alpha = 1, beta 0 or 1). Blocked as the FMA GEMM: a
+// gemm_parts on the tile unit (N: the parts' columns together). Blocked as the FMA GEMM: a
 // B block (KC x NC, its three parts 1.5 MB) packed by the team, then each thread its share of
 // the rows, MC at a time, against every 32-column block of it. Returns false where it does
 // not take the GEMM (the caller runs the FMA GEMM).
 inline bool amx_gemm_parts(
-        bool ta, bool tb, int64_t M, int64_t K, const float* A, int64_t lda, const GemmPart<float>* parts,
-        int nparts, float beta, const float* A2, int64_t msplit) {
-    if (beta != 0.0f && beta != 1.0f) return false;
+        bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+        const GemmPart<float>* parts, int nparts, float beta, const float* A2, int64_t msplit) {
+    if (alpha != 1.0f || (beta != 0.0f && beta != 1.0f) || M < 32 || N < 32 || K < 32) return false;
     const int64_t kc = K < amx::KC ? K : amx::KC;
     const int64_t nkc_max = ceil_div(kc, 32);
     const int64_t bcap = amx::NC / 32;                            // 32-column blocks per B block
@@ -325,8 +325,6 @@ inline bool amx_gemm_parts(
 #endif
     const int64_t mblocks = ceil_div(M, 32);
     if (nth > mblocks) nth = (int)mblocks;
-    int64_t N = 0;
-    for (int i = 0; i < nparts; ++i) N += parts[i].n > 0 ? parts[i].n : 0;
     if (2.0 * (double)M * (double)N * (double)K < (nth > 1 ? AMX_MIN_FLOPS_TEAM : AMX_MIN_FLOPS)) return false;
     int64_t nblk = 0;
     for (int i = 0; i < nparts; ++i) nblk += ceil_div(parts[i].n > 0 ? parts[i].n : 0, 32);
@@ -399,10 +397,9 @@ inline bool amx_gemm_parts(
                                 amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, cq, pt.ldc, load);
                                 continue;
                             }
-                            for (int64_t r = 0; r < 32; ++r)
-                                for (int64_t n = 0; n < 32; ++n)
-                                    tmp[r * 32 + n] = load && r < mr && n < q.w ? cq[r * pt.ldc + n] : 0.0f;
-                            amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, tmp, 32, true);
+                            for (int64_t r = 0; r < 32 && load; ++r)
+                                for (int64_t n = 0; n < 32; ++n) tmp[r * 32 + n] = r < mr && n < q.w ? cq[r * pt.ldc + n] : 0.0f;
+                            amx::kernel(nkc, aq, aq + nkc * 512, aps, bq, bq + nkc * 512, bps, tmp, 32, load);
                             for (int64_t r = 0; r < mr; ++r)
                                 for (int64_t n = 0; n < q.w; ++n) cq[r * pt.ldc + n] = tmp[r * 32 + n];
                         }

@@ -1784,8 +1784,8 @@ template <class T> struct GemmPart {
 #if RNNCORE_VEC_BYTES == 64 && defined(__AVX512F__) && defined(__GNUC__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(RNNCORE_NO_AMX)
 #define RNNCORE_AMX_GEMM 1
-// The GEMMs the tile unit takes: no dimension under 32, at least AMX_MIN_FLOPS (2 M N K) on one
-// thread and AMX_MIN_FLOPS_TEAM on more (amx_gemm_parts), below which packing three parts costs
+// The GEMMs the tile unit takes (amx_gemm_parts): alpha 1, beta 0 or 1, no dimension under 32,
+// at least AMX_MIN_FLOPS (2 M N K) on one thread and AMX_MIN_FLOPS_TEAM on more, below which packing three parts costs
 // more than the tile unit saves. AMX time over the FMA GEMM's, one process, alternating: one
 // thread 4.2 MFLOP 0.77-1.06, 8.4 0.77-0.85, 12 0.91, 34 0.71; two threads 4.2 1.00-1.53, 8.4
 // 0.98-1.19, 12 1.09, 22 0.93, 34 0.88, 75 0.83, 230 0.68.
@@ -1825,9 +1825,7 @@ void gemm_parts(bool ta, bool tb, int64_t M, int64_t K, T alpha, const T* A, int
     }
 #ifdef RNNCORE_AMX_GEMM
     if constexpr (same_type<T, float>::value) {
-        if (alpha == T(1) && M >= 32 && N >= 32 && K >= 32 && 2.0 * (double)M * (double)N * (double)K >= AMX_MIN_FLOPS &&
-            amx_active() && amx_gemm_parts(ta, tb, M, K, A, lda, parts, nparts, beta, A2, msplit))
-            return;
+        if (amx_active() && amx_gemm_parts(ta, tb, M, N, K, alpha, A, lda, parts, nparts, beta, A2, msplit)) return;
     }
 #endif
     const int nr = NR<T>;
@@ -2130,9 +2128,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // its three bfloat16 parts, each block's rows of x split once for the G gates.
         const bool amx_ih = same_type<T, float>::value && ih_packed && fuse && nh >= 32 && I >= 32 &&
                             SB * B >= 32 && amx_active();
-        auto amx_t = [](int64_t bf_elems) { return (bf_elems * 2 + (int64_t)sizeof(T) - 1) / (int64_t)sizeof(T); };   // in T
-        const int64_t npi1 = !ih_packed ? 0 : amx_ih ? amx_t(amx::packed_b_elems(I, nh)) : packed_b_size<T>(I, nh);
-        const int64_t nxa = amx_ih ? amx_t(amx::packed_a_elems(SB * B, I)) : 0;   // a block's x rows, packed
+        constexpr int64_t bf_per_t = sizeof(T) / sizeof(amx::bf);   // (the packed sizes are multiples of 512)
+        const int64_t npi1 = !ih_packed ? 0 : amx_ih ? amx::packed_b_elems(I, nh) / bf_per_t : packed_b_size<T>(I, nh);
+        const int64_t nxa = amx_ih ? amx::packed_a_elems(SB * B, I) / bf_per_t : 0;   // a block's x rows, packed
 #else
         const bool amx_ih = false;
         const int64_t npi1 = ih_packed ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
