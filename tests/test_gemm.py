@@ -181,3 +181,67 @@ def test_amx_input_projection_kept_copy_follows_switch_and_weights(cell, amx, th
         tl.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in layer.params.items()})
         yt = tl(torch.from_numpy(x))[0].detach().numpy()
         assert np.abs(y - yt).max() < 2e-5
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_amx_step_product_against_torch_and_kept_copy(cell, amx, threads):
+    """From 16 batch rows the forward's per-step product h @ W_hh^T runs on the tile unit, W_hh's
+    slices kept in the three parts (a batch of 16 through the 16-row kernel, 40 through the
+    32-row one and a 16-row remnant). Outputs, final states and every gradient against PyTorch in
+    float64 (bidirectional, an entering state, inference and training); switching AMX repacks
+    the kept copy (each path's own results, bit for bit, as a fresh layer's) and so does a change
+    of W_hh in place; the results differ from the FMA path's, so the tile unit did run."""
+    import rnncore
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    I, H, T = 24, 96, 9            # (I < 32: the input projection is not on the tile unit)
+    for n in (1, 2):
+        threads(n)
+        for B in (16, 40):
+            x = rng.standard_normal((T, B, I)).astype(np.float32)
+            h0 = (0.5 * rng.standard_normal((2, B, H))).astype(np.float32)
+            st = (h0, h0[::-1].copy()) if cell == "LSTM" else h0
+            layer = getattr(rnncore, cell)(I, H, bidirectional=True, seed=3)
+            out = {}
+            for on in (True, False, True):
+                amx(on)
+                fresh = getattr(rnncore, cell)(I, H, bidirectional=True, seed=3)
+                y, _ = layer(x, st)
+                np.testing.assert_array_equal(y, fresh(x, st)[0])
+                if on in out:
+                    np.testing.assert_array_equal(y, out[on])
+                out[on] = y
+            assert not np.array_equal(out[True], out[False]), (n, B)
+            layer.params["weight_hh_l0"][3:50] *= 1.25        # in place: the kept copy must follow
+            layer.params["weight_hh_l0_reverse"][60:] *= 0.75
+            fresh = getattr(rnncore, cell)(I, H, bidirectional=True, seed=3)
+            fresh.load_state_dict(layer.state_dict())
+            y, _ = layer(x, st)
+            np.testing.assert_array_equal(y, fresh(x, st)[0])
+
+            tl = getattr(torch.nn, cell)(I, H, bidirectional=True).double()
+            tl.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)) for k, v in layer.params.items()})
+            xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+            if cell == "LSTM":
+                stt = tuple(torch.from_numpy(s.astype(np.float64)).requires_grad_() for s in st)
+            else:
+                stt = torch.from_numpy(h0.astype(np.float64)).requires_grad_()
+            yt, ht = tl(xt, stt)
+            dy = rng.standard_normal(yt.shape)
+            yt.backward(torch.from_numpy(dy))
+            layer.train()
+            layer.zero_grad()
+            y, hn = layer.forward(x, st)
+            assert np.abs(y - yt.detach().numpy()).max() < 2e-6, (n, B)
+            hts = ht if cell == "LSTM" else (ht,)
+            hns = hn if cell == "LSTM" else (hn,)
+            for a, b in zip(hns, hts):
+                assert np.abs(a - b.detach().numpy()).max() < 2e-6, (n, B)
+            dx = layer.backward(dy.astype(np.float32))
+            dx = dx[0] if isinstance(dx, tuple) else dx
+            assert np.abs(dx - xt.grad.numpy()).max() < 2e-5, (n, B)
+            for k, p in tl.named_parameters():
+                g = layer.grads[k]
+                scale = max(1.0, float(p.grad.abs().max()))
+                assert np.abs(g - p.grad.numpy()).max() / scale < 2e-5, (n, B, k)
+            layer.eval()

@@ -259,6 +259,41 @@ inline void kernel(int64_t nkc, const bf* a0, const bf* a1, int64_t aps, const b
     RNNCORE_TILE_STORE(3, c + 16 * ldc + 16, cs);
 }
 
+// C[16 x 32] = (load ? C : 0) + the 16 rows of a0 times B columns (b0, b1): for a last row block
+// of 16 (a batch of 16 rows), where the 32-row kernel would compute 16 rows of zeros. A's three
+// parts in tiles 2-4, each B part in 5-6: 9 tile loads per 12 products.
+inline void kernel16(int64_t nkc, const bf* a0, int64_t aps, const bf* b0, const bf* b1, int64_t bps, float* c,
+                     int64_t ldc, bool load) {
+    const int64_t cs = ldc * (int64_t)sizeof(float);
+    if (load) {
+        RNNCORE_TILE_LOAD(0, c, cs);
+        RNNCORE_TILE_LOAD(1, c + 16, cs);
+    } else {
+        RNNCORE_TILE_ZERO(0);
+        RNNCORE_TILE_ZERO(1);
+    }
+    for (int64_t k = 0; k < nkc; ++k) {
+        const int64_t o = k * 512;
+        RNNCORE_TILE_LOAD(2, a0 + o, 64);
+        RNNCORE_TILE_LOAD(3, a0 + aps + o, 64);
+        RNNCORE_TILE_LOAD(4, a0 + 2 * aps + o, 64);
+        RNNCORE_TILE_LOAD(5, b0 + o, 64);             // a0 b0, a1 b0, a2 b0
+        RNNCORE_TILE_LOAD(6, b1 + o, 64);
+        RNNCORE_TILE_DP(0, 2, 5); RNNCORE_TILE_DP(1, 2, 6);
+        RNNCORE_TILE_DP(0, 3, 5); RNNCORE_TILE_DP(1, 3, 6);
+        RNNCORE_TILE_DP(0, 4, 5); RNNCORE_TILE_DP(1, 4, 6);
+        RNNCORE_TILE_LOAD(5, b0 + bps + o, 64);       // a0 b1, a1 b1
+        RNNCORE_TILE_LOAD(6, b1 + bps + o, 64);
+        RNNCORE_TILE_DP(0, 2, 5); RNNCORE_TILE_DP(1, 2, 6);
+        RNNCORE_TILE_DP(0, 3, 5); RNNCORE_TILE_DP(1, 3, 6);
+        RNNCORE_TILE_LOAD(5, b0 + 2 * bps + o, 64);   // a0 b2
+        RNNCORE_TILE_LOAD(6, b1 + 2 * bps + o, 64);
+        RNNCORE_TILE_DP(0, 2, 5); RNNCORE_TILE_DP(1, 2, 6);
+    }
+    RNNCORE_TILE_STORE(0, c, cs);
+    RNNCORE_TILE_STORE(1, c + 16, cs);
+}
+
 // Elements (bf16) of a B block packed by pack_b for all of K: three parts of ncb column blocks.
 inline int64_t packed_b_elems(int64_t K, int64_t N) { return 3 * 2 * ceil_div(N, 32) * ceil_div(K, 32) * 512; }
 // Elements of an A block of M rows packed by pack_a for all of K.
@@ -277,7 +312,8 @@ inline void pack_rows_b(int64_t K, int64_t N, const float* W, int64_t ldw, bf* o
 // With a_packed, Ap already holds this A (an earlier call's: several B against one A).
 inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const bf* Bp, float* C,
                           int64_t ldc, bf* Ap, bool a_packed) {
-    const int64_t nkc = ceil_div(K, 32), nrb = 2 * ceil_div(M, 32), ncb = 2 * ceil_div(N, 32);
+    // (row blocks of 16: a last odd one goes through kernel16)
+    const int64_t nkc = ceil_div(K, 32), nrb = ceil_div(M, 16), ncb = 2 * ceil_div(N, 32);
     const int64_t aps = nrb * nkc * 512, bps = ncb * nkc * 512;
     if (!a_packed) pack_a(false, A, nullptr, 0, lda, 0, M, 0, K, nrb, nkc, Ap);
     alignas(64) float tmp[32 * 32];
@@ -289,11 +325,18 @@ inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64
             const int64_t m0 = rb * 16, mr = M - m0 < 32 ? M - m0 : 32;
             const bf* a0 = Ap + rb * nkc * 512;
             float* c = C + m0 * ldc + n0;
-            if (mr == 32 && w == 32) {
+            if (mr <= 16) {   // a last block of 16 rows or fewer
+                if (mr == 16 && w == 32) {
+                    kernel16(nkc, a0, aps, b0, b0 + nkc * 512, bps, c, ldc, false);
+                    continue;
+                }
+                kernel16(nkc, a0, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
+            } else if (mr == 32 && w == 32) {
                 kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, c, ldc, false);
                 continue;
+            } else {
+                kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
             }
-            kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
             for (int64_t r = 0; r < mr; ++r)
                 for (int64_t n = 0; n < w; ++n) c[r * ldc + n] = tmp[r * 32 + n];
         }

@@ -1790,6 +1790,9 @@ template <class T> struct GemmPart {
 // thread 4.2 MFLOP 0.77-1.06, 8.4 0.77-0.85, 12 0.91, 34 0.71; two threads 4.2 1.00-1.53, 8.4
 // 0.98-1.19, 12 1.09, 22 0.93, 34 0.88, 75 0.83, 230 0.68.
 constexpr double AMX_MIN_FLOPS = 4.0e6, AMX_MIN_FLOPS_TEAM = 2.5e7;
+// The forward's per-step recurrent product on the tile unit from this many batch rows (the
+// kernel16 takes a batch of 16 rows).
+constexpr int64_t AMX_HH_MIN_B = 16;
 #include "amx.hpp"
 
 #endif
@@ -2100,7 +2103,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const bool fits = split_fits(slice * (int64_t)sizeof(W));
         // Split-phase step barrier (see the product below): cells whose step has no barrier
         // but the last, on the packed path, with a W_hh slice that stays in the L2.
-        const bool split = !small && team > 1 && !gru_orig && !proj && fits;
+
         // W_hh read in place (row-major, as on the unpacked path) at up to four batch rows
         // where the slice exceeds twice the L2: every step then streams it from the L3 either
         // way, and a packed copy costs its hash (one more read of W_hh a call, often from
@@ -2118,7 +2121,19 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // was faster at the GRU (T=25 4.96-5.15 packed against 5.30-5.44 in place).
         const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
                              slice * (int64_t)sizeof(W) > 2 * l2_cache_bytes();
-        const int64_t npk = small || inplace ? 0 : slice;
+#ifdef RNNCORE_AMX_GEMM
+        // The per-step product on the tile unit (cpu/amx.hpp): W_hh's slice kept in its three
+        // bfloat16 parts (gate by gate), h split into its parts once a step for the Gk gates.
+        const bool amx_hh = same_type<T, float>::value && same_type<W, T>::value && !small && !inplace &&
+                            !gru_orig && !proj && B >= AMX_HH_MIN_B && nh >= 32 && K1 >= 32 && amx_active();
+        const int64_t npk_gate = amx_hh ? amx::packed_b_elems(K1, nh) / (int64_t)(sizeof(T) / sizeof(amx::bf)) : 0;
+#else
+        const bool amx_hh = false;
+        const int64_t npk_gate = 0;
+#endif
+        const int64_t npk = small || inplace ? 0 : amx_hh ? Gk * npk_gate : slice;
+        // (not with the per-step product on the tile unit, which takes all of K at once)
+        const bool split = !small && team > 1 && !gru_orig && !proj && fits && !amx_hh;
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
@@ -2130,7 +2145,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                             SB * B >= 32 && amx_active();
         constexpr int64_t bf_per_t = sizeof(T) / sizeof(amx::bf);   // (the packed sizes are multiples of 512)
         const int64_t npi1 = !ih_packed ? 0 : amx_ih ? amx::packed_b_elems(I, nh) / bf_per_t : packed_b_size<T>(I, nh);
-        const int64_t nxa = amx_ih ? amx::packed_a_elems(SB * B, I) / bf_per_t : 0;   // a block's x rows, packed
+        // a block's x rows, packed (the projection), or a step's h rows (the product)
+        const int64_t nxa = std::max(amx_ih ? amx::packed_a_elems(SB * B, I) / bf_per_t : 0,
+                                     amx_hh ? amx::packed_a_elems(B, K1) / bf_per_t : 0);
 #else
         const bool amx_ih = false;
         const int64_t npi1 = ih_packed ? packed_b_size<T>(I, nh) : 0;   // W_ih slice, per gate
@@ -2141,7 +2158,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         constexpr int BUFN = 8;
         const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
                                      local_g ? SB * B * G * nh : 0,
-                                     amx_ih ? nxa : !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0};
+                                     std::max(nxa, !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0)};
         PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
@@ -2154,7 +2171,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
                                        (uint64_t)ih_packed,
                                        ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2,
-                                       (uint64_t)inplace, (uint64_t)amx_ih};
+                                       (uint64_t)inplace, (uint64_t)amx_ih, (uint64_t)amx_hh};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
                 for (int g = 0; g < Gk && !inplace; ++g)
@@ -2220,7 +2237,14 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 pack_b_rows<T>(I, nh, j.w.w_ih, I, [&](int64_t n) { return g * H + u0 + n; },
                                pki + g * npi1);
             }
-            if (nh > 0 && !small && !inplace) {
+#ifdef RNNCORE_AMX_GEMM
+            if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
+                for (int g = 0; amx_hh && g < Gk; ++g)
+                    amx::pack_rows_b(K1, nh, j.w.w_hh + (g * H + u0) * K1, K1,
+                                     reinterpret_cast<amx::bf*>(pk + g * npk_gate));
+            }
+#endif
+            if (nh > 0 && !small && !inplace && !amx_hh) {
                 pack_b_rows<T>(K1, Gk * nh, j.w.w_hh, K1,
                                [&](int64_t n) { return (n / nh) * H + u0 + n % nh; }, pk);
                 if (gru_orig)
@@ -2319,6 +2343,14 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 // others have arrived, the rest. The wait overlaps the first part.
                 split_product<T>(B, Gk * nh, 1, P, Q.lo, nq, hprev, hprev, P, P, pk, hh, Gk * nh, q & 1,
                                  [&] { sbar.await(bsense); });
+            } else if (nh > 0 && amx_hh) {
+#ifdef RNNCORE_AMX_GEMM
+                if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
+                    for (int g = 0; g < Gk; ++g)
+                        amx::gemm_packed_b(B, nh, K1, hprev, P, reinterpret_cast<const amx::bf*>(pk + g * npk_gate),
+                                           hh + g * nh, Gk * nh, reinterpret_cast<amx::bf*>(xp), g > 0);
+                }
+#endif
             } else if (nh > 0) {
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1, 0, stream);
             } else if (split && q > 0) {
