@@ -1,6 +1,8 @@
 """rnncore's own GEMM (the input projection and the weight and input gradients of BPTT)
 against float64 NumPy: every ISA, both operand orders, shapes with remnants of every block
 (rows of the micro-kernel, columns of a B panel, the K block, the N block)."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -187,17 +189,19 @@ def test_amx_input_projection_kept_copy_follows_switch_and_weights(cell, amx, th
 def test_amx_step_product_against_torch_and_kept_copy(cell, amx, threads):
     """From 16 batch rows the forward's per-step product h @ W_hh^T runs on the tile unit, W_hh's
     slices kept in the three parts (a batch of 16 through the 16-row kernel, 40 through the
-    32-row one and a 16-row remnant). Outputs, final states and every gradient against PyTorch in
+    32-row one and a 16-row remnant); the backward's per-step product dG @ W_hh too (W_hh's
+    columns packed per call). Outputs, final states and every gradient against PyTorch in
     float64 (bidirectional, an entering state, inference and training); switching AMX repacks
     the kept copy (each path's own results, bit for bit, as a fresh layer's) and so does a change
     of W_hh in place; the results differ from the FMA path's, so the tile unit did run."""
     import rnncore
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(8)
-    I, H, T = 24, 96, 9            # (I < 32: the input projection is not on the tile unit)
-    for n in (1, 2):
+    I, H = 24, 96                  # (I < 32: the input projection is not on the tile unit)
+    # (the backward's dh product: on two threads T=9 pipelines it on one, T=3 splits its columns)
+    for n, B, T in itertools.product((1, 2), (16, 40), (9, 3)):
         threads(n)
-        for B in (16, 40):
+        if True:
             x = rng.standard_normal((T, B, I)).astype(np.float32)
             h0 = (0.5 * rng.standard_normal((2, B, H))).astype(np.float32)
             st = (h0, h0[::-1].copy()) if cell == "LSTM" else h0
@@ -232,16 +236,23 @@ def test_amx_step_product_against_torch_and_kept_copy(cell, amx, threads):
             layer.train()
             layer.zero_grad()
             y, hn = layer.forward(x, st)
-            assert np.abs(y - yt.detach().numpy()).max() < 2e-6, (n, B)
+            assert np.abs(y - yt.detach().numpy()).max() < 2e-6, (n, B, T)
             hts = ht if cell == "LSTM" else (ht,)
             hns = hn if cell == "LSTM" else (hn,)
             for a, b in zip(hns, hts):
-                assert np.abs(a - b.detach().numpy()).max() < 2e-6, (n, B)
+                assert np.abs(a - b.detach().numpy()).max() < 2e-6, (n, B, T)
             dx = layer.backward(dy.astype(np.float32))
             dx = dx[0] if isinstance(dx, tuple) else dx
-            assert np.abs(dx - xt.grad.numpy()).max() < 2e-5, (n, B)
+            assert np.abs(dx - xt.grad.numpy()).max() < 2e-5, (n, B, T)
             for k, p in tl.named_parameters():
                 g = layer.grads[k]
                 scale = max(1.0, float(p.grad.abs().max()))
-                assert np.abs(g - p.grad.numpy()).max() / scale < 2e-5, (n, B, k)
+                assert np.abs(g - p.grad.numpy()).max() / scale < 2e-5, (n, B, T, k)
+            amx(False)                      # the backward's product did run on the tile unit
+            layer.zero_grad()
+            layer.forward(x, st)
+            dx_fma = layer.backward(dy.astype(np.float32))
+            dx_fma = dx_fma[0] if isinstance(dx_fma, tuple) else dx_fma
+            assert not np.array_equal(dx, dx_fma), (n, B, T)
+            amx(True)
             layer.eval()

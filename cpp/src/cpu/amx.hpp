@@ -306,12 +306,21 @@ inline void pack_rows_b(int64_t K, int64_t N, const float* W, int64_t ldw, bf* o
     for (int64_t cb = 0; cb < ncb; ++cb) pack_b(true, W, ldw, cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
 }
 
-// C[M x N] = A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_rows_b, on the calling
-// thread (its tiles configured here); Ap: packed_a_elems(M, K) elements of scratch. Every
-// k at once: C stays in the tiles from the first chunk to the last.
-// With a_packed, Ap already holds this A (an earlier call's: several B against one A).
+// Op(B) = rows [k0, k0 + K) and columns [n0, n0 + N) of a row-major W (stride ldw): op(B)[k, n]
+// = W[(k0 + k) ldw + n0 + n], packed for gemm_packed_b (packed_b_elems(K, N) elements).
+inline void pack_cols_b(int64_t K, int64_t N, const float* W, int64_t ldw, int64_t k0, int64_t n0, bf* out) {
+    const int64_t ncb = 2 * ceil_div(N, 32), nkc = ceil_div(K, 32);
+    for (int64_t cb = 0; cb < ncb; ++cb)
+        pack_b(false, W + k0 * ldw, ldw, n0 + cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
+}
+
+// C[M x N] (+)= A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_rows_b or
+// pack_cols_b, on the calling thread (its tiles configured here); acc: add to C. Ap:
+// packed_a_elems(M, K) elements of scratch. Every k at once: C stays in the tiles from the
+// first chunk to the last. With a_packed, Ap already holds this A (an earlier call's: several
+// B against one A).
 inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const bf* Bp, float* C,
-                          int64_t ldc, bf* Ap, bool a_packed) {
+                          int64_t ldc, bf* Ap, bool a_packed, bool acc = false) {
     // (row blocks of 16: a last odd one goes through kernel16)
     const int64_t nkc = ceil_div(K, 32), nrb = ceil_div(M, 16), ncb = 2 * ceil_div(N, 32);
     const int64_t aps = nrb * nkc * 512, bps = ncb * nkc * 512;
@@ -325,20 +334,19 @@ inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64
             const int64_t m0 = rb * 16, mr = M - m0 < 32 ? M - m0 : 32;
             const bf* a0 = Ap + rb * nkc * 512;
             float* c = C + m0 * ldc + n0;
-            if (mr <= 16) {   // a last block of 16 rows or fewer
-                if (mr == 16 && w == 32) {
-                    kernel16(nkc, a0, aps, b0, b0 + nkc * 512, bps, c, ldc, false);
-                    continue;
-                }
-                kernel16(nkc, a0, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
-            } else if (mr == 32 && w == 32) {
-                kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, c, ldc, false);
-                continue;
-            } else {
-                kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, tmp, 32, false);
-            }
-            for (int64_t r = 0; r < mr; ++r)
-                for (int64_t n = 0; n < w; ++n) c[r * ldc + n] = tmp[r * 32 + n];
+            const bool whole = w == 32 && (mr == 32 || mr == 16);   // C's block stored in place
+            float* cc = whole ? c : tmp;
+            const int64_t ldcc = whole ? ldc : 32;
+            if (!whole && acc)
+                for (int64_t r = 0; r < mr; ++r)
+                    for (int64_t n = 0; n < w; ++n) tmp[r * 32 + n] = c[r * ldc + n];
+            if (mr <= 16)   // a last block of 16 rows or fewer
+                kernel16(nkc, a0, aps, b0, b0 + nkc * 512, bps, cc, ldcc, acc);
+            else
+                kernel(nkc, a0, a0 + nkc * 512, aps, b0, b0 + nkc * 512, bps, cc, ldcc, acc);
+            if (!whole)
+                for (int64_t r = 0; r < mr; ++r)
+                    for (int64_t n = 0; n < w; ++n) c[r * ldc + n] = tmp[r * 32 + n];
         }
     }
     end();

@@ -1793,7 +1793,31 @@ constexpr double AMX_MIN_FLOPS = 4.0e6, AMX_MIN_FLOPS_TEAM = 2.5e7;
 // The forward's per-step recurrent product on the tile unit from this many batch rows (the
 // kernel16 takes a batch of 16 rows).
 constexpr int64_t AMX_HH_MIN_B = 16;
+
 #include "amx.hpp"
+
+// The backward's per-step product dh = dG W_hh on the tile unit: columns [n0, n0 + N) of W_hh
+// (Kc x P, row-major) kept in two packed blocks, its rows [0, ghx) (the reset-after GRU's r and
+// z, whose gradients come from dgx) and [ghx, Kc), each in its three parts. Sizes in floats.
+inline int64_t amx_dh_elems(int64_t Kc, int64_t ghx, int64_t N) {
+    return (amx::packed_b_elems(ghx, N) + amx::packed_b_elems(Kc - ghx, N)) / 2;
+}
+inline int64_t amx_dh_a_elems(int64_t B, int64_t Kc, int64_t ghx) {   // a step's dG rows, packed
+    return amx::packed_a_elems(B, ghx > Kc - ghx ? ghx : Kc - ghx) / 2;
+}
+inline void amx_dh_pack(const float* whh, int64_t P, int64_t Kc, int64_t ghx, int64_t n0, int64_t N, float* pk) {
+    amx::bf* p = reinterpret_cast<amx::bf*>(pk);
+    if (ghx > 0) amx::pack_cols_b(ghx, N, whh, P, 0, n0, p);
+    amx::pack_cols_b(Kc - ghx, N, whh, P, ghx, n0, p + amx::packed_b_elems(ghx, N));
+}
+// C[B x N] = dgt[:, :ghx] W_hh[:ghx] + dght[:, ghx:Kc] W_hh[ghx:] (columns of the packed slice).
+inline void amx_dh(int64_t B, int64_t N, int64_t Kc, int64_t ghx, const float* dgt, const float* dght, int64_t LD,
+                   const float* pk, float* C, int64_t ldc, float* ap) {
+    const amx::bf* p = reinterpret_cast<const amx::bf*>(pk);
+    amx::bf* a = reinterpret_cast<amx::bf*>(ap);
+    if (ghx > 0) amx::gemm_packed_b(B, N, ghx, dgt, LD, p, C, ldc, a, false);
+    amx::gemm_packed_b(B, N, Kc - ghx, dght + ghx, LD, p + amx::packed_b_elems(ghx, N), C, ldc, a, false, ghx > 0);
+}
 
 #endif
 
@@ -2100,9 +2124,6 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
         const int64_t slice = packed_b_size<T>(K1, Gk * nh);   // elements of the packed W_hh slice
-        const bool fits = split_fits(slice * (int64_t)sizeof(W));
-        // Split-phase step barrier (see the product below): cells whose step has no barrier
-        // but the last, on the packed path, with a W_hh slice that stays in the L2.
 
         // W_hh read in place (row-major, as on the unpacked path) at up to four batch rows
         // where the slice exceeds twice the L2: every step then streams it from the L3 either
@@ -2123,17 +2144,27 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                              slice * (int64_t)sizeof(W) > 2 * l2_cache_bytes();
 #ifdef RNNCORE_AMX_GEMM
         // The per-step product on the tile unit (cpu/amx.hpp): W_hh's slice kept in its three
-        // bfloat16 parts (gate by gate), h split into its parts once a step for the Gk gates.
+        // bfloat16 parts (1.5 times the bytes), gate by gate, in up to three blocks of k (with the
+        // split phase the thread's own rows of h, [kb1, kb2), and the rows before and after
+        // them), each step's h split into its parts once a block for the Gk gates.
         const bool amx_hh = same_type<T, float>::value && same_type<W, T>::value && !small && !inplace &&
                             !gru_orig && !proj && B >= AMX_HH_MIN_B && nh >= 32 && K1 >= 32 && amx_active();
-        const int64_t npk_gate = amx_hh ? amx::packed_b_elems(K1, nh) / (int64_t)(sizeof(T) / sizeof(amx::bf)) : 0;
 #else
         const bool amx_hh = false;
+#endif
+        // Split-phase step barrier (see the product below): cells whose step has no barrier
+        // but the last, on the packed path, with a W_hh slice that stays in the L2.
+        const bool fits = split_fits(slice * (int64_t)sizeof(W) * (amx_hh ? 3 : 2) / 2);
+        const bool split = !small && team > 1 && !gru_orig && !proj && fits;
+#ifdef RNNCORE_AMX_GEMM
+        const int64_t kb1 = split ? Q.lo : 0, kb2 = split ? Q.lo + nq : K1;
+        const int64_t kbe[3] = {amx::packed_b_elems(kb2 - kb1, nh), amx::packed_b_elems(kb1, nh),
+                                amx::packed_b_elems(K1 - kb2, nh)};   // bf16 a gate: own, before, after
+        const int64_t npk_gate = amx_hh ? (kbe[0] + kbe[1] + kbe[2]) / (int64_t)(sizeof(T) / sizeof(amx::bf)) : 0;
+#else
         const int64_t npk_gate = 0;
 #endif
         const int64_t npk = small || inplace ? 0 : amx_hh ? Gk * npk_gate : slice;
-        // (not with the per-step product on the tile unit, which takes all of K at once)
-        const bool split = !small && team > 1 && !gru_orig && !proj && fits && !amx_hh;
         const int64_t npn = gru_orig && !small ? packed_b_size<T>(H, nh) : 0;
         const int64_t npr = proj && !small ? packed_b_size<T>(H, nq) : 0;
         // Packed slices kept across calls: valid when the hash of the layout and of the rows
@@ -2171,7 +2202,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                                        j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_hr : 1,
                                        (uint64_t)ih_packed,
                                        ih_packed && j.packed->trusted ? (uint64_t)(uintptr_t)j.w.w_ih : 2,
-                                       (uint64_t)inplace, (uint64_t)amx_ih, (uint64_t)amx_hh};
+                                       (uint64_t)inplace, (uint64_t)amx_ih, (uint64_t)amx_hh, (uint64_t)split};
             key = content_hash(layout, sizeof layout, 0x5EED);
             if (!j.packed->trusted) {
                 for (int g = 0; g < Gk && !inplace; ++g)
@@ -2239,9 +2270,13 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             }
 #ifdef RNNCORE_AMX_GEMM
             if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
-                for (int g = 0; amx_hh && g < Gk; ++g)
-                    amx::pack_rows_b(K1, nh, j.w.w_hh + (g * H + u0) * K1, K1,
-                                     reinterpret_cast<amx::bf*>(pk + g * npk_gate));
+                for (int g = 0; amx_hh && g < Gk; ++g) {
+                    amx::bf* d = reinterpret_cast<amx::bf*>(pk + g * npk_gate);
+                    const float* wg = j.w.w_hh + (g * H + u0) * K1;
+                    amx::pack_rows_b(kb2 - kb1, nh, wg + kb1, K1, d);
+                    if (kb1 > 0) amx::pack_rows_b(kb1, nh, wg, K1, d + kbe[0]);
+                    if (K1 > kb2) amx::pack_rows_b(K1 - kb2, nh, wg + kb2, K1, d + kbe[0] + kbe[1]);
+                }
             }
 #endif
             if (nh > 0 && !small && !inplace && !amx_hh) {
@@ -2337,20 +2372,29 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 snake_chunks(Gk, nh, INPLACE_ROWS, q & 1, [&](int g, int64_t r0, int64_t nr, int64_t) {
                     small_nt<T>(B, nr, K1, j.w.w_hh + (g * H + u0 + r0) * K1, K1, hprev, P, hh + g * nh + r0, Gk * nh);
                 });
+            } else if (nh > 0 && amx_hh) {
+#ifdef RNNCORE_AMX_GEMM
+                if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
+                    // the own rows of h first; with the split phase the others' after they arrive
+                    auto block = [&](int i, int64_t k0, int64_t kk) {
+                        const int64_t off = i == 0 ? 0 : i == 1 ? kbe[0] : kbe[0] + kbe[1];
+                        for (int g = 0; g < Gk && kk > 0; ++g)
+                            amx::gemm_packed_b(B, nh, kk, hprev + k0, P,
+                                               reinterpret_cast<const amx::bf*>(pk + g * npk_gate) + off,
+                                               hh + g * nh, Gk * nh, reinterpret_cast<amx::bf*>(xp), g > 0, i > 0);
+                    };
+                    block(0, kb1, kb2 - kb1);
+                    if (split && q > 0) sbar.await(bsense);
+                    block(1, 0, kb1);
+                    block(2, kb2, K1 - kb2);
+                }
+#endif
             } else if (nh > 0 && split && q > 0) {
                 // The previous step's barrier was only arrived at: first the part of the
                 // product over this thread's own slice of h (written by itself), then, once the
                 // others have arrived, the rest. The wait overlaps the first part.
                 split_product<T>(B, Gk * nh, 1, P, Q.lo, nq, hprev, hprev, P, P, pk, hh, Gk * nh, q & 1,
                                  [&] { sbar.await(bsense); });
-            } else if (nh > 0 && amx_hh) {
-#ifdef RNNCORE_AMX_GEMM
-                if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
-                    for (int g = 0; g < Gk; ++g)
-                        amx::gemm_packed_b(B, nh, K1, hprev, P, reinterpret_cast<const amx::bf*>(pk + g * npk_gate),
-                                           hh + g * nh, Gk * nh, reinterpret_cast<amx::bf*>(xp), g > 0);
-                }
-#endif
             } else if (nh > 0) {
                 gemm_pb<T>(B, Gk * nh, K1, hprev, P, pk, T(0), hh, Gk * nh, q & 1, 0, stream);
             } else if (split && q > 0) {
@@ -2627,9 +2671,18 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
         r0 = (rev ? TT - qhi : qlo) * B;
         nr = (qhi - qlo) * B;
     };
-    const int64_t sizes[6] = {packed_b_size<T>(Kc, P), bj.dx ? packed_b_size<T>(GH, I) : 0, B * P, gru ? B * H : 0,
-                              bj.g.b_ih ? G * H : 0, two_bias ? G * H : 0};
-    T* buf[6];
+#ifdef RNNCORE_AMX_GEMM
+    // the dh product on the tile unit (W_hh packed in its parts, a step's dG split once)
+    const bool amx_dhp = same_type<T, float>::value && B >= AMX_HH_MIN_B && P >= 32 && Kc - ghx >= 32 && amx_active();
+    const int64_t npk = amx_dhp ? amx_dh_elems(Kc, ghx, P) : packed_b_size<T>(Kc, P);
+    const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
+#else
+    const bool amx_dhp = false;
+    const int64_t npk = packed_b_size<T>(Kc, P), nap = 0;
+#endif
+    const int64_t sizes[7] = {npk, bj.dx ? packed_b_size<T>(GH, I) : 0, B * P, gru ? B * H : 0,
+                              bj.g.b_ih ? G * H : 0, two_bias ? G * H : 0, nap};
+    T* buf[7];
     int carve_failed = 0;
     T* mem = team_carve<T>(sizes, buf, &carve_failed, 1);   // (outside the region: a team of one)
     if (!mem) throw std::bad_alloc();
@@ -2682,7 +2735,12 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
             return;
         }
         PhaseClock clock(0);
-        pack_b<T>(false, Kc, P, j.w.w_hh, P, pk);
+#ifdef RNNCORE_AMX_GEMM
+        if constexpr (same_type<T, float>::value) {
+            if (amx_dhp) amx_dh_pack(j.w.w_hh, P, Kc, ghx, 0, P, pk);
+        }
+#endif
+        if (!amx_dhp) pack_b<T>(false, Kc, P, j.w.w_hh, P, pk);
         clock.mark(PH_BWD_PACK);
         for (int64_t q = TT - 1; q >= 0; --q) {
             const int64_t t = rev ? TT - 1 - q : q;
@@ -2705,8 +2763,14 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
                 }
             clock.mark(PH_BWD_CELL);
             // dh of the previous step: dG @ W_hh (the reset-after GRU's r and z from dgx)
-            if (ghx > 0) gemm_pb<T>(B, P, ghx, dgt, LD, pk, T(0), tmp, P, q & 1, Kc);
-            gemm_pb<T>(B, P, Kc - ghx, dght + ghx, LD, pk + ghx * NR<T>, T(ghx > 0), tmp, P, q & 1, Kc);
+            if (amx_dhp) {
+#ifdef RNNCORE_AMX_GEMM
+                if constexpr (same_type<T, float>::value) amx_dh(B, P, Kc, ghx, dgt, dght, LD, pk, tmp, P, buf[6]);
+#endif
+            } else {
+                if (ghx > 0) gemm_pb<T>(B, P, ghx, dgt, LD, pk, T(0), tmp, P, q & 1, Kc);
+                gemm_pb<T>(B, P, Kc - ghx, dght + ghx, LD, pk + ghx * NR<T>, T(ghx > 0), tmp, P, q & 1, Kc);
+            }
             clock.mark(PH_BWD_PRODUCT);
             dh_rows<T>(B, P, j.lengths, t, tmp, P, gru ? dhd : nullptr, H, bj.dh, P);
             __atomic_store_n(&done.v, TT - q, __ATOMIC_RELEASE);   // step q's dG complete
@@ -2838,15 +2902,29 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         // Split-phase step barrier (step C below), as in the forward.
         // W_hh in place by rows (rows_dh above), decided alike by every thread of the team
         const bool inplace = rows_dh && rows_dh_team(team);
-        const bool split = !small && !inplace && team > 1 && !gru_orig && !proj &&
+#ifdef RNNCORE_AMX_GEMM
+        // The dh product on the tile unit (W_hh's column slice in its parts, a step's dG split
+        // once), alike for the whole team (it decides the barrier: no split phase with it)
+        const bool amx_dhp = same_type<T, float>::value && !small && !inplace && !gru_orig && !proj &&
+                             B >= AMX_HH_MIN_B && P >= 32 * team && Kc - ghx >= 32 && amx_active();
+        const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
+#else
+        const bool amx_dhp = false;
+        const int64_t nap = 0;
+#endif
+        const bool split = !small && !inplace && team > 1 && !gru_orig && !proj && !amx_dhp &&
                            split_fits(packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T));
-        const int64_t npk = small || inplace ? 0 : packed_b_size<T>(Kc, nq);
+        const int64_t npk = small || inplace ? 0
+#ifdef RNNCORE_AMX_GEMM
+                            : amx_dhp ? amx_dh_elems(Kc, ghx, nq)
+#endif
+                            : packed_b_size<T>(Kc, nq);
         const bool two_bias = bj.g.b_ih && dgh != bj.dgx;
-        const int64_t sizes[8] = {npk, B * (nh > nq ? nh : nq),
+        const int64_t sizes[9] = {npk, B * (nh > nq ? nh : nq),
                                   gru_orig && !small ? packed_b_size<T>(H, nh) : 0,
                                   proj && !small ? packed_b_size<T>(P, nh) : 0, proj ? B * nh : 0,
-                                  gru ? B * nh : 0, bj.g.b_ih ? G * nh : 0, two_bias ? G * nh : 0};
-        T* buf[8];
+                                  gru ? B * nh : 0, bj.g.b_ih ? G * nh : 0, two_bias ? G * nh : 0, nap};
+        T* buf[9];
         T* mem = team_carve<T>(sizes, buf, &failed, team);
         if (!mem) return;
         // The packed weights exceed the L2: they come from the L3 every step (gemm_pb)
@@ -2861,7 +2939,12 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         // over the rows just written took 14% of the backward's gate pass, LSTM T=100 B=16
         // H=256), except Cho's GRU, whose r gate comes after the step's second product.
         T* const fbias = gru_orig ? nullptr : bsum;
-        if (nq > 0 && !small && !inplace) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
+#ifdef RNNCORE_AMX_GEMM
+        if constexpr (same_type<T, float>::value) {
+            if (nq > 0 && amx_dhp) amx_dh_pack(j.w.w_hh, P, Kc, ghx, q0, nq, pk);
+        }
+#endif
+        if (nq > 0 && !small && !inplace && !amx_dhp) pack_b<T>(false, Kc, nq, j.w.w_hh + q0, P, pk);
         if (gru_orig && nh > 0 && !small) pack_b<T>(false, H, nh, j.w.w_hh + 2 * H * H + u0, H, pkn);
         if (proj && nh > 0 && !small) pack_b<T>(false, P, nh, j.w.w_hr + u0, H, pkr);
         clock.mark(PH_BWD_PACK);
@@ -2953,6 +3036,10 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
                                  [&] { sbar.await(bsense); });
             } else if (split) {
                 sbar.await(bsense);
+            } else if (nq > 0 && amx_dhp) {
+#ifdef RNNCORE_AMX_GEMM
+                if constexpr (same_type<T, float>::value) amx_dh(B, nq, Kc, ghx, dgt, dght, LD, pk, tmp, nq, buf[8]);
+#endif
             } else if (nq > 0) {
                 if (ghx > 0) gemm_pb<T>(B, nq, ghx, dgt, LD, pk, T(0), tmp, nq, q & 1, Kc, stream);
                 gemm_pb<T>(B, nq, Kc - ghx, dght + ghx, LD, pk + ghx * NR<T>, T(ghx > 0), tmp, nq, q & 1, Kc, stream);
