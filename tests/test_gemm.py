@@ -179,10 +179,12 @@ def test_amx_input_projection_kept_copy_follows_switch_and_weights(cell, amx, th
         fresh.load_state_dict(layer.state_dict())
         y, _ = layer(x)
         np.testing.assert_array_equal(y, fresh(x)[0])
-        tl = getattr(torch.nn, cell)(64, 128)
-        tl.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in layer.params.items()})
-        yt = tl(torch.from_numpy(x))[0].detach().numpy()
-        assert np.abs(y - yt).max() < 2e-5
+        # (against float64: PyTorch's own float32 GRU is off by up to 3e-5 in some processes on
+        # this machine, where rnncore's result stays within 2e-7 of float64)
+        tl = getattr(torch.nn, cell)(64, 128).double()
+        tl.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)) for k, v in layer.params.items()})
+        yt = tl(torch.from_numpy(x.astype(np.float64)))[0].detach().numpy()
+        assert np.abs(y - yt).max() < 2e-6
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
