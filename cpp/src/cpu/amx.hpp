@@ -1,7 +1,8 @@
 // float32 GEMMs on the AMX tile unit (Sapphire Rapids and later), with float32 accuracy.
 // Included by impl.hpp in the AVX-512 unit only, inside its namespaces, where gemm_parts
 // hands it the GEMMs it takes (amx_gemm_parts) and the fused blocks of the forward's input
-// projection use gemm_packed_b; run only where amx_active() (dispatch.cpp:
+// projection and the per-step recurrent products (forward and backward, from 16 batch rows)
+// use gemm_packed_b; run only where amx_active() (dispatch.cpp:
 // the CPU has AMX-TILE and AMX-BF16, the OS grants the tile state, not switched off).
 //
 // Each float32 element x is split exactly into three bfloat16 parts, x = x0 + x1 + x2, by
@@ -22,7 +23,8 @@
 // of 16 rows of 32 consecutive k each; a B block is [part][16-column block][32-k chunk][16][32]
 // in the tile unit's pair layout: row w holds, for each of 16 columns, k = 2w and 2w + 1. The
 // micro-kernel holds a 32 x 32 block of C in tiles 0-3 and streams the parts through tiles
-// 4-5 (A) and 6-7 (B): 16 tile loads per 24 products.
+// 4-5 (A) and 6-7 (B): 16 tile loads per 24 products; kernel16 a 16 x 32 block (a batch of
+// 16 rows) in tiles 0-1, A's three parts in 2-4, B's in 5-6: 9 tile loads per 12 products.
 #pragma once
 
 namespace amx {

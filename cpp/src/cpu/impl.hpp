@@ -1790,9 +1790,18 @@ template <class T> struct GemmPart {
 // thread 4.2 MFLOP 0.77-1.06, 8.4 0.77-0.85, 12 0.91, 34 0.71; two threads 4.2 1.00-1.53, 8.4
 // 0.98-1.19, 12 1.09, 22 0.93, 34 0.88, 75 0.83, 230 0.68.
 constexpr double AMX_MIN_FLOPS = 4.0e6, AMX_MIN_FLOPS_TEAM = 2.5e7;
-// The forward's per-step recurrent product on the tile unit from this many batch rows (the
-// kernel16 takes a batch of 16 rows).
-constexpr int64_t AMX_HH_MIN_B = 16;
+// The per-step recurrent products (forward and backward) on the tile unit from this many batch
+// rows (kernel16 takes a batch of 16 rows), or from AMX_HH_STREAM_MIN_B where the weights'
+// three parts (1.5x the bytes) would stream from the L3 at every step while the float32 slice
+// stays mostly in the L2 (amx_rows_enough). Two threads, AMX against FMA in one process,
+// inference T=50 I=256: LSTM H=512 (2 MiB a thread) B=16 0.97, B=24 1.04, B=32 0.89, B=48 0.83;
+// GRU H=512 B=16 1.05, B=32 0.86; in the L2 (LSTM and GRU H=256) B=16 0.70-0.81, B=12 0.89-0.91,
+// B=8 1.01-1.04; from the L3 either way (LSTM H=768, 4.5 MiB) B=16 0.89, GRU 0.91.
+constexpr int64_t AMX_HH_MIN_B = 16, AMX_HH_STREAM_MIN_B = 32;
+inline bool amx_rows_enough(int64_t B, int64_t fp32_bytes) {
+    const bool parts_fit = split_fits(fp32_bytes * 3 / 2), fp32_near = fp32_bytes <= 2 * l2_cache_bytes();
+    return B >= (parts_fit || !fp32_near ? AMX_HH_MIN_B : AMX_HH_STREAM_MIN_B);
+}
 
 #include "amx.hpp"
 
@@ -2124,7 +2133,6 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
         const int64_t slice = packed_b_size<T>(K1, Gk * nh);   // elements of the packed W_hh slice
-
         // W_hh read in place (row-major, as on the unpacked path) at up to four batch rows
         // where the slice exceeds twice the L2: every step then streams it from the L3 either
         // way, and a packed copy costs its hash (one more read of W_hh a call, often from
@@ -2148,7 +2156,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // split phase the thread's own rows of h, [kb1, kb2), and the rows before and after
         // them), each step's h split into its parts once a block for the Gk gates.
         const bool amx_hh = same_type<T, float>::value && same_type<W, T>::value && !small && !inplace &&
-                            !gru_orig && !proj && B >= AMX_HH_MIN_B && nh >= 32 && K1 >= 32 && amx_active();
+                            !gru_orig && !proj && amx_rows_enough(B, slice * (int64_t)sizeof(W)) && nh >= 32 &&
+                            K1 >= 32 && amx_active();
 #else
         const bool amx_hh = false;
 #endif
@@ -2673,7 +2682,8 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     };
 #ifdef RNNCORE_AMX_GEMM
     // the dh product on the tile unit (W_hh packed in its parts, a step's dG split once)
-    const bool amx_dhp = same_type<T, float>::value && B >= AMX_HH_MIN_B && P >= 32 && Kc - ghx >= 32 && amx_active();
+    const bool amx_dhp = same_type<T, float>::value && amx_rows_enough(B, packed_b_size<T>(Kc, P) * (int64_t)sizeof(T)) &&
+                         P >= 32 && Kc - ghx >= 32 && amx_active();
     const int64_t npk = amx_dhp ? amx_dh_elems(Kc, ghx, P) : packed_b_size<T>(Kc, P);
     const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
 #else
@@ -2904,9 +2914,11 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         const bool inplace = rows_dh && rows_dh_team(team);
 #ifdef RNNCORE_AMX_GEMM
         // The dh product on the tile unit (W_hh's column slice in its parts, a step's dG split
-        // once), alike for the whole team (it decides the barrier: no split phase with it)
+        // once), without the split phase (it takes its slice's k in two blocks, not around the
+        // own units' rows of each gate)
         const bool amx_dhp = same_type<T, float>::value && !small && !inplace && !gru_orig && !proj &&
-                             B >= AMX_HH_MIN_B && P >= 32 * team && Kc - ghx >= 32 && amx_active();
+                             amx_rows_enough(B, packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T)) && P >= 32 * team &&
+                             Kc - ghx >= 32 && amx_active();
         const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
 #else
         const bool amx_dhp = false;
