@@ -301,23 +301,15 @@ inline int64_t packed_b_elems(int64_t K, int64_t N) { return 3 * 2 * ceil_div(N,
 // Elements of an A block of M rows packed by pack_a for all of K.
 inline int64_t packed_a_elems(int64_t M, int64_t K) { return 3 * 2 * ceil_div(M, 32) * ceil_div(K, 32) * 512; }
 
-// Op(B) = rows [r0, r0 + N) of a row-major W (stride ldw), all K columns: op(B)[k, n] = W[(r0 + n)
-// ldw + k], packed for gemm_packed_b (packed_b_elems(K, N) elements).
-inline void pack_rows_b(int64_t K, int64_t N, const float* W, int64_t ldw, bf* out) {
+// All K x N of op(B) from a row-major W (stride ldw), packed for gemm_packed_b
+// (packed_b_elems(K, N) elements): tb, op(B)[k, n] = W[n ldw + k] (rows of W: the forward's
+// W_hh and W_ih slices); else W[k ldw + n] (columns of W: the backward's W_hh).
+inline void pack_all_b(bool tb, int64_t K, int64_t N, const float* W, int64_t ldw, bf* out) {
     const int64_t ncb = 2 * ceil_div(N, 32), nkc = ceil_div(K, 32);
-    for (int64_t cb = 0; cb < ncb; ++cb) pack_b(true, W, ldw, cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
+    for (int64_t cb = 0; cb < ncb; ++cb) pack_b(tb, W, ldw, cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
 }
 
-// Op(B) = rows [k0, k0 + K) and columns [n0, n0 + N) of a row-major W (stride ldw): op(B)[k, n]
-// = W[(k0 + k) ldw + n0 + n], packed for gemm_packed_b (packed_b_elems(K, N) elements).
-inline void pack_cols_b(int64_t K, int64_t N, const float* W, int64_t ldw, int64_t k0, int64_t n0, bf* out) {
-    const int64_t ncb = 2 * ceil_div(N, 32), nkc = ceil_div(K, 32);
-    for (int64_t cb = 0; cb < ncb; ++cb)
-        pack_b(false, W + k0 * ldw, ldw, n0 + cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
-}
-
-// C[M x N] (+)= A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_rows_b or
-// pack_cols_b, on the calling thread (its tiles configured here); acc: add to C. Ap:
+// C[M x N] (+)= A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_all_b, on the calling thread (its tiles configured here); acc: add to C. Ap:
 // packed_a_elems(M, K) elements of scratch. Every k at once: C stays in the tiles from the
 // first chunk to the last. With a_packed, Ap already holds this A (an earlier call's: several
 // B against one A).

@@ -1816,8 +1816,13 @@ inline int64_t amx_dh_a_elems(int64_t B, int64_t Kc, int64_t ghx) {   // a step'
 }
 inline void amx_dh_pack(const float* whh, int64_t P, int64_t Kc, int64_t ghx, int64_t n0, int64_t N, float* pk) {
     amx::bf* p = reinterpret_cast<amx::bf*>(pk);
-    if (ghx > 0) amx::pack_cols_b(ghx, N, whh, P, 0, n0, p);
-    amx::pack_cols_b(Kc - ghx, N, whh, P, ghx, n0, p + amx::packed_b_elems(ghx, N));
+    if (ghx > 0) amx::pack_all_b(false, ghx, N, whh + n0, P, p);
+    amx::pack_all_b(false, Kc - ghx, N, whh + ghx * P + n0, P, p + amx::packed_b_elems(ghx, N));
+}
+// Whether a step's dh product over N columns of a (float32, fp32_bytes when packed) W_hh
+// slice runs on the tile unit.
+inline bool amx_dh_takes(int64_t B, int64_t N, int64_t Kc, int64_t ghx, int64_t fp32_bytes) {
+    return amx_rows_enough(B, fp32_bytes) && N >= 32 && Kc - ghx >= 32 && amx_active();
 }
 // C[B x N] = dgt[:, :ghx] W_hh[:ghx] + dght[:, ghx:Kc] W_hh[ghx:] (columns of the packed slice).
 inline void amx_dh(int64_t B, int64_t N, int64_t Kc, int64_t ghx, const float* dgt, const float* dght, int64_t LD,
@@ -2269,7 +2274,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
 #ifdef RNNCORE_AMX_GEMM
                 if constexpr (same_type<T, float>::value) {
                     if (amx_ih) {
-                        amx::pack_rows_b(I, nh, j.w.w_ih + (g * H + u0) * I, I, reinterpret_cast<amx::bf*>(pki + g * npi1));
+                        amx::pack_all_b(true, I, nh, j.w.w_ih + (g * H + u0) * I, I, reinterpret_cast<amx::bf*>(pki + g * npi1));
                         continue;
                     }
                 }
@@ -2282,9 +2287,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 for (int g = 0; amx_hh && g < Gk; ++g) {
                     amx::bf* d = reinterpret_cast<amx::bf*>(pk + g * npk_gate);
                     const float* wg = j.w.w_hh + (g * H + u0) * K1;
-                    amx::pack_rows_b(kb2 - kb1, nh, wg + kb1, K1, d);
-                    if (kb1 > 0) amx::pack_rows_b(kb1, nh, wg, K1, d + kbe[0]);
-                    if (K1 > kb2) amx::pack_rows_b(K1 - kb2, nh, wg + kb2, K1, d + kbe[0] + kbe[1]);
+                    amx::pack_all_b(true, kb2 - kb1, nh, wg + kb1, K1, d);
+                    if (kb1 > 0) amx::pack_all_b(true, kb1, nh, wg, K1, d + kbe[0]);
+                    if (K1 > kb2) amx::pack_all_b(true, K1 - kb2, nh, wg + kb2, K1, d + kbe[0] + kbe[1]);
                 }
             }
 #endif
@@ -2385,17 +2390,16 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
 #ifdef RNNCORE_AMX_GEMM
                 if constexpr (same_type<T, float>::value && same_type<W, T>::value) {
                     // the own rows of h first; with the split phase the others' after they arrive
-                    auto block = [&](int i, int64_t k0, int64_t kk) {
-                        const int64_t off = i == 0 ? 0 : i == 1 ? kbe[0] : kbe[0] + kbe[1];
+                    auto block = [&](int64_t off, int64_t k0, int64_t kk, bool acc) {   // off: in the gate's parts
                         for (int g = 0; g < Gk && kk > 0; ++g)
                             amx::gemm_packed_b(B, nh, kk, hprev + k0, P,
                                                reinterpret_cast<const amx::bf*>(pk + g * npk_gate) + off,
-                                               hh + g * nh, Gk * nh, reinterpret_cast<amx::bf*>(xp), g > 0, i > 0);
+                                               hh + g * nh, Gk * nh, reinterpret_cast<amx::bf*>(xp), g > 0, acc);
                     };
-                    block(0, kb1, kb2 - kb1);
+                    block(0, kb1, kb2 - kb1, false);
                     if (split && q > 0) sbar.await(bsense);
-                    block(1, 0, kb1);
-                    block(2, kb2, K1 - kb2);
+                    block(kbe[0], 0, kb1, true);
+                    block(kbe[0] + kbe[1], kb2, K1 - kb2, true);
                 }
 #endif
             } else if (nh > 0 && split && q > 0) {
@@ -2682,8 +2686,7 @@ void pipe_backward(const DirBackJob<T>& bj, int gteam, int64_t ghx, int64_t Kc, 
     };
 #ifdef RNNCORE_AMX_GEMM
     // the dh product on the tile unit (W_hh packed in its parts, a step's dG split once)
-    const bool amx_dhp = same_type<T, float>::value && amx_rows_enough(B, packed_b_size<T>(Kc, P) * (int64_t)sizeof(T)) &&
-                         P >= 32 && Kc - ghx >= 32 && amx_active();
+    const bool amx_dhp = same_type<T, float>::value && amx_dh_takes(B, P, Kc, ghx, packed_b_size<T>(Kc, P) * (int64_t)sizeof(T));
     const int64_t npk = amx_dhp ? amx_dh_elems(Kc, ghx, P) : packed_b_size<T>(Kc, P);
     const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
 #else
@@ -2916,9 +2919,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
         // The dh product on the tile unit (W_hh's column slice in its parts, a step's dG split
         // once), without the split phase (it takes its slice's k in two blocks, not around the
         // own units' rows of each gate)
-        const bool amx_dhp = same_type<T, float>::value && !small && !inplace && !gru_orig && !proj &&
-                             amx_rows_enough(B, packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T)) && P >= 32 * team &&
-                             Kc - ghx >= 32 && amx_active();
+        const bool amx_dhp = same_type<T, float>::value && !small && !inplace && !gru_orig && !proj && P >= 32 * team &&
+                             amx_dh_takes(B, nq, Kc, ghx, packed_b_size<T>(Kc, nq) * (int64_t)sizeof(T));
         const int64_t nap = amx_dhp ? amx_dh_a_elems(B, Kc, ghx) : 0;
 #else
         const bool amx_dhp = false;
