@@ -71,10 +71,9 @@ inline void end() { __asm__ volatile("tilerelease" : :); }
 // The three parts of 16 floats as float32 bit patterns (low 16 bits zero).
 inline void split(__m512 x, __m512i& p0, __m512i& p1, __m512i& p2) {
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    const __m512i ex = _mm512_set1_epi32(0x7f800000);
     const __m512i u = _mm512_castps_si512(x);
     p0 = _mm512_and_si512(u, hi);
-    const __mmask16 nonfinite = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, ex), ex);
+    const __mmask16 nonfinite = _mm512_fpclass_ps_mask(x, 0x99);   // NaN or +-inf
     const __m512 r = _mm512_maskz_sub_ps((__mmask16)~nonfinite, x, _mm512_castsi512_ps(p0));
     p1 = _mm512_and_si512(_mm512_castps_si512(r), hi);
     p2 = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(p1))), hi);
@@ -85,6 +84,15 @@ inline __m512i pair(__m512i lo, __m512i hi) { return _mm512_or_si512(hi, _mm512_
 
 // 16 parts' bf16 of 16 consecutive elements, in order.
 inline __m256i narrow(__m512i p) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(p, 16)); }
+
+// The bf16 of 32 consecutive elements' parts (v: the first 16, w: the next), in order: the
+// high 16-bit words of v and w gathered by one permute. A block of 64 rows x 1024 packed from
+// the L1 in 0.66 of the time of two narrow()s a row of 32 (0.75 from the L3).
+inline __m512i adjacent(__m512i v, __m512i w) {
+    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25,
+                                         23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return _mm512_permutex2var_epi16(v, odd, w);
+}
 
 // r[i][j] <- r[j][i], 16 x 16 32-bit words.
 inline void transpose16(__m512i r[16]) {
@@ -130,14 +138,16 @@ inline void pack_a(bool ta, const float* A, const float* A2, int64_t msplit, int
         for (int64_t rb = 0; rb < nrb; ++rb)
             for (int r = 0; r < 16; ++r) {
                 const int64_t m = rb * 16 + r;
+                const float* row = A + (m0 + m) * lda + k0;
                 for (int64_t c = 0; c < nkc; ++c) {
                     bf* d = out + (rb * nkc + c) * 512 + r * 32;
-                    for (int h = 0; h < 2; ++h) {
-                        const int64_t kb = c * 32 + h * 16;
-                        __m256i p[3];
-                        run_parts(A + (m0 + m) * lda + k0 + kb, m < mm ? lanes(kk - kb) : (__mmask16)0, p);
-                        for (int q = 0; q < 3; ++q) _mm256_storeu_si256((__m256i*)(d + q * ps + h * 16), p[q]);
-                    }
+                    const int64_t kb = c * 32;
+                    const __mmask16 k0m = m < mm ? lanes(kk - kb) : (__mmask16)0;
+                    const __mmask16 k1m = m < mm ? lanes(kk - kb - 16) : (__mmask16)0;
+                    __m512i v[3], w[3];
+                    split(k0m ? _mm512_maskz_loadu_ps(k0m, row + kb) : _mm512_setzero_ps(), v[0], v[1], v[2]);
+                    split(k1m ? _mm512_maskz_loadu_ps(k1m, row + kb + 16) : _mm512_setzero_ps(), w[0], w[1], w[2]);
+                    for (int q = 0; q < 3; ++q) _mm512_storeu_si512((void*)(d + q * ps), adjacent(v[q], w[q]));
                 }
             }
         return;
