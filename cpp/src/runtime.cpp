@@ -51,6 +51,22 @@ int get_num_threads() {
 }
 int threads_for_kernels() { return get_num_threads(); }
 
+ExchangeBlock& exchange_block() {
+    static ExchangeBlock x;
+    return x;
+}
+std::vector<int64_t> exchange_status() {
+    ExchangeBlock& x = exchange_block();
+    std::vector<int64_t> out{__atomic_load_n(&x.state, __ATOMIC_ACQUIRE), -1, -1, 0};
+    if (out[0] == 2) {
+        out[1] = x.chosen[0];
+        out[2] = x.chosen[1];
+        out[3] = __atomic_load_n(&x.uses, __ATOMIC_RELAXED);
+        for (int c = 0; c < ExchangeBlock::CAND; ++c) out.push_back(x.round_trip_ns[c]);
+    }
+    return out;
+}
+
 int64_t l2_cache_bytes() {
     static const int64_t bytes = [] {
         constexpr long long hi = 1LL << 30;

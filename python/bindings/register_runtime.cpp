@@ -40,6 +40,19 @@ void register_runtime(py::module_& m) {
     m.def("layer_pipeline_backward_runs", &rnncore::layer_pipeline_backward_runs,
           "Backward calls of a multi-layer stack that ran its layers at once since the process "
           "started.");
+    m.def("exchange_status", [] {
+              const auto v = rnncore::exchange_status();
+              py::dict d;
+              d["state"] = v[0] == 2 ? "measured" : v[0] == 1 ? "measuring" : "unmeasured";
+              d["chosen"] = std::vector<int64_t>{v[1], v[2]};
+              d["uses"] = v[3];
+              d["round_trip_ns"] = std::vector<int64_t>(v.begin() + 4, v.end());
+              return d;
+          },
+          "The exchange pages of a recurrence team of two (the pages that hold the two slots of "
+          "the ring of h at inference, picked by measured round trips between the two threads): "
+          "the state, the chosen candidate pages, the calls that used them and each candidate's "
+          "round trip in ns.");
     m.def("cuda_built", &rnncore::cuda_built);
     m.def("cuda_available", &rnncore::cuda_available);
     m.def("cuda_status", &rnncore::cuda_status);

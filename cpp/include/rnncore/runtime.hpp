@@ -64,6 +64,11 @@ std::vector<std::vector<double>> phase_times(bool reset);
 int64_t layer_pipeline_runs();
 int64_t layer_pipeline_backward_runs();
 
+// The exchange pages of a recurrence team of two (cpu/impl.hpp): {state (0 not measured, 1
+// being measured, 2 measured), the two chosen candidate pages (-1: none), the calls that used
+// them, then per candidate page its round trip between the team's two threads in ns}.
+std::vector<int64_t> exchange_status();
+
 bool cuda_built();
 bool cuda_available();
 std::string cuda_status();      // why CUDA can or cannot be used

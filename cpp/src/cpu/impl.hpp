@@ -1585,6 +1585,73 @@ template <class T> inline void await_input(const DirJob<T>& j, int64_t steps) {
     if (j.x_ready) await_count(j.x_ready, steps);
 }
 
+// ------------------------------------------------------------------ the exchange pages
+// A team's threads pass each other the state h at every step: the owner's writes take its
+// lines from the others' caches and their reads take them back, a few transfers a step whose
+// latency depends on where the line's physical page is homed. In a KVM guest of a Xeon (two
+// vCPUs, one NUMA node seen) a round trip between the two cores took 100-250 ns by page, steady
+// within a process (a ping-pong over 16 pages, 8 times in 40 s), so that the inference of
+// T=100 B=1 I=128 H=256 took 156-205 us by process (RNN; the kept weights' pages made no
+// difference, the page of the ring of h all of it: 164 / 211 us on two pages of one process).
+// So a team of two keeps the two slots of inference's ring in the two of ExchangeBlock::CAND
+// candidate pages (kernels.hpp) with the shortest round trips between its two threads,
+// measured once (~0.3 ms) by the first team that needs them. Where all pages are alike the
+// pick changes nothing.
+// Thread 0 of a team of two, before the team's allocation barrier: 1 if this team is to
+// measure the candidates (then neither uses the pages this call), 2 if it may use them (now
+// busy until exchange_release), 0 otherwise.
+inline int exchange_claim() {
+    ExchangeBlock& x = exchange_block();
+    int want = 0;
+    if (__atomic_compare_exchange_n(&x.state, &want, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        x.cand = static_cast<char*>(std::aligned_alloc(ExchangeBlock::PAGE, ExchangeBlock::CAND * ExchangeBlock::PAGE));
+        if (!x.cand) {
+            __atomic_store_n(&x.state, 2, __ATOMIC_RELEASE);
+            return 0;
+        }
+        std::memset(x.cand, 0, ExchangeBlock::CAND * ExchangeBlock::PAGE);
+        return 1;
+    }
+    if (want != 2 || !x.slot[0]) return 0;
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&x.busy, &idle, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
+    __atomic_add_fetch(&x.uses, 1, __ATOMIC_RELAXED);
+    return 2;
+}
+inline void exchange_release() { __atomic_store_n(&exchange_block().busy, 0, __ATOMIC_RELEASE); }
+// Both threads of the team (after the barrier that shared exchange_claim's 1): ROUNDS round
+// trips on the first line of every candidate page; thread 0 keeps the two fastest.
+inline void exchange_measure(int tid) {
+    ExchangeBlock& x = exchange_block();
+    for (int c = 0; c < ExchangeBlock::CAND; ++c) {
+        int64_t* f = reinterpret_cast<int64_t*>(x.cand + c * ExchangeBlock::PAGE);
+        timespec t0, t1;
+        if (tid == 0) clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (int64_t r = 1; r <= ExchangeBlock::ROUNDS; ++r) {
+            if (tid == 0) {
+                __atomic_store_n(f, 2 * r - 1, __ATOMIC_RELEASE);
+                spin_until([&] { return __atomic_load_n(f, __ATOMIC_ACQUIRE) == 2 * r; }, spin_limit(2));
+            } else {
+                spin_until([&] { return __atomic_load_n(f, __ATOMIC_ACQUIRE) == 2 * r - 1; }, spin_limit(2));
+                __atomic_store_n(f, 2 * r, __ATOMIC_RELEASE);
+            }
+        }
+        if (tid != 0) continue;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        x.round_trip_ns[c] = ((int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec)) /
+                             ExchangeBlock::ROUNDS;
+    }
+    if (tid != 0) return;
+    for (int k = 0; k < 2; ++k) {
+        int best = -1;
+        for (int c = 0; c < ExchangeBlock::CAND; ++c)
+            if (c != x.chosen[0] && (best < 0 || x.round_trip_ns[c] < x.round_trip_ns[best])) best = c;
+        x.chosen[k] = best;
+        x.slot[k] = x.cand + best * ExchangeBlock::PAGE;
+    }
+    __atomic_store_n(&x.state, 2, __ATOMIC_RELEASE);
+}
+
 struct StepBarrier {
     struct alignas(64) Count {
         int64_t v = 0;
@@ -2127,6 +2194,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
     const int64_t SB = !fuse ? 0 : (rows + B - 1) / B;
     int failed = 0;
+    int xrole = 0;   // the exchange block (exchange_claim): shared by the team after its barrier
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
         PhaseClock clock(tid);
@@ -2241,13 +2309,24 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 }
             }
         }
+        // The ring of h in the exchange pages: a team of two with the split phase, at
+        // inference, a slot within a page.
+        const bool xwant = team == 2 && split && j.ring && B * P * (int64_t)sizeof(T) <= ExchangeBlock::PAGE;
+        if (xwant && tid == 0) {
+            xrole = exchange_claim();
+            for (int sl = 0; xrole == 2 && sl < 2; ++sl)
+                std::memcpy(exchange_block().slot[sl], j.hbuf + sl * B * P, sizeof(T) * B * P);
+        }
         T* buf[BUFN];
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
+        auto give_up = [&] {
+            if (tid == 0 && xrole == 2) exchange_release();
+        };
         if (!ps) {
             mem = team_carve<T>(sizes, buf, &failed, team);
-            if (!mem) return;
+            if (!mem) return give_up();
         } else if (team_failed(&failed, team)) {
-            return;
+            return give_up();
         } else {    // packed parts first, so their offsets do not depend on the batch
             T* p = static_cast<T*>(ps->data);
             for (int i : {0, 2, 4, 5, 1, 3, 6, 7}) {
@@ -2261,6 +2340,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         T *hh = buf[1], *hnv = buf[3], *pki = buf[5];
         T* gblk = buf[6];
         T* xp = buf[7];                                   // the input rows, packed (gemm_xwt)
+        if (xwant && xrole == 1) exchange_measure(tid);   // (after the barrier above)
+        const bool xuse = xwant && xrole == 2;
+        T* const hslot[2] = {xuse ? reinterpret_cast<T*>(exchange_block().slot[0]) : j.hbuf,
+                             xuse ? reinterpret_cast<T*>(exchange_block().slot[1]) : j.hbuf + B * P};
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
         const bool blockwise = local_g || blocked;
@@ -2369,8 +2452,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             const int64_t t = rev ? TT - 1 - q : q;
             if (!late) project(q);
             clock.mark(PH_FWD_PROJ);
-            const T* hprev = j.hbuf + slot(t + rev) * B * P;
-            T* hnext = j.hbuf + slot(t + 1 - rev) * B * P;
+            const T* hprev = j.ring ? hslot[slot(t + rev)] : j.hbuf + slot(t + rev) * B * P;
+            T* hnext = j.ring ? hslot[slot(t + 1 - rev)] : j.hbuf + slot(t + 1 - rev) * B * P;
             const T* cprev = j.cbuf ? j.cbuf + slot(t + rev) * B * H : nullptr;
             T* cnext = j.cbuf ? j.cbuf + slot(t + 1 - rev) * B * H : nullptr;
             T* ext = j.extra ? j.extra + srow(t) * B * H : nullptr;   // this step's rows
@@ -2493,6 +2576,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             clock.mark(PH_FWD_SYNC);
         }
         if (split && TT > 0) sbar.await(bsense);
+        if (xuse && tid == 0) {   // every thread has arrived after its last step
+            for (int sl = 0; sl < 2; ++sl) std::memcpy(j.hbuf + sl * B * P, hslot[sl], sizeof(T) * B * P);
+            exchange_release();
+        }
         clock.mark(PH_FWD_SYNC);
         scratch_free(mem);
     });

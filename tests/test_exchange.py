@@ -1,0 +1,106 @@
+"""The exchange pages: a recurrence team of two keeps the ring of h (inference) in the two of a
+set of candidate pages with the shortest measured round trips between its threads. The first
+call that needs them measures (and runs without them), later calls use them; results are bit
+for bit those of the ring in the layer's own buffer, the final state comes back, and two calls
+at once do not share the pages. Each test runs in a fresh process, where nothing is measured."""
+import json
+
+import pytest
+
+import rnncore
+from conftest import run_child
+
+CHILD = r"""
+import json, sys, threading
+import numpy as np
+import rnncore
+from rnncore import _core
+_core.set_isa(ISA)
+rnncore.set_num_threads(2)
+out = {"before": _core.exchange_status()}
+rng = np.random.default_rng(5)
+checks = []
+for cell, dtype, B, H, bidir in CASES:
+    I, T = 40, 12
+    layer = getattr(rnncore, cell)(I, H, bidirectional=bidir, seed=2, dtype=dtype)
+    layer.eval()
+    D = 2 if bidir else 1
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = (0.5 * rng.standard_normal((D, B, H))).astype(dtype)
+    st = (h0, h0[::-1].copy()) if cell == "LSTM" else h0
+    uses0 = _core.exchange_status()["uses"]
+    first = layer(x, st)                    # the measuring call (or the pages, once measured)
+    runs = [layer(x, st) for _ in range(3)]
+    used = _core.exchange_status()["uses"] - uses0
+    def flat(r):
+        y, s = r
+        s = s if isinstance(s, tuple) else (s,)
+        return [np.asarray(y)] + [np.asarray(a) for a in s]
+    same = all(all(np.array_equal(a, b) for a, b in zip(flat(first), flat(r))) for r in runs)
+    # the reference: PyTorch in float64
+    import torch
+    tl = getattr(torch.nn, cell)(I, H, bidirectional=bidir).double()
+    tl.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)) for k, v in layer.params.items()})
+    xt = torch.from_numpy(x.astype(np.float64))
+    stt = tuple(torch.from_numpy(s.astype(np.float64)) for s in st) if cell == "LSTM" else torch.from_numpy(h0.astype(np.float64))
+    with torch.no_grad():
+        yt, ht = tl(xt, stt)
+    want = [yt.numpy()] + [a.numpy() for a in (ht if cell == "LSTM" else (ht,))]
+    err = max(float(np.abs(a - b).max()) for a, b in zip(flat(runs[-1]), want))
+    checks.append({"case": [cell, dtype, B, H, bidir], "used": int(used), "same": bool(same), "err": err})
+out["checks"] = checks
+# two calls at once (the GIL released in the kernels): each result bit for bit its own alone
+layers = [rnncore.GRU(40, 256, seed=s) for s in (7, 8)]
+xs = [rng.standard_normal((30, 1, 40)).astype(np.float32) for _ in layers]
+for l in layers:
+    l.eval()
+alone = [l(x)[0] for l, x in zip(layers, xs)]
+bad = []
+def worker(i):
+    for _ in range(40):
+        if not np.array_equal(layers[i](xs[i])[0], alone[i]):
+            bad.append(i)
+ts = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+for t in ts: t.start()
+for t in ts: t.join()
+out["concurrent_bad"] = len(bad)
+out["after"] = _core.exchange_status()
+print("RESULT" + json.dumps(out))
+"""
+
+# (a bidirectional layer's directions run at once here, a thread each: no team, no pages)
+CASES = [("RNN", "float32", 1, 256, False), ("LSTM", "float32", 1, 256, False), ("GRU", "float32", 2, 256, False),
+         ("LSTM", "float64", 1, 256, False), ("RNN", "float32", 4, 256, False), ("GRU", "float64", 1, 256, False),
+         ("LSTM", "float32", 1, 256, True)]
+
+
+def _run(isa):
+    code = CHILD.replace("ISA", repr(isa)).replace("CASES", repr(CASES))
+    r = run_child(code, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [s for s in r.stdout.splitlines() if s.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("isa", rnncore._core.available_isas().split(","))
+def test_exchange_pages_exact_and_measured_once(isa):
+    pytest.importorskip("torch")
+    out = _run(isa)
+    assert out["before"]["state"] == "unmeasured"
+    after = out["after"]
+    assert after["state"] == "measured"
+    cand = after["round_trip_ns"]
+    assert len(cand) == 32 and all(c > 0 for c in cand)
+    a, b = after["chosen"]
+    assert a != b and cand[a] == min(cand) and cand[b] == sorted(cand)[1]
+    for c in out["checks"]:
+        cell, dtype, B, H, bidir = c["case"]
+        tol = 2e-6 if dtype == "float32" else 1e-12
+        assert c["err"] < tol, c
+        assert c["same"], c      # the measuring call, the pages and the layer's buffer agree bit for bit
+    # the first call measured; every later call of a team of two ran its ring in the pages
+    assert out["checks"][0]["used"] == 3, out["checks"][0]
+    for c in out["checks"][1:]:
+        if not c["case"][4]:
+            assert c["used"] == 4, c
+    assert out["concurrent_bad"] == 0
