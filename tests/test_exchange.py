@@ -1,8 +1,10 @@
-"""The exchange pages: a recurrence team of two keeps the ring of h (inference) in the two of a
-set of candidate pages with the shortest measured round trips between its threads. The first
-call that needs them measures (and runs without them), later calls use them; results are bit
-for bit those of the ring in the layer's own buffer, the final state comes back, and two calls
-at once do not share the pages. Each test runs in a fresh process, where nothing is measured."""
+"""The exchange pages: a recurrence team of two passes h from step to step through the
+candidate page (or two) with the shortest measured round trips between its threads, the ring of
+inference and the states of training (recorded in the layer's buffer for the backward too). The
+first call that needs them measures (and runs without them), later calls use them; results are
+bit for bit those without them and PyTorch's in float64 (outputs, final states, and in training
+the input and weight gradients), and two calls at once do not share the pages. Each test runs
+in a fresh process, where nothing is measured."""
 import json
 
 import pytest
@@ -20,34 +22,46 @@ rnncore.set_num_threads(2)
 out = {"before": _core.exchange_status()}
 rng = np.random.default_rng(5)
 checks = []
-for cell, dtype, B, H, bidir in CASES:
+import torch
+for cell, dtype, B, H, bidir, train in CASES:
     I, T = 40, 12
     layer = getattr(rnncore, cell)(I, H, bidirectional=bidir, seed=2, dtype=dtype)
-    layer.eval()
+    layer.train() if train else layer.eval()
     D = 2 if bidir else 1
     x = rng.standard_normal((T, B, I)).astype(dtype)
     h0 = (0.5 * rng.standard_normal((D, B, H))).astype(dtype)
     st = (h0, h0[::-1].copy()) if cell == "LSTM" else h0
-    uses0 = _core.exchange_status()["uses"]
-    first = layer(x, st)                    # the measuring call (or the pages, once measured)
-    runs = [layer(x, st) for _ in range(3)]
-    used = _core.exchange_status()["uses"] - uses0
-    def flat(r):
-        y, s = r
+    dy = rng.standard_normal((T, B, D * H)).astype(dtype)
+    def call():
+        y, s = layer.forward(x, st) if train else layer(x, st)
         s = s if isinstance(s, tuple) else (s,)
-        return [np.asarray(y)] + [np.asarray(a) for a in s]
-    same = all(all(np.array_equal(a, b) for a, b in zip(flat(first), flat(r))) for r in runs)
+        out = [np.array(y)] + [np.array(a) for a in s]
+        if train:
+            layer.zero_grad()
+            dx = layer.backward(dy)
+            out += [np.array(dx[0] if isinstance(dx, tuple) else dx)]
+            out += [np.array(layer.grads[k]) for k in sorted(layer.grads)]
+        return out
+    uses0 = _core.exchange_status()["uses"]
+    first = call()                    # the measuring call (or the pages, once measured)
+    runs = [call() for _ in range(3)]
+    used = _core.exchange_status()["uses"] - uses0
+    same = all(all(np.array_equal(a, b) for a, b in zip(first, r)) for r in runs)
     # the reference: PyTorch in float64
-    import torch
     tl = getattr(torch.nn, cell)(I, H, bidirectional=bidir).double()
     tl.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)) for k, v in layer.params.items()})
-    xt = torch.from_numpy(x.astype(np.float64))
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
     stt = tuple(torch.from_numpy(s.astype(np.float64)) for s in st) if cell == "LSTM" else torch.from_numpy(h0.astype(np.float64))
-    with torch.no_grad():
-        yt, ht = tl(xt, stt)
-    want = [yt.numpy()] + [a.numpy() for a in (ht if cell == "LSTM" else (ht,))]
-    err = max(float(np.abs(a - b).max()) for a, b in zip(flat(runs[-1]), want))
-    checks.append({"case": [cell, dtype, B, H, bidir], "used": int(used), "same": bool(same), "err": err})
+    yt, ht = tl(xt, stt)
+    want = [yt.detach().numpy()] + [a.detach().numpy() for a in (ht if cell == "LSTM" else (ht,))]
+    if train:
+        yt.backward(torch.from_numpy(dy.astype(np.float64)))
+        names = sorted(layer.grads)
+        tg = dict(tl.named_parameters())
+        want += [xt.grad.numpy()] + [tg[k].grad.numpy() for k in names]
+    err = max(float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max()))) for a, b in zip(runs[-1], want))
+    checks.append({"case": [cell, dtype, B, H, bidir, train], "used": int(used), "same": bool(same), "err": err,
+                   "n": len(want)})
 out["checks"] = checks
 # two calls at once (the GIL released in the kernels): each result bit for bit its own alone
 layers = [rnncore.GRU(40, 256, seed=s) for s in (7, 8)]
@@ -68,10 +82,15 @@ out["after"] = _core.exchange_status()
 print("RESULT" + json.dumps(out))
 """
 
-# (a bidirectional layer's directions run at once here, a thread each: no team, no pages)
-CASES = [("RNN", "float32", 1, 256, False), ("LSTM", "float32", 1, 256, False), ("GRU", "float32", 2, 256, False),
-         ("LSTM", "float64", 1, 256, False), ("RNN", "float32", 4, 256, False), ("GRU", "float64", 1, 256, False),
-         ("LSTM", "float32", 1, 256, True)]
+# (cell, dtype, B, H, bidirectional, training): B * H floats of 1 KiB put both slots in one
+# page, 4 KiB one in each of two; at inference a bidirectional layer's directions run at once
+# here, a thread each (no team, no pages), in training one after the other
+CASES = [("RNN", "float32", 1, 256, False, False), ("LSTM", "float32", 1, 256, False, False),
+         ("GRU", "float32", 2, 256, False, False), ("LSTM", "float64", 1, 256, False, False),
+         ("RNN", "float32", 4, 256, False, False), ("GRU", "float64", 1, 256, False, False),
+         ("LSTM", "float32", 1, 256, True, False),
+         ("RNN", "float32", 1, 256, False, True), ("LSTM", "float32", 4, 256, True, True),
+         ("GRU", "float64", 2, 256, True, True)]
 
 
 def _run(isa):
@@ -90,17 +109,20 @@ def test_exchange_pages_exact_and_measured_once(isa):
     after = out["after"]
     assert after["state"] == "measured"
     cand = after["round_trip_ns"]
-    assert len(cand) == 32 and all(c > 0 for c in cand)
+    assert len(cand) == 64 and all(c > 0 for c in cand)
     a, b = after["chosen"]
     assert a != b and cand[a] == min(cand) and cand[b] == sorted(cand)[1]
     for c in out["checks"]:
-        cell, dtype, B, H, bidir = c["case"]
-        tol = 2e-6 if dtype == "float32" else 1e-12
+        cell, dtype, B, H, bidir, train = c["case"]
+        tol = (2e-5 if train else 2e-6) if dtype == "float32" else 1e-12
         assert c["err"] < tol, c
         assert c["same"], c      # the measuring call, the pages and the layer's buffer agree bit for bit
-    # the first call measured; every later call of a team of two ran its ring in the pages
+        assert c["n"] == (3 if cell == "LSTM" else 2) + (1 + 4 * (2 if bidir else 1) if train else 0), c
+    # the first call measured; every later forward of a team of two passed h through the pages
+    # (a training step's directions one after the other: each)
     assert out["checks"][0]["used"] == 3, out["checks"][0]
     for c in out["checks"][1:]:
-        if not c["case"][4]:
-            assert c["used"] == 4, c
+        bidir, train = c["case"][4:]
+        if train or not bidir:
+            assert c["used"] == 4 * (2 if bidir else 1), c
     assert out["concurrent_bad"] == 0

@@ -168,17 +168,17 @@ constexpr double TEAM_MIN_MACS = 6.0e4;
 constexpr int64_t SMALL_B = 4, SMALL_T = 16;
 int64_t l2_cache_bytes();    // one core's L2 as the kernels plan for it (runtime.cpp)
 
-// The exchange block of a team of two (cpu/impl.hpp: exchange_claim): one per process, shared
-// by the ISA units (plain data; its functions are the units' own).
+// The exchange pages of a recurrence team of two (cpu/impl.hpp: exchange_claim): one set per
+// process, shared by the ISA units (plain data; its functions are the units' own).
 struct ExchangeBlock {
-    static constexpr int CAND = 32, ROUNDS = 32;
-    static constexpr int64_t PAGE = 4096;   // a slot of the ring: up to 1024 floats
+    static constexpr int CAND = 64, ROUNDS = 32;
+    static constexpr int64_t PAGE = 4096;   // both slots of the ring, or one of up to 1024 floats
     char* cand = nullptr;      // CAND pages
-    char* slot[2] = {};        // the two fastest
+    char* slot[2] = {};        // the two fastest pages
     int state = 0;             // 0 unmeasured, 1 being measured, 2 measured (slots set, or null)
-    int busy = 0;              // a team's ring is in the slots
+    int busy = 0;              // a team is passing h through them
     int chosen[2] = {-1, -1};  // their candidates
-    int64_t uses = 0;          // calls that ran their ring there
+    int64_t uses = 0;          // calls that passed h through them
     int64_t round_trip_ns[CAND] = {};   // per candidate page
 };
 ExchangeBlock& exchange_block();   // runtime.cpp

@@ -49,10 +49,10 @@ void register_runtime(py::module_& m) {
               d["round_trip_ns"] = std::vector<int64_t>(v.begin() + 4, v.end());
               return d;
           },
-          "The exchange pages of a recurrence team of two (the pages that hold the two slots of "
-          "the ring of h at inference, picked by measured round trips between the two threads): "
-          "the state, the chosen candidate pages, the calls that used them and each candidate's "
-          "round trip in ns.");
+          "The exchange pages of a recurrence team of two (the page, or two, through which its "
+          "threads pass the state h at every step, picked by measured round trips between them): "
+          "the state, the two fastest candidate pages, the calls that used them and each "
+          "candidate's round trip in ns.");
     m.def("cuda_built", &rnncore::cuda_built);
     m.def("cuda_available", &rnncore::cuda_available);
     m.def("cuda_status", &rnncore::cuda_status);

@@ -1591,12 +1591,12 @@ template <class T> inline void await_input(const DirJob<T>& j, int64_t steps) {
 // latency depends on where the line's physical page is homed. In a KVM guest of a Xeon (two
 // vCPUs, one NUMA node seen) a round trip between the two cores took 100-250 ns by page, steady
 // within a process (a ping-pong over 16 pages, 8 times in 40 s), so that the inference of
-// T=100 B=1 I=128 H=256 took 156-205 us by process (RNN; the kept weights' pages made no
+// T=100 B=1 I=128 H=256 took 156-210 us by process (RNN; the kept weights' pages made no
 // difference, the page of the ring of h all of it: 164 / 211 us on two pages of one process).
-// So a team of two keeps the two slots of inference's ring in the two of ExchangeBlock::CAND
-// candidate pages (kernels.hpp) with the shortest round trips between its two threads,
-// measured once (~0.3 ms) by the first team that needs them. Where all pages are alike the
-// pick changes nothing.
+// So a team of two passes h through the candidate page (of ExchangeBlock::CAND, kernels.hpp)
+// with the shortest round trip between its two threads, or the two shortest where a slot
+// needs a page of its own, measured once (~0.5 ms) by the first team that needs them. Where
+// all pages are alike the pick changes nothing.
 // Thread 0 of a team of two, before the team's allocation barrier: 1 if this team is to
 // measure the candidates (then neither uses the pages this call), 2 if it may use them (now
 // busy until exchange_release), 0 otherwise.
@@ -2194,7 +2194,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
     const int64_t SB = !fuse ? 0 : (rows + B - 1) / B;
     int failed = 0;
-    int xrole = 0;   // the exchange block (exchange_claim): shared by the team after its barrier
+    int xrole = 0;   // the exchange pages (exchange_claim): shared by the team after its barrier
     StepBarrier sbar;
     run_team(nth, [&](int tid, int team) {
         PhaseClock clock(tid);
@@ -2309,13 +2309,23 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 }
             }
         }
-        // The ring of h in the exchange pages: a team of two with the split phase, at
-        // inference, a slot within a page.
-        const bool xwant = team == 2 && split && j.ring && B * P * (int64_t)sizeof(T) <= ExchangeBlock::PAGE;
+        // h passed through the exchange pages: a team of two with the split phase, a step's
+        // state within a page. Inference's ring of two slots lives there; training's states of
+        // every step stay in j.hbuf for the backward, each step's written there too (its own
+        // columns, by each thread) while the next step reads it from a page.
+        const bool xwant = team == 2 && split && B * P * (int64_t)sizeof(T) <= ExchangeBlock::PAGE;
+        const int64_t enter0 = rev ? TT : 0;   // the slot of the state entering the first step
+        // both slots in the fastest page where they fit, else one in each of the two fastest
+        const int64_t xsb = (B * P * (int64_t)sizeof(T) + 63) / 64 * 64;
+        auto xslot = [&](int sl) {
+            const ExchangeBlock& x = exchange_block();
+            return reinterpret_cast<T*>(2 * xsb <= ExchangeBlock::PAGE ? x.slot[0] + sl * xsb : x.slot[sl]);
+        };
         if (xwant && tid == 0) {
             xrole = exchange_claim();
             for (int sl = 0; xrole == 2 && sl < 2; ++sl)
-                std::memcpy(exchange_block().slot[sl], j.hbuf + sl * B * P, sizeof(T) * B * P);
+                if (j.ring || sl == (enter0 & 1))
+                    std::memcpy(xslot(sl), j.hbuf + (j.ring ? sl : enter0) * B * P, sizeof(T) * B * P);
         }
         T* buf[BUFN];
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
@@ -2342,8 +2352,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         T* xp = buf[7];                                   // the input rows, packed (gemm_xwt)
         if (xwant && xrole == 1) exchange_measure(tid);   // (after the barrier above)
         const bool xuse = xwant && xrole == 2;
-        T* const hslot[2] = {xuse ? reinterpret_cast<T*>(exchange_block().slot[0]) : j.hbuf,
-                             xuse ? reinterpret_cast<T*>(exchange_block().slot[1]) : j.hbuf + B * P};
+        T* const hslot[2] = {xuse ? xslot(0) : j.hbuf, xuse ? xslot(1) : j.hbuf + B * P};
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
         const bool blockwise = local_g || blocked;
@@ -2452,8 +2461,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             const int64_t t = rev ? TT - 1 - q : q;
             if (!late) project(q);
             clock.mark(PH_FWD_PROJ);
-            const T* hprev = j.ring ? hslot[slot(t + rev)] : j.hbuf + slot(t + rev) * B * P;
-            T* hnext = j.ring ? hslot[slot(t + 1 - rev)] : j.hbuf + slot(t + 1 - rev) * B * P;
+            const T* hprev = xuse ? hslot[(t + rev) & 1] : j.hbuf + slot(t + rev) * B * P;
+            T* hnext = xuse ? hslot[(t + 1 - rev) & 1] : j.hbuf + slot(t + 1 - rev) * B * P;
             const T* cprev = j.cbuf ? j.cbuf + slot(t + rev) * B * H : nullptr;
             T* cnext = j.cbuf ? j.cbuf + slot(t + 1 - rev) * B * H : nullptr;
             T* ext = j.extra ? j.extra + srow(t) * B * H : nullptr;   // this step's rows
@@ -2565,6 +2574,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 } else {
                     std::memcpy(yb, hn, sizeof(T) * nq);
                 }
+                if (xuse && !j.ring)   // training's record of the step's state
+                    std::memcpy(j.hbuf + (t + 1 - rev) * B * P + b * P + Q.lo, hn, sizeof(T) * nq);
             }
             if (j.y_ready && team == 1 && !rev)   // the layer above may project this step
                 __atomic_store_n(j.y_ready, q + 1, __ATOMIC_RELEASE);
@@ -2577,7 +2588,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         }
         if (split && TT > 0) sbar.await(bsense);
         if (xuse && tid == 0) {   // every thread has arrived after its last step
-            for (int sl = 0; sl < 2; ++sl) std::memcpy(j.hbuf + sl * B * P, hslot[sl], sizeof(T) * B * P);
+            for (int sl = 0; j.ring && sl < 2; ++sl) std::memcpy(j.hbuf + sl * B * P, hslot[sl], sizeof(T) * B * P);
             exchange_release();
         }
         clock.mark(PH_FWD_SYNC);
