@@ -174,10 +174,9 @@ struct ExchangeBlock {
     static constexpr int CAND = 64, ROUNDS = 32;
     static constexpr int64_t PAGE = 4096;   // both slots of the ring, or one of up to 1024 floats
     char* cand = nullptr;      // CAND pages
-    char* slot[2] = {};        // the two fastest pages
-    int state = 0;             // 0 unmeasured, 1 being measured, 2 measured (slots set, or null)
+    int state = 0;             // 0 unmeasured, 1 being measured, 2 measured (chosen set, or -1)
     int busy = 0;              // a team is passing h through them
-    int chosen[2] = {-1, -1};  // their candidates
+    int chosen[2] = {-1, -1};  // the two fastest candidates
     int64_t uses = 0;          // calls that passed h through them
     int64_t round_trip_ns[CAND] = {};   // per candidate page
 };

@@ -319,10 +319,10 @@ inline void pack_all_b(bool tb, int64_t K, int64_t N, const float* W, int64_t ld
     for (int64_t cb = 0; cb < ncb; ++cb) pack_b(tb, W, ldw, cb * 16, N - cb * 16, 0, K, cb, ncb, nkc, out);
 }
 
-// C[M x N] (+)= A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_all_b, on the calling thread (its tiles configured here); acc: add to C. Ap:
-// packed_a_elems(M, K) elements of scratch. Every k at once: C stays in the tiles from the
-// first chunk to the last. With a_packed, Ap already holds this A (an earlier call's: several
-// B against one A).
+// C[M x N] (+)= A[M x K] (row-major, stride lda) op(B), op(B) packed by pack_all_b, on the
+// calling thread (its tiles configured here); acc: add to C. Ap: packed_a_elems(M, K) elements
+// of scratch. Every k at once: C stays in the tiles from the first chunk to the last. With
+// a_packed, Ap already holds this A (an earlier call's: several B against one A).
 inline void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const bf* Bp, float* C,
                           int64_t ldc, bf* Ap, bool a_packed, bool acc = false) {
     // (row blocks of 16: a last odd one goes through kernel16)

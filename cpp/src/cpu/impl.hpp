@@ -1612,13 +1612,17 @@ inline int exchange_claim() {
         std::memset(x.cand, 0, ExchangeBlock::CAND * ExchangeBlock::PAGE);
         return 1;
     }
-    if (want != 2 || !x.slot[0]) return 0;
+    if (want != 2 || x.chosen[0] < 0) return 0;
     int idle = 0;
     if (!__atomic_compare_exchange_n(&x.busy, &idle, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return 0;
     __atomic_add_fetch(&x.uses, 1, __ATOMIC_RELAXED);
     return 2;
 }
 inline void exchange_release() { __atomic_store_n(&exchange_block().busy, 0, __ATOMIC_RELEASE); }
+inline char* exchange_page(int k) {   // the k-th fastest (k < 2), once measured
+    const ExchangeBlock& x = exchange_block();
+    return x.cand + x.chosen[k] * ExchangeBlock::PAGE;
+}
 // Both threads of the team (after the barrier that shared exchange_claim's 1): ROUNDS round
 // trips on the first line of every candidate page; thread 0 keeps the two fastest.
 inline void exchange_measure(int tid) {
@@ -1647,7 +1651,6 @@ inline void exchange_measure(int tid) {
         for (int c = 0; c < ExchangeBlock::CAND; ++c)
             if (c != x.chosen[0] && (best < 0 || x.round_trip_ns[c] < x.round_trip_ns[best])) best = c;
         x.chosen[k] = best;
-        x.slot[k] = x.cand + best * ExchangeBlock::PAGE;
     }
     __atomic_store_n(&x.state, 2, __ATOMIC_RELEASE);
 }
@@ -2314,18 +2317,19 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // every step stay in j.hbuf for the backward, each step's written there too (its own
         // columns, by each thread) while the next step reads it from a page.
         const bool xwant = team == 2 && split && B * P * (int64_t)sizeof(T) <= ExchangeBlock::PAGE;
-        const int64_t enter0 = rev ? TT : 0;   // the slot of the state entering the first step
+        // State slots (two with j.ring: kernels.hpp); the states entering the first step and
+        // leaving the last.
+        auto slot = [&](int64_t sl) { return j.ring ? sl & 1 : sl; };
+        const int64_t enter = rev ? TT : 0, leave = rev ? 0 : TT;
         // both slots in the fastest page where they fit, else one in each of the two fastest
         const int64_t xsb = (B * P * (int64_t)sizeof(T) + 63) / 64 * 64;
-        auto xslot = [&](int sl) {
-            const ExchangeBlock& x = exchange_block();
-            return reinterpret_cast<T*>(2 * xsb <= ExchangeBlock::PAGE ? x.slot[0] + sl * xsb : x.slot[sl]);
+        auto xslot = [&](int64_t sl) {
+            return reinterpret_cast<T*>(2 * xsb <= ExchangeBlock::PAGE ? exchange_page(0) + (sl & 1) * xsb
+                                                                        : exchange_page((int)(sl & 1)));
         };
         if (xwant && tid == 0) {
             xrole = exchange_claim();
-            for (int sl = 0; xrole == 2 && sl < 2; ++sl)
-                if (j.ring || sl == (enter0 & 1))
-                    std::memcpy(xslot(sl), j.hbuf + (j.ring ? sl : enter0) * B * P, sizeof(T) * B * P);
+            if (xrole == 2) std::memcpy(xslot(enter), j.hbuf + slot(enter) * B * P, sizeof(T) * B * P);
         }
         T* buf[BUFN];
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
@@ -2352,7 +2356,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         T* xp = buf[7];                                   // the input rows, packed (gemm_xwt)
         if (xwant && xrole == 1) exchange_measure(tid);   // (after the barrier above)
         const bool xuse = xwant && xrole == 2;
-        T* const hslot[2] = {xuse ? xslot(0) : j.hbuf, xuse ? xslot(1) : j.hbuf + B * P};
+        T* const hslot[2] = {xuse ? xslot(0) : nullptr, xuse ? xslot(1) : nullptr};
         int64_t ta_blk = 0;                               // first time index of the block
         // Pre-activations: gate stride and row stride, and the row of batch row b at step t.
         const bool blockwise = local_g || blocked;
@@ -2454,8 +2458,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 }
             }
         };
-        // State slots and per-step rows: two slots and one row with j.ring (kernels.hpp).
-        auto slot = [&](int64_t sl) { return j.ring ? sl & 1 : sl; };
+        // Per-step rows: one with j.ring.
         auto srow = [&](int64_t t) { return j.ring ? int64_t(0) : t; };
         for (int64_t q = 0; q < TT; ++q) {
             const int64_t t = rev ? TT - 1 - q : q;
@@ -2588,7 +2591,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         }
         if (split && TT > 0) sbar.await(bsense);
         if (xuse && tid == 0) {   // every thread has arrived after its last step
-            for (int sl = 0; j.ring && sl < 2; ++sl) std::memcpy(j.hbuf + sl * B * P, hslot[sl], sizeof(T) * B * P);
+            if (j.ring) std::memcpy(j.hbuf + slot(leave) * B * P, hslot[leave & 1], sizeof(T) * B * P);
             exchange_release();
         }
         clock.mark(PH_FWD_SYNC);
