@@ -760,6 +760,66 @@ def test_recurrence_w_hh_in_place_against_torch():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def test_recurrence_in_place_stream_tails_against_torch():
+    """At batch 1 the in-place product reads W_hh as one stream, row after row (gemv_stream:
+    two accumulators over k, sixteen rows' sums across lanes at once). Widths with every
+    remnant (P = 88: a pair of registers and one more; 100 and 47: a part register too; 9:
+    a part register only) and unit slices that are not whole registers, float32 and float64,
+    every ISA, teams of 1-3, lengths and an entering state: against PyTorch, the frozen
+    copy bit for bit."""
+    from conftest import run_child
+    r = run_child("""
+        import os, sys
+        sys.path.insert(0, %r)
+        import numpy as np, rnncore as rc
+        from torch_oracle import compare_with_torch
+        assert rc.info()["l2_cache_bytes"] == 0
+        rng = np.random.default_rng(21)
+        for isa in rc._core.available_isas().split(","):
+            rc._core.set_isa(isa)
+            for dtype in (np.float32, np.float64):
+                for team in (1, 2, 3):
+                    rc.set_num_threads(team)
+                    for make in (lambda: rc.LSTM(24, 88, dtype=dtype),
+                                 lambda: rc.GRU(24, 100, bidirectional=True, dtype=dtype),
+                                 lambda: rc.RNN(24, 47, dtype=dtype),
+                                 lambda: rc.RNN(5, 9, nonlinearity="relu", dtype=dtype)):
+                        layer = make()
+                        I = layer.input_size
+                        x = rng.standard_normal((19, 1, I)).astype(dtype)   # past SMALL_T
+                        compare_with_torch(layer, x, lengths=[19], rng=rng)
+                        compare_with_torch(layer, x[:, 0], rng=rng)   # unbatched
+                        layer.eval()
+                        y, _ = layer(x)
+                        yf, _ = layer.frozen()(x)
+                        assert np.array_equal(y, yf), (isa, dtype, team, layer)
+        print("ok")
+    """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_long_rows_on_every_isa_against_reference(dtype, each_isa, threads):
+    """The streaming step reads rows of 512 and more as one stream (gemv_stream): I = 600 and
+    H = 530 (remnants of a register pair, of a register and of a part register) at batch 1,
+    LSTM, GRU and RNN, one and two threads, against the NumPy reference over the same steps."""
+    rng = np.random.default_rng(5)
+    for make in (lambda: rc.LSTM(600, 530, dtype=dtype), lambda: rc.GRU(600, 530, dtype=dtype),
+                 lambda: rc.RNN(600, 530, dtype=dtype)):
+        layer = make()
+        layer.eval()
+        x = rng.standard_normal((3, 1, 600)).astype(dtype)
+        yr, _, _ = ref_forward(layer, x, None, None)
+        for nth in (1, 2):
+            threads(nth)
+            state = layer.initial_state(1)
+            ys = []
+            for t in range(3):
+                yt, state = layer.step(x[t], state)
+                ys.append(yt)
+            assert_close(np.stack(ys), yr, dtype, f"{type(layer).__name__} threads={nth} {each_isa}")
+
+
 @pytest.mark.parametrize("value, expect", [("262144", 262144), ("0", 0), ("abc", None), ("-5", None),
                                            ("4096k", None), (str(1 << 31), None)])
 def test_l2_cache_bytes_override(value, expect):
