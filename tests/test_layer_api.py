@@ -461,3 +461,52 @@ def test_deepcopy_and_pickle_make_independent_equal_layers(make):
         for v in other.params.values():
             v[...] = 0.0                                       # the original is untouched
         np.testing.assert_array_equal(layer(x)[0], y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_start_on_a_cache_line(tmp_path, dtype):
+    """Every recurrent layer's parameter and gradient arrays start on a 64-byte boundary (the
+    kernels read weights where they lie: whole lines a vector), through everything that makes
+    or copies them: a new layer of any size, frozen() (read-only, immutable memory), deepcopy,
+    pickle, a saved and loaded model, a cell's views; load_state_dict and assignment copy
+    into the same arrays."""
+    import copy
+    import pickle
+    from rnncore._arrays import ALIGN, aligned_copy, immutable
+
+    def lined(arrays, what):
+        for k, v in arrays.items():
+            assert v.ctypes.data % ALIGN == 0, (what, k, v.ctypes.data % ALIGN)
+            assert v.flags.c_contiguous and v.dtype == dtype, (what, k)
+
+    for make in (lambda: rnncore.LSTM(1024, 1024, dtype=dtype), lambda: rnncore.GRU(3, 5, dtype=dtype),
+                 lambda: rnncore.RNN(7, 1, num_layers=2, bidirectional=True, dtype=dtype),
+                 lambda: rnncore.LSTM(5, 6, proj_size=3, peephole=True, dtype=dtype)):
+        layer = make()
+        lined(layer.params, "new")
+        lined(layer.grads, "new grads")
+        before = {k: v.ctypes.data for k, v in layer.params.items()}
+        layer.load_state_dict({k: np.asarray(v) * 0.5 for k, v in layer.state_dict().items()})
+        assert {k: v.ctypes.data for k, v in layer.params.items()} == before
+        frozen = layer.frozen()
+        lined(frozen.params, "frozen")
+        assert not any(v.flags.writeable for v in frozen.params.values())
+        lined(copy.deepcopy(layer).params, "deepcopy")
+        lined(pickle.loads(pickle.dumps(layer)).params, "pickle")
+        lined(pickle.loads(pickle.dumps(frozen)).params, "pickled frozen")
+    cell = rnncore.LSTMCell(4, 8, dtype=dtype)
+    lined(cell.params, "cell")
+    if dtype == np.float32:
+        path = str(tmp_path / "m.rnncore")
+        rnncore.Sequential(rnncore.GRU(4, 8), rnncore.LSTM(8, 16)).save(path)
+        loaded = rnncore.load(path)
+        assert len(loaded.recurrent_layers) == 2
+        for layer in loaded.recurrent_layers:
+            lined(layer.params, "loaded")
+            lined(layer.frozen().params, "loaded, frozen")
+    # the helpers themselves, at every offset a NumPy allocation can take
+    for n in (0, 1, 3, 17, 4096):
+        a = np.arange(n, dtype=dtype)
+        for b in (aligned_copy(a), immutable(a)):
+            assert b.ctypes.data % ALIGN == 0 or n == 0
+            assert np.array_equal(b, a) and b.dtype == a.dtype

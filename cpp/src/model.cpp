@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -57,15 +58,34 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 enum Kind { EMB, ONEHOT, DENSE, DROPOUT, LAST, REC };
 
+// The weights start on a cache line (as the Python layers' do): the kernels that read them
+// where they lie (the batch-1 products beyond the L2, the input projection's rows of W_ih)
+// then load whole lines, not two halves of neighbouring lines a vector.
+template <class T> struct LineAlloc {
+    using value_type = T;
+    LineAlloc() = default;
+    template <class U> LineAlloc(const LineAlloc<U>&) {}
+    T* allocate(size_t n) {
+        const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+        void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+        if (!p) throw std::bad_alloc();
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t) { std::free(p); }
+    template <class U> bool operator==(const LineAlloc<U>&) const { return true; }
+    template <class U> bool operator!=(const LineAlloc<U>&) const { return false; }
+};
+using Weights = std::vector<float, LineAlloc<float>>;
+
 struct Block {
     Kind kind;
     std::string type;
     int64_t in = 0, out = 0;      // features in and out (EMB/ONEHOT: vocabulary in)
     int act = 0;                  // Dense: 0 none, 1 tanh, 2 relu, 3 sigmoid
     bool bias = true;
-    std::vector<float> W, b;
+    Weights W, b;
     LayerSpec spec;
-    std::vector<std::vector<float>> params;
+    std::vector<Weights> params;
     std::vector<DirParams<float>> dp;
     // predict: the recurrent weights packed at the first call and kept (they never change)
     std::shared_ptr<PackedWeights> seq_packed = std::make_shared<PackedWeights>(true);
@@ -156,7 +176,7 @@ Block recurrent_block(const std::string& type, const json::Value& c, const std::
 }
 
 void take(std::map<std::string, Tensor>& tensors, const std::string& key, const std::vector<int64_t>& shape,
-          std::vector<float>* dst, const std::string& name) {
+          Weights* dst, const std::string& name) {
     auto it = tensors.find(key);
     if (it == tensors.end()) bad(name, "tensor '" + key + "' is missing");
     if (it->second.shape != shape)

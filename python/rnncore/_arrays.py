@@ -6,6 +6,7 @@ and what came, and the core only ever sees C-contiguous arrays of the layer's dt
 """
 from __future__ import annotations
 
+import ctypes
 import numbers
 import operator
 
@@ -102,11 +103,44 @@ def state_without(obj, *names) -> dict:
     return {k: v for k, v in obj.__dict__.items() if k not in names}
 
 
+# Parameter arrays start on a 64-byte boundary (a cache line; NumPy's own allocations are
+# 16-byte aligned, large ones at 16 bytes past a page): the kernels that read weights where
+# they lie (the batch-1 products over slices beyond the L2, the input projection's rows of
+# W_ih, the streaming step) then load whole lines, not two halves of neighbouring lines a
+# vector.
+ALIGN = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + ALIGN, np.uint8)
+    off = (-buf.ctypes.data) % ALIGN
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
+def aligned_copy(a, dtype=None) -> np.ndarray:
+    """A C-contiguous copy of `a` (as `dtype`) on an ALIGN-byte boundary."""
+    a = np.asarray(a, dtype=dtype)
+    out = aligned_empty(a.shape, a.dtype)
+    np.copyto(out, a)
+    return out
+
+
 def immutable(a) -> np.ndarray:
     """A read-only copy of `a` over memory that no array can write (a bytes object's): its
-    WRITEABLE flag cannot be set again, and no writeable view of it exists."""
+    WRITEABLE flag cannot be set again, and no writeable view of it exists. Its data starts on
+    an ALIGN-byte boundary: a new zero-filled bytes object ALIGN bytes longer is filled at the
+    aligned offset before anything else can see it."""
     a = np.ascontiguousarray(a)
-    return np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)
+    n = a.nbytes
+    b = bytes(n + ALIGN)
+    base = np.frombuffer(b, np.uint8).ctypes.data
+    off = (-base) % ALIGN
+    if n:
+        ctypes.memmove(base + off, a.ctypes.data, n)
+    return np.frombuffer(b, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
 
 
 class ParamDict(dict):

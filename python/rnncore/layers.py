@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _core
-from ._arrays import (Module, ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
+from ._arrays import (Module, ParamDict, aligned_copy, as_float_array, as_lengths, canonical_dtype, check_bool,
                       check_int, check_prob, shape_str)
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -74,10 +74,10 @@ class _Recurrent(Module):
         self._drop_lock = threading.Lock()
         k = 1.0 / math.sqrt(hidden_size)
         self.params = ParamDict(
-            {name: np.ascontiguousarray(init_rng.uniform(-k, k, shape), dtype=self.dtype)
+            {name: aligned_copy(init_rng.uniform(-k, k, shape), self.dtype)
              for name, shape, *_ in self._info}, self.dtype)
-        self.grads = ParamDict({name: np.zeros(shape, self.dtype) for name, shape, *_ in self._info},
-                               self.dtype)
+        self.grads = ParamDict({name: aligned_copy(np.zeros(shape, self.dtype))
+                                for name, shape, *_ in self._info}, self.dtype)
         self.training = True
         self._ctx = None
         # The recurrent weights packed for the kernels, kept from call to call and checked
