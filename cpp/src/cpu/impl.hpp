@@ -1411,24 +1411,7 @@ void gemv_stream(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T* y
     typedef VT<T> V;
     constexpr int L = VL<T>;
     const int64_t K2 = K / (2 * L) * (2 * L), K1 = K / L * L;
-    int64_t n = 0;
-    for (; n + L <= N; n += L) {
-        V acc[L];
-        for (int r = 0; r < L; ++r) {
-            const T* w = W + (n + r) * ldw;
-            V a0{}, a1{};
-            for (int64_t k = 0; k < K2; k += 2 * L) {
-                a0 += ld(w + k, L) * ld(x + k, L);
-                a1 += ld(w + k + L, L) * ld(x + k + L, L);
-            }
-            if (K1 > K2) a0 += ld(w + K2, L) * ld(x + K2, L);
-            if (K > K1) a1 += ld(w + K1, K - K1) * ld(x + K1, K - K1);
-            acc[r] = a0 + a1;
-        }
-        st(y + n, hsum_rows<T>(acc), L);
-    }
-    for (; n < N; ++n) {
-        const T* w = W + n * ldw;
+    auto row = [&](const T* w) {   // the row's products, summed over k in L lanes
         V a0{}, a1{};
         for (int64_t k = 0; k < K2; k += 2 * L) {
             a0 += ld(w + k, L) * ld(x + k, L);
@@ -1436,7 +1419,16 @@ void gemv_stream(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T* y
         }
         if (K1 > K2) a0 += ld(w + K2, L) * ld(x + K2, L);
         if (K > K1) a1 += ld(w + K1, K - K1) * ld(x + K1, K - K1);
-        const V a = a0 + a1;
+        return a0 + a1;
+    };
+    int64_t n = 0;
+    for (; n + L <= N; n += L) {
+        V acc[L];
+        for (int r = 0; r < L; ++r) acc[r] = row(W + (n + r) * ldw);
+        st(y + n, hsum_rows<T>(acc), L);
+    }
+    for (; n < N; ++n) {
+        const V a = row(W + n * ldw);
         T s = 0;
         for (int i = 0; i < L; ++i) s += a[i];
         y[n] = s;
