@@ -1228,7 +1228,8 @@ void gemv_nt(int64_t N, int64_t K, const T* W, int64_t ldw, const T* X, int64_t 
     // steps of k in flight; NB = 2, N=512 K=256 41 -> 54. NB = 1 (the streaming step's long
     // rows, read from memory) against one row with eight steps of k in flight, alternating
     // processes, three rounds: a step of LSTM I=H=1024 2.27-2.52 ms against 2.58-2.86, GRU
-    // I=H=512 138-174 us against 155-183.
+    // I=H=512 138-174 us against 155-183 (the step reads those rows with gemv_stream since
+    // session 33: one row with two steps of k in flight, 1.6 times as fast on a Zen 4).
     // AVX-512's 32 registers take more rows a block where several X rows share each W load:
     // six rows for two X rows (12 accumulators), four for three or four (16). Two Xeon cores,
     // one `step` from Python (us), three rows a block against these: LSTM I=64 H=128 B=2
@@ -3259,8 +3260,8 @@ template <class T> void dir_backward(const DirBackJob<T>& bj) {
 }
 
 // ------------------------------------------------------------------ streaming step
-// The streaming step's matrix-vector products: long rows (from L3 or memory) three at a time
-// (gemv_nt), short rows eight at a time (gemv_rows).
+// The streaming step's matrix-vector products: long rows (from L3 or memory) one after
+// another as one stream (gemv_stream), short rows a register's worth at a time (gemv_rows).
 template <class T>
 inline void step_gemv(int64_t N, int64_t K, const T* W, int64_t ldw, const T* x, T* y) {
     if (K >= 512) gemv_stream<T>(N, K, W, ldw, x, y);
