@@ -760,6 +760,57 @@ def test_recurrence_w_hh_in_place_against_torch():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def test_inference_reads_the_kept_slice_where_it_streams_faster():
+    """Inference with kept packed weights reads the packed W_hh slice, not W_hh in place, at two
+    to four batch rows and at batch 1 from PACKED_HH_MIN_T (40) steps on; shorter batch-1
+    calls and every training forward (whose weights change each step) read W_hh in place.
+    Seen through the kept copy: an in-place edit of W_hh repacks it on the packed path only
+    (in place, nothing derived from W_hh is kept). RNNCORE_L2_BYTES=0 makes every slice large
+    enough to be read in place. Each call against the NumPy reference, float32 and float64,
+    teams of 1 and 2; the frozen copy (no per-call hash) takes the same path, bit for bit."""
+    from conftest import run_child
+    r = run_child("""
+        import os, sys
+        sys.path.insert(0, %r)
+        import numpy as np, rnncore as rc
+        from conftest import assert_close
+        from numpy_ref import ref_forward
+        assert rc.info()["l2_cache_bytes"] == 0
+        rng = np.random.default_rng(33)
+        cases = [(17, 1, False), (39, 1, False), (40, 1, True), (45, 1, True), (17, 2, True),
+                 (9, 4, True), (12, 3, True)]
+        for dtype in (np.float32, np.float64):
+            for team in (1, 2):
+                rc.set_num_threads(team)
+                for make in (lambda: rc.LSTM(24, 96, dtype=dtype), lambda: rc.GRU(24, 80, dtype=dtype)):
+                    layer = make()
+                    layer.eval()
+                    w = layer.params["weight_hh_l0"]
+                    for T, B, packed in cases:
+                        x = rng.standard_normal((T, B, 24)).astype(dtype)
+                        y, _ = layer(x)
+                        assert_close(y, ref_forward(layer, x)[0], dtype, f"T={T} B={B}")
+                        before = layer._packed.packs
+                        w[5, 3] += 0.5                       # in place, no notification
+                        y2, _ = layer(x)
+                        assert (layer._packed.packs > before) == packed, (dtype, team, T, B, packed)
+                        assert_close(y2, ref_forward(layer, x)[0], dtype, f"T={T} B={B} edited")
+                        yf, _ = layer.frozen()(x)
+                        assert np.array_equal(yf, y2), (dtype, team, T, B)
+                    layer.train()                             # training: W_hh in place
+                    for T, B in ((45, 1), (17, 2), (9, 4)):
+                        x = rng.standard_normal((T, B, 24)).astype(dtype)
+                        layer.forward(x)
+                        before = layer._packed.packs
+                        w[7, 2] -= 0.25
+                        y, _ = layer.forward(x)
+                        assert layer._packed.packs == before, ("training", dtype, team, T, B)
+                        assert_close(y, ref_forward(layer, x)[0], dtype, f"training T={T} B={B}")
+        print("ok")
+    """ % os.path.dirname(os.path.abspath(__file__)), env={"RNNCORE_L2_BYTES": "0"}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 def test_recurrence_in_place_stream_tails_against_torch():
     """At batch 1 the in-place product reads W_hh as one stream, row after row (gemv_stream:
     two accumulators over k, sixteen rows' sums across lanes at once). Widths with every

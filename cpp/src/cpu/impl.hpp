@@ -1194,6 +1194,9 @@ constexpr int64_t SMALL_T_KEPT = 7;
 // Rows of W_hh per chunk of the in-place product over a slice larger than the L2 (see
 // dir_forward): 32, 64 and 128 alike (GRU T=25 B=1 I=H=1024).
 constexpr int64_t INPLACE_ROWS = 64;
+// Inference at batch 1 reads a kept packed W_hh slice, not W_hh in place, from this many steps
+// on (see dir_forward).
+constexpr int64_t PACKED_HH_MIN_T = 40;
 // f(g, r0, n, i) for the rows [r0, r0 + n) of each of `groups` groups of `rows` rows, in chunks
 // of `chunk`, the i-th chunk visited; last to first where `reverse` (the in-place products'
 // alternating sweeps: the chunks read last are still in the L2 when the next step starts).
@@ -2264,8 +2267,20 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // / 8.3. Frozen copies and the C++ Model (address-checked, no hash) take the same path,
         // so that their results stay the layer's bit for bit, though for them the packed slice
         // was faster at the GRU (T=25 4.96-5.15 packed against 5.30-5.44 in place).
+        //   Inference with the packed slice kept across calls (PackSet) reads it instead at two
+        // to four batch rows, and at one from PACKED_HH_MIN_T steps on: the kept slice costs one
+        // hash of W_hh a call and its stream is the faster one per step. Measured on a Zen 4 (two
+        // cores, 1 MiB of L2 each, 32 MiB of L3), I=H=1024 unless given, in one process with the
+        // choice switched between alternating rounds (in place -> packed, median of the rounds'
+        // ratios): inference B=4 T=25 LSTM 0.78, GRU 0.84, B=4 T=8 LSTM 0.88, B=2 T=25 LSTM 0.84,
+        // GRU 0.88; B=1 T=100 LSTM 0.85, GRU 0.92, T=50 H=768 LSTM 0.93, T=32 H=2048 LSTM 0.87;
+        // B=1 T=25 LSTM 0.91-0.96, GRU 1.01-1.03, T=20 LSTM 1.02, T=12 1.13, T=8 1.29 (the hash
+        // no longer paid back). Phases of B=4 T=25 LSTM (ms a thread): product 6.63 -> 4.48, hash
+        // 0 -> 0.41. Training, whose weights change every call (a packing a call), keeps W_hh in
+        // place: packed, B=1 T=25 LSTM 1.18, B=2 1.06, B=4 1.06, B=1 T=100 1.00.
+        const bool packed_wins = j.infer && j.packed && (B > 1 || TT >= PACKED_HH_MIN_T);
         const bool inplace = !small && same_type<W, T>::value && B <= SMALL_B && !gru_orig && !proj &&
-                             slice * (int64_t)sizeof(W) > 2 * l2_cache_bytes();
+                             slice * (int64_t)sizeof(W) > 2 * l2_cache_bytes() && !packed_wins;
 #ifdef RNNCORE_AMX_GEMM
         // The per-step product on the tile unit (cpu/amx.hpp): W_hh's slice kept in its three
         // bfloat16 parts (1.5 times the bytes), gate by gate, in up to three blocks of k (with the
