@@ -16,6 +16,12 @@ in alternating processes (benchmarks/RESULTS.md, session 18).
 pybind11 type registry, so both extension modules load in one interpreter. It needs git and
 the build requirements installed (pip install scikit-build-core pybind11 numpy). With --phases
 the kernels' phase timers are on (RNNCORE_PHASES=1) and each phase's per-round ratio is printed.
+
+Two builds of the same source need not time alike: on the Zen 4 machine of sessions 33-34 the
+same commit on both sides gave new/old 0.90-0.96 (LSTM T=25 B=1 I=H=1024), the code laid out
+elsewhere. Time the same commit on both sides first; below about 10% switch the change inside
+one build instead (an experiment-only environment variable read per call, alternating rounds in
+one process: benchmarks/RESULTS.md, session 34).
 """
 import argparse
 import os
