@@ -535,6 +535,48 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
             assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
 
 
+DOT_CELLS = variant_makers(523, 40, 24)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(DOT_CELLS))
+def test_input_projection_as_dot_products(cell, dtype, each_isa, threads):
+    """With 512-bit registers, W_ih read in place (I > 5 * T * B) by 5 or more input rows that do
+    not fill whole panels (gemm_xwt_dots; I >= 512): tiles of 4 input rows by 6 rows of W_ih and
+    every remnant (rows 5, 6, 7, 9: tiles of 1-3; H = 40 over 1-3 threads: slices whose rows are
+    no multiple of 6, single rows of W_ih), I = 523 (a part register of k at the end of every
+    row), the short path (T <= 7) and projected blocks (T=70 B=1: 64 rows in whole panels, then
+    6), with sequence lengths, both directions, bias and no bias; against the reference at every
+    ISA (the others take the panels), float32 and float64, and one-bit edits of W_ih seen at once
+    (nothing derived from it is kept)."""
+    rng = np.random.default_rng(17)
+    layer = DOT_CELLS[cell](dtype)
+    shapes = [(5, 1), (6, 1), (7, 1), (9, 1), (25, 1), (3, 3), (13, 2), (19, 3), (70, 1)]
+    for n in (1, 2, 3):
+        threads(n)
+        for T, B in shapes:
+            x = rng.standard_normal((T, B, 523)).astype(dtype)
+            lengths = rng.integers(1, T + 1, B)
+            y, _ = layer(x, lengths=lengths)
+            assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
+            bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
+            rows = layer.params["weight_ih_l0"].shape[0]   # the last gate acts at every step
+            before = layer._packed.packs if layer._packed is not None else 0
+            bits[int(rng.integers((rows - 20) * 523, rows * 523))] ^= 1 << 20
+            y2, _ = layer(x, lengths=lengths)
+            assert (layer._packed.packs if layer._packed is not None else 0) == before
+            assert not np.array_equal(y2, y)
+            assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
+    threads(2)
+    both = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}.get(cell)
+    if both is not None:   # both directions, no bias; training in float64 against PyTorch
+        bi = both(523, 40, bidirectional=True, bias=False, dtype=dtype)
+        x = rng.standard_normal((9, 2, 523)).astype(dtype)
+        assert_close(bi(x)[0], ref_forward(bi, x)[0], dtype, f"{cell} bidirectional")
+        if dtype == np.float64:
+            compare_with_torch(both(523, 40, dtype=dtype), rng.standard_normal((7, 2, 523)), rng=rng)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by

@@ -1508,6 +1508,103 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
     for (int64_t i = 0; i < nb; ++i) task(i);
 }
 
+// The input projection of few rows (gemm_xwt's contract) as dot products along k: a tile of
+// XD_TM rows of X against XD_TN rows of W (one accumulator a pair, lanes over k; the W rows
+// read from L1 or L2 by every tile of X rows after the first, and the next block of W's rows
+// prefetched into the L2 a share a tile), each pair's lanes summed once a tile. No panel of X
+// to pad or pack, and W read once whatever the rows, where gemm_xwt pads the rows of X to whole
+// panels (32 for float) and takes a few left over in passes of four over W, each a read of W
+// from memory. Taken with 512-bit registers (24 accumulators need 32 of them) for 5 or more
+// rows that do not fill whole panels, with I >= 512 (xwt_dots_take). Measured on a Zen 4 (two
+// threads, one process, the choice switched between alternating rounds; layer time, dots /
+// gemm_xwt): LSTM I=H=1024 B=1 T=8 0.79, T=16 0.78, T=25 0.91, B=2 T=25 0.86, B=4 T=25 (64 rows
+// in whole panels, then 36) 1.00; GRU T=25 0.92, RNN 0.86; LSTM I=512 H=512 T=25 0.91, I=1024
+// H=256 T=25 0.85; phases of LSTM T=25: projection 2.07 -> 1.52 ms a thread (1.82 without the
+// prefetch). With I < 512 not taken: I=H=256 T=12 1.07, I=256 H=1024 T=25 0.95, I=128 H=2048
+// T=12 0.98, GRU I=H=128 T=12 1.09 (W's slice in the L2, where the panels do well).
+constexpr int XD_TM = 4, XD_TN = 6;
+template <class T, int TM, int TN>
+inline void xwt_dot_tile(int64_t K, const T* __restrict w, int64_t ldw, const T* __restrict x, int64_t ldx,
+                         VT<T>* out) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    V acc[TM][TN];
+    for (int t = 0; t < TM; ++t)
+        for (int n = 0; n < TN; ++n) acc[t][n] = V{};
+    auto step = [&](int64_t k, int64_t len) __attribute__((always_inline)) {
+        V wv[TN];
+        for (int n = 0; n < TN; ++n) wv[n] = ld(w + n * ldw + k, len);
+        for (int t = 0; t < TM; ++t) {
+            const V xv = ld(x + t * ldx + k, len);
+            for (int n = 0; n < TN; ++n) acc[t][n] += xv * wv[n];
+        }
+    };
+    int64_t k = 0;
+    for (; k + L <= K; k += L) step(k, L);
+    if (k < K) step(k, K - k);   // (zero filled past K)
+    for (int t = 0; t < TM; ++t)
+        for (int n = 0; n < TN; ++n) out[t * TN + n] = acc[t][n];
+}
+template <class T> inline bool xwt_dots_take(int64_t M, int64_t K) {
+    if constexpr (VB < 64) return false;
+    return M >= 5 && M % NR<T> != 0 && K >= 512;
+}
+template <class T>
+void gemm_xwt_dots(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int G, const T* W, int64_t wg,
+                   int64_t ldw, const T* bias, int64_t bg, T* C, int64_t cg, int64_t ldc) {
+    typedef VT<T> V;
+    constexpr int L = VL<T>;
+    constexpr int NV = (XD_TM * XD_TN + L - 1) / L * L;   // accumulators, padded to whole sums
+    for (int g = 0; g < G; ++g) {
+        const T* wgp = W + g * wg * ldw;
+        const T* bgp = bias ? bias + g * bg : nullptr;
+        T* cgp = C + g * cg;
+        for (int64_t n0 = 0; n0 < N;) {
+            const int tn = N - n0 >= XD_TN ? XD_TN : 1;
+            // the next block of W's rows into the L2, a share with each tile of X's rows
+            const bool last = n0 + tn >= N;
+            const char* nxt = reinterpret_cast<const char*>(!last ? wgp + (n0 + tn) * ldw
+                                                            : g + 1 < G ? W + (g + 1) * wg * ldw : nullptr);
+            const int64_t nrows = std::min<int64_t>(XD_TN, last ? N : N - n0 - tn);
+            const int64_t nbytes = ((nrows - 1) * ldw + K) * (int64_t)sizeof(T);
+            const int64_t share = (ceil_div(nbytes, ceil_div(M, (int64_t)XD_TM)) + 63) / 64 * 64;
+            int64_t pfo = 0;
+            for (int64_t m0 = 0; m0 < M; m0 += XD_TM) {
+                const int tm = (int)(M - m0 < XD_TM ? M - m0 : XD_TM);
+                if (nxt)
+                    for (int64_t e = pfo + share; pfo < e && pfo < nbytes; pfo += 64) __builtin_prefetch(nxt + pfo, 0, 2);
+                V acc[NV] = {};
+                const T* wn = wgp + n0 * ldw;
+                const T* xm = X + m0 * ldx;
+                if (tn == XD_TN) {
+                    switch (tm) {
+                        case XD_TM: xwt_dot_tile<T, XD_TM, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
+                        case 3: xwt_dot_tile<T, 3, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
+                        case 2: xwt_dot_tile<T, 2, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
+                        default: xwt_dot_tile<T, 1, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
+                    }
+                } else {
+                    switch (tm) {
+                        case XD_TM: xwt_dot_tile<T, XD_TM, 1>(K, wn, ldw, xm, ldx, acc); break;
+                        case 3: xwt_dot_tile<T, 3, 1>(K, wn, ldw, xm, ldx, acc); break;
+                        case 2: xwt_dot_tile<T, 2, 1>(K, wn, ldw, xm, ldx, acc); break;
+                        default: xwt_dot_tile<T, 1, 1>(K, wn, ldw, xm, ldx, acc); break;
+                    }
+                }
+                alignas(64) T sums[NV];
+                for (int i = 0; i < NV; i += L) {
+                    const V s = hsum_rows<T>(acc + i);
+                    std::memcpy(sums + i, &s, sizeof s);
+                }
+                for (int t = 0; t < tm; ++t)
+                    for (int n = 0; n < tn; ++n)
+                        cgp[(m0 + t) * ldc + n0 + n] = sums[t * tn + n] + (bgp ? bgp[n0 + n] : T(0));
+            }
+            n0 += tn;
+        }
+    }
+}
+
 // The input projection, every gate g < G: C[m, g cg + n] = sum_k X[m, k] W[g wg + n, k]
 // (+ bias[g bg + n]) for m < M, n < N, with the rows of the row-major W (stride ldw) read
 // where they lie, so nothing derived from W_ih is kept or hashed. Roles swapped against
@@ -1524,6 +1621,10 @@ void gemm_xwt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int G, c
     alignas(64) T tmp[MR * nr];
     for (int64_t c0 = 0; c0 < M; c0 += XCH) {
         const int64_t mc = M - c0 < XCH ? M - c0 : XCH;
+        if (xwt_dots_take<T>(mc, K)) {                // rows that would not fill whole panels
+            gemm_xwt_dots<T>(mc, N, K, X + c0 * ldx, ldx, G, W, wg, ldw, bias, bg, C + c0 * ldc, cg, ldc);
+            continue;
+        }
         int64_t mp = mc / nr * nr;                    // rows of X through the micro-kernel
         if (mc - mp >= nr / 2) mp = mc;
         const int64_t np = ceil_div(mp, nr);
