@@ -536,19 +536,21 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
 
 
 DOT_CELLS = variant_makers(523, 40, 24)
+DOT_CELLS_WIDE = variant_makers(1040, 20, 8)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cell", sorted(DOT_CELLS))
 def test_input_projection_as_dot_products(cell, dtype, each_isa, threads):
     """With 512-bit registers, W_ih read in place (I > 5 * T * B) by 5 or more input rows that do
-    not fill whole panels (gemm_xwt_dots; I >= 512): tiles of 4 input rows by 6 rows of W_ih and
-    every remnant (rows 5, 6, 7, 9: tiles of 1-3; H = 40 over 1-3 threads: slices whose rows are
-    no multiple of 6, single rows of W_ih), I = 523 (a part register of k at the end of every
-    row), the short path (T <= 7) and projected blocks (T=70 B=1: 64 rows in whole panels, then
-    6), with sequence lengths, both directions, bias and no bias; against the reference at every
-    ISA (the others take the panels), float32 and float64, and one-bit edits of W_ih seen at once
-    (nothing derived from it is kept)."""
+    not fill whole panels (gemm_xwt_dots; I >= 512; whole panels too from I = 1024): tiles of 4
+    input rows by 6 rows of W_ih and every remnant (rows 5, 6, 7, 9: tiles of 1-3; H = 40 over
+    1-3 threads: slices whose rows are no multiple of 6, single rows of W_ih), I = 523 (a part
+    register of k at the end of every row), the short path (T <= 7) and projected blocks (T=70
+    B=1: 64 rows in whole panels, then 6; with I = 1040 both by dots), with sequence lengths,
+    both directions, bias and no bias; against the reference at every ISA (the others take the
+    panels), float32 and float64, and one-bit edits of W_ih seen at once (nothing derived from
+    it is kept)."""
     rng = np.random.default_rng(17)
     layer = DOT_CELLS[cell](dtype)
     shapes = [(5, 1), (6, 1), (7, 1), (9, 1), (25, 1), (3, 3), (13, 2), (19, 3), (70, 1)]
@@ -568,6 +570,9 @@ def test_input_projection_as_dot_products(cell, dtype, each_isa, threads):
             assert not np.array_equal(y2, y)
             assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
     threads(2)
+    wide = DOT_CELLS_WIDE[cell](dtype)             # blocks of 64 rows and 6 by dots
+    x = rng.standard_normal((70, 1, 1040)).astype(dtype)
+    assert_close(wide(x)[0], ref_forward(wide, x)[0], dtype, f"{cell} I=1040")
     both = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}.get(cell)
     if both is not None:   # both directions, no bias; training in float64 against PyTorch
         bi = both(523, 40, bidirectional=True, bias=False, dtype=dtype)

@@ -1515,13 +1515,16 @@ void gemm_small_m(bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t 
 // to pad or pack, and W read once whatever the rows, where gemm_xwt pads the rows of X to whole
 // panels (32 for float) and takes a few left over in passes of four over W, each a read of W
 // from memory. Taken with 512-bit registers (24 accumulators need 32 of them) for 5 or more
-// rows that do not fill whole panels, with I >= 512 (xwt_dots_take). Measured on a Zen 4 (two
-// threads, one process, the choice switched between alternating rounds; layer time, dots /
-// gemm_xwt): LSTM I=H=1024 B=1 T=8 0.79, T=16 0.78, T=25 0.91, B=2 T=25 0.86, B=4 T=25 (64 rows
-// in whole panels, then 36) 1.00; GRU T=25 0.92, RNN 0.86; LSTM I=512 H=512 T=25 0.91, I=1024
-// H=256 T=25 0.85; phases of LSTM T=25: projection 2.07 -> 1.52 ms a thread (1.82 without the
-// prefetch). With I < 512 not taken: I=H=256 T=12 1.07, I=256 H=1024 T=25 0.95, I=128 H=2048
-// T=12 0.98, GRU I=H=128 T=12 1.09 (W's slice in the L2, where the panels do well).
+// rows with I >= 512 that do not fill whole panels, and for whole panels too from I = 1024
+// (xwt_dots_take). Measured on a Zen 4 (two threads, one process, the choice switched between
+// alternating rounds; layer time, dots / gemm_xwt): LSTM I=H=1024 B=1 T=8 0.79, T=16 0.78, T=25
+// 0.91, B=2 T=25 0.86; GRU T=25 0.92, RNN 0.86; LSTM I=512 H=512 T=25 0.91, I=1024 H=256 T=25
+// 0.85; phases of LSTM T=25: projection 2.07 -> 1.52 ms a thread (1.82 without the prefetch).
+// Whole panels (blocks of 64 rows): I=H=1024 LSTM B=4 T=25 (64 + 36 rows; 36 by dots either
+// way) 0.94, GRU 0.975, RNN 0.975, LSTM B=2 T=32 0.95, B=1 T=64 0.96, GRU 0.97; I=H=512 LSTM
+// B=4 T=16 0.945, B=1 T=64 0.99; but GRU I=H=768 B=2 T=32 1.036. With I < 512 not taken:
+// I=H=256 T=12 1.07, I=256 H=1024 T=25 0.95, I=128 H=2048 T=12 0.98, GRU I=H=128 T=12 1.09
+// (W's slice in the L2, where the panels do well).
 constexpr int XD_TM = 4, XD_TN = 6;
 template <class T, int TM, int TN>
 inline void xwt_dot_tile(int64_t K, const T* __restrict w, int64_t ldw, const T* __restrict x, int64_t ldx,
@@ -1547,7 +1550,7 @@ inline void xwt_dot_tile(int64_t K, const T* __restrict w, int64_t ldw, const T*
 }
 template <class T> inline bool xwt_dots_take(int64_t M, int64_t K) {
     if constexpr (VB < 64) return false;
-    return M >= 5 && M % NR<T> != 0 && K >= 512;
+    return M >= 5 && K >= 512 && (M % NR<T> != 0 || K >= 1024);
 }
 template <class T>
 void gemm_xwt_dots(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int G, const T* W, int64_t wg,
