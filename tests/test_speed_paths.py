@@ -516,21 +516,30 @@ def test_input_projection_with_w_ih_in_place_or_packed(cell, dtype, each_isa, th
     # T=5 B=4 and T=7 B=3, 16 rows through the micro-kernel and 4 or 5 left over (products of
     # up to four rows at a time: 4, and 4 + 1)
     shapes = [(8, 1), (13, 1), (12, 1), (9, 2), (9, 1), (5, 4), (7, 3)]
-    for n in (2, 1, 3):
+    check_w_ih_edits_seen(layer, cell, dtype, shapes, (2, 1, 3), 40, threads, rng,
+                          lambda T, B: 64 > 5 * T * B or (T <= 7 and B <= 4))   # no kept W_ih
+
+
+def check_w_ih_edits_seen(layer, cell, dtype, shapes, teams, last_rows, threads, rng, in_place):
+    """Each (T, B) of shapes with each team: the layer against the reference with sequence
+    lengths, then a one-bit in-place edit of W_ih in its last `last_rows` rows (the last gate:
+    o, n or the RNN's, acts at every step), which the next call sees, repacking a kept copy of
+    W_ih exactly where in_place(T, B) is false."""
+    I = layer.input_size
+    for n in teams:
         threads(n)
         for T, B in shapes:
-            x = rng.standard_normal((T, B, 64)).astype(dtype)
+            x = rng.standard_normal((T, B, I)).astype(dtype)
             lengths = rng.integers(1, T + 1, B)
             y, _ = layer(x, lengths=lengths)
             assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
-            inplace = 64 > 5 * T * B or (T <= 7 and B <= 4)   # no kept W_ih to repack
             bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
-            rows = layer.params["weight_ih_l0"].shape[0]   # the last gate (o, n or the RNN's) acts at every step
-            flat = int(rng.integers((rows - 40) * 64, rows * 64))
-            before = layer._packed.packs
-            bits[flat] ^= 1 << 20                     # a visible one-bit edit in place
+            rows = layer.params["weight_ih_l0"].shape[0]
+            packs = (lambda: layer._packed.packs if layer._packed is not None else 0)
+            before = packs()
+            bits[int(rng.integers((rows - last_rows) * I, rows * I))] ^= 1 << 20   # visible, in place
             y2, _ = layer(x, lengths=lengths)
-            assert (layer._packed.packs == before) == inplace, f"T={T} B={B}: in place {inplace}"
+            assert (packs() == before) == in_place(T, B), f"T={T} B={B}: in place {in_place(T, B)}"
             assert not np.array_equal(y2, y)
             assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
 
@@ -554,21 +563,7 @@ def test_input_projection_as_dot_products(cell, dtype, each_isa, threads):
     rng = np.random.default_rng(17)
     layer = DOT_CELLS[cell](dtype)
     shapes = [(5, 1), (6, 1), (7, 1), (9, 1), (25, 1), (3, 3), (13, 2), (19, 3), (70, 1)]
-    for n in (1, 2, 3):
-        threads(n)
-        for T, B in shapes:
-            x = rng.standard_normal((T, B, 523)).astype(dtype)
-            lengths = rng.integers(1, T + 1, B)
-            y, _ = layer(x, lengths=lengths)
-            assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
-            bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
-            rows = layer.params["weight_ih_l0"].shape[0]   # the last gate acts at every step
-            before = layer._packed.packs if layer._packed is not None else 0
-            bits[int(rng.integers((rows - 20) * 523, rows * 523))] ^= 1 << 20
-            y2, _ = layer(x, lengths=lengths)
-            assert (layer._packed.packs if layer._packed is not None else 0) == before
-            assert not np.array_equal(y2, y)
-            assert_close(y2, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} edited")
+    check_w_ih_edits_seen(layer, cell, dtype, shapes, (1, 2, 3), 20, threads, rng, lambda T, B: True)
     threads(2)
     wide = DOT_CELLS_WIDE[cell](dtype)             # blocks of 64 rows and 6 by dots
     x = rng.standard_normal((70, 1, 1040)).astype(dtype)
