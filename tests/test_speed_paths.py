@@ -524,7 +524,10 @@ def check_w_ih_edits_seen(layer, cell, dtype, shapes, teams, last_rows, threads,
     """Each (T, B) of shapes with each team: the layer against the reference with sequence
     lengths, then a one-bit in-place edit of W_ih in its last `last_rows` rows (the last gate:
     o, n or the RNN's, acts at every step), which the next call sees, repacking a kept copy of
-    W_ih exactly where in_place(T, B) is false."""
+    W_ih exactly where in_place(T, B) is false. The bit is the lowest of the exponent (the
+    weight doubled or halved), in the column of the largest input at a step with an output:
+    a mantissa bit of a small weight times a small input can vanish in the output's rounding
+    (seen once in 15 runs with the weights of an unseeded layer)."""
     I = layer.input_size
     for n in teams:
         threads(n)
@@ -533,11 +536,13 @@ def check_w_ih_edits_seen(layer, cell, dtype, shapes, teams, last_rows, threads,
             lengths = rng.integers(1, T + 1, B)
             y, _ = layer(x, lengths=lengths)
             assert_close(y, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B} threads={n}")
-            bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32).reshape(-1)
             rows = layer.params["weight_ih_l0"].shape[0]
+            bits = layer.params["weight_ih_l0"].view(np.uint64 if dtype == np.float64 else np.uint32)
+            active = np.arange(T)[:, None] < lengths[None, :]
+            col = int(np.where(active[..., None], np.abs(x), 0).max(axis=(0, 1)).argmax())
             packs = (lambda: layer._packed.packs if layer._packed is not None else 0)
             before = packs()
-            bits[int(rng.integers((rows - last_rows) * I, rows * I))] ^= 1 << 20   # visible, in place
+            bits[int(rng.integers(rows - last_rows, rows)), col] ^= 1 << (52 if dtype == np.float64 else 23)
             y2, _ = layer(x, lengths=lengths)
             assert (packs() == before) == in_place(T, B), f"T={T} B={B}: in place {in_place(T, B)}"
             assert not np.array_equal(y2, y)
