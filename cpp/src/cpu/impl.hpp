@@ -1579,23 +1579,19 @@ void gemm_xwt_dots(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int
                 V acc[NV] = {};
                 const T* wn = wgp + n0 * ldw;
                 const T* xm = X + m0 * ldx;
-                if (tn == XD_TN) {
+                auto tile = [&](auto regs) {   // tm rows of X against TN rows of W
+                    constexpr int TN = decltype(regs)::n;
                     switch (tm) {
-                        case XD_TM: xwt_dot_tile<T, XD_TM, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
-                        case 3: xwt_dot_tile<T, 3, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
-                        case 2: xwt_dot_tile<T, 2, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
-                        default: xwt_dot_tile<T, 1, XD_TN>(K, wn, ldw, xm, ldx, acc); break;
+                        case XD_TM: xwt_dot_tile<T, XD_TM, TN>(K, wn, ldw, xm, ldx, acc); break;
+                        case 3: xwt_dot_tile<T, 3, TN>(K, wn, ldw, xm, ldx, acc); break;
+                        case 2: xwt_dot_tile<T, 2, TN>(K, wn, ldw, xm, ldx, acc); break;
+                        default: xwt_dot_tile<T, 1, TN>(K, wn, ldw, xm, ldx, acc); break;
                     }
-                } else {
-                    switch (tm) {
-                        case XD_TM: xwt_dot_tile<T, XD_TM, 1>(K, wn, ldw, xm, ldx, acc); break;
-                        case 3: xwt_dot_tile<T, 3, 1>(K, wn, ldw, xm, ldx, acc); break;
-                        case 2: xwt_dot_tile<T, 2, 1>(K, wn, ldw, xm, ldx, acc); break;
-                        default: xwt_dot_tile<T, 1, 1>(K, wn, ldw, xm, ldx, acc); break;
-                    }
-                }
+                };
+                if (tn == XD_TN) tile(Regs<XD_TN>{});
+                else tile(Regs<1>{});
                 alignas(64) T sums[NV];
-                for (int i = 0; i < NV; i += L) {
+                for (int i = 0; i < tm * tn; i += L) {   // the sums of the pairs used
                     const V s = hsum_rows<T>(acc + i);
                     std::memcpy(sums + i, &s, sizeof s);
                 }
@@ -1624,7 +1620,7 @@ void gemm_xwt(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, int G, c
     alignas(64) T tmp[MR * nr];
     for (int64_t c0 = 0; c0 < M; c0 += XCH) {
         const int64_t mc = M - c0 < XCH ? M - c0 : XCH;
-        if (xwt_dots_take<T>(mc, K)) {                // rows that would not fill whole panels
+        if (xwt_dots_take<T>(mc, K)) {                // (see gemm_xwt_dots)
             gemm_xwt_dots<T>(mc, N, K, X + c0 * ldx, ldx, G, W, wg, ldw, bias, bg, C + c0 * ldc, cg, ldc);
             continue;
         }
