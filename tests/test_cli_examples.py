@@ -33,6 +33,8 @@ def test_bench_one_small_shape(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [r["shape"] for r in data["rows"]] == [[5, 1, 8, 16], [4, 2, 8, 16]] * 2
     assert all(r["rnncore"] > 0 for r in data["rows"]) and data["steps"] == []
+    rt = data["bandwidth"]["round_trip_ns"]
+    assert rt != rt   # NaN: one thread has no round trip
     from rnncore.bench import ROUNDS
     for r in data["rows"]:   # every library timed in each round, its figure the rounds' median
         assert r["rounds"].keys() >= {"rnncore", "numpy"} and len(r["rounds"]["rnncore"]) == ROUNDS
@@ -141,3 +143,8 @@ def test_bench_a_stack(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [r["shape"] for r in data["rows"]] == [[40, 1, 8, 16, 2]]
     assert "L=2" in out.stdout and "| 40, 1, 8, 16 (2 layers) |" in out.stdout
+    # the ceilings measured with two threads include the team's round trip
+    import rnncore
+    rt = data["bandwidth"]["round_trip_ns"]
+    assert (rt > 0) if rnncore.info()["openmp"] else rt != rt
+    assert "round trip between two threads" in out.stdout

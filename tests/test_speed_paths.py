@@ -225,6 +225,27 @@ def test_read_bandwidth_probe():
     assert _core.read_bandwidth(64 * 1024, 50) > 1.0
 
 
+def test_round_trip_probe():
+    """The benchmark's round trip between two threads of the team (through one cache line): a
+    positive, finite time with two threads and OpenMP, NaN with one thread; a bad count of
+    rounds is refused by name."""
+    old = rc.get_num_threads()
+    try:
+        rc.set_num_threads(2)
+        rt = _core.round_trip_ns(2000)
+        if rc.info()["openmp"]:
+            assert np.isfinite(rt) and 1.0 < rt < 1e7, rt
+        else:
+            assert np.isnan(rt)
+        rc.set_num_threads(1)
+        assert np.isnan(_core.round_trip_ns(10))
+    finally:
+        rc.set_num_threads(old)
+    for bad in (0, -3, 10**7 + 1):
+        with pytest.raises(ValueError, match="rounds: expected 1 to 10000000"):
+            _core.round_trip_ns(bad)
+
+
 def test_random_configurations_match_reference(threads):
     """Random cells, sizes, layers, directions, dtypes, thread counts and lengths, each layer
     called three times (the kept packed weights reused, then after in-place edits of W_hh and

@@ -1,10 +1,13 @@
 // Threads, version and CUDA status.
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <thread>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include "kernels.hpp"
@@ -93,6 +96,48 @@ void fast_activation(int which, int64_t n, const float* x, float* y) {
 double read_bandwidth(int64_t bytes, int reps) {
     if (bytes < 256 || reps < 1) throw std::invalid_argument("read_bandwidth: bytes >= 256 and reps >= 1");
     return kernels<float>().read_bandwidth(bytes, reps);
+}
+
+double thread_round_trip_ns(int rounds) {
+    if (rounds < 1 || rounds > 10000000)
+        throw std::invalid_argument("rounds: expected 1 to 10000000, got " + std::to_string(rounds));
+#ifdef _OPENMP
+    if (get_num_threads() < 2 || omp_in_parallel()) return std::nan("");
+    struct alignas(64) Line {
+        int64_t v = 0;
+    };
+    Line line;
+    double ns = std::nan("");
+    auto wait_for = [&](int64_t want) {
+        for (int spin = 0; __atomic_load_n(&line.v, __ATOMIC_ACQUIRE) != want; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            if (spin > 4000) sched_yield();   // (the other thread descheduled)
+        }
+    };
+#pragma omp parallel num_threads(2)
+    {
+        if (omp_get_num_threads() == 2) {   // (both see the same team: neither waits alone)
+            const int tid = omp_get_thread_num();
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int64_t r = 1; r <= rounds; ++r) {
+                if (tid == 0) {
+                    __atomic_store_n(&line.v, 2 * r - 1, __ATOMIC_RELEASE);
+                    wait_for(2 * r);
+                } else {
+                    wait_for(2 * r - 1);
+                    __atomic_store_n(&line.v, 2 * r, __ATOMIC_RELEASE);
+                }
+            }
+            if (tid == 0)
+                ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() / rounds;
+        }
+    }
+    return ns;
+#else
+    return std::nan("");
+#endif
 }
 
 namespace {

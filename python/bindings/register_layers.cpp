@@ -551,6 +551,14 @@ void register_layers(py::module_& m) {
               return read_bandwidth(bytes, reps);
           },
           py::arg("bytes"), py::arg("reps"), "GB/s read by one thread from a buffer of that size.");
+    m.def("round_trip_ns",
+          [](int rounds) {
+              py::gil_scoped_release r;
+              return thread_round_trip_ns(rounds);
+          },
+          py::arg("rounds"),
+          "ns of one round trip between two threads of the kernels' team through a cache line "
+          "(NaN with fewer than two threads).");
 
     m.def("gemm",
           [](py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> b,

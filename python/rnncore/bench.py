@@ -197,10 +197,24 @@ def sgemm_peak(peers, threads):
 
 
 def cache_bandwidth(threads):
-    """Read GB/s of one thread at L2-sized (256 KiB) and L3-sized (8 MiB) buffers."""
+    """Read GB/s of one thread at L2-sized (256 KiB) and L3-sized (8 MiB) buffers, and the round
+    trip between two threads of rnncore's team in ns (NaN with one thread)."""
     from . import _core
     return {"l2_per_core": _core.read_bandwidth(256 * 1024, 2000),
-            "l3_per_core": _core.read_bandwidth(8 * 1024 * 1024, 40)}
+            "l3_per_core": _core.read_bandwidth(8 * 1024 * 1024, 40),
+            "round_trip_ns": round_trip(threads)}
+
+
+def round_trip(threads, bursts=5, rounds=20000):
+    """Median over bursts of the ns of one round trip between two threads of rnncore's team
+    through a cache line: a team of two meets once a recurrence step, so T of them bound a
+    batch-1 call from below. On a shared cloud machine it moves with where the host runs the
+    two vCPUs (110-900 ns within one process over seconds, sessions 33-36: benchmarks/RESULTS.md)."""
+    from . import _core
+    if threads < 2:
+        return float("nan")
+    _core.round_trip_ns(1000)   # (wakes the team)
+    return float(np.median([_core.round_trip_ns(rounds) for _ in range(bursts)]))
 
 
 # Shapes whose batch is at most this are also timed with bfloat16 recurrent weights.
@@ -417,7 +431,8 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
     peak = sgemm_peak(peers, threads)
     bw = cache_bandwidth(threads)
     print("sgemm peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) +
-          f"; read bandwidth per core GB/s: L2 {bw['l2_per_core']:.0f}, L3 {bw['l3_per_core']:.0f}", flush=True)
+          f"; read bandwidth per core GB/s: L2 {bw['l2_per_core']:.0f}, L3 {bw['l3_per_core']:.0f}"
+          f"; round trip between two threads {bw['round_trip_ns']:.0f} ns", flush=True)
     machine_peak = max(peak.values())
     rows = []
     for cell in cells or CELLS:
@@ -469,7 +484,8 @@ def markdown(rows, steps, mem, peak, bw, threads, info, input_grad=True):
     lines = [f"Times in ms (median of {ROUNDS} interleaved rounds), {threads} threads, fp32, isa {info['isa']}; "
              f"ratio = rnncore / fastest "
              f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
-             f"{bw['l2_per_core']:.0f} GB/s per core."
+             f"{bw['l2_per_core']:.0f} GB/s per core, round trip between two threads "
+             f"{bw['round_trip_ns']:.0f} ns."
              + ("" if input_grad else " Training without the input's gradient in both libraries "
                 "(PyTorch: x without requires_grad; rnncore: backward(input_grad=False))."),
              "",

@@ -42,6 +42,11 @@ void fast_activation(int which, int64_t n, const float* x, float* y);
 int64_t l2_cache_bytes();
 // Read bandwidth (GB/s) of the calling thread over a buffer of `bytes`, for benchmarks.
 double read_bandwidth(int64_t bytes, int reps);
+// The round trip between two threads of the kernels' team, in ns, for benchmarks: two
+// threads pass a count back and forth `rounds` times (1 to 10^7) through one cache line. It
+// bounds a recurrence team's step from below (a team of two meets once a step). NaN where
+// fewer than two threads are set, inside a parallel region, or without OpenMP.
+double thread_round_trip_ns(int rounds);
 
 // Where a recurrence spends its time, by phase, for profiling: with RNNCORE_PHASES=1 in the
 // environment (read once), the kernels add the seconds each thread of a recurrence team spends
