@@ -209,7 +209,8 @@ def round_trip(threads, bursts=5, rounds=20000):
     """Median over bursts of the ns of one round trip between two threads of rnncore's team
     through a cache line: a team of two meets once a recurrence step, so T of them bound a
     batch-1 call from below. On a shared cloud machine it moves with where the host runs the
-    two vCPUs (110-900 ns within one process over seconds, sessions 33-36: benchmarks/RESULTS.md)."""
+    two vCPUs (64-900 ns from run to run and within one process over seconds: session 36 in
+    benchmarks/RESULTS.md)."""
     from . import _core
     if threads < 2:
         return float("nan")
@@ -416,6 +417,10 @@ def training_peak_rss(shape, threads, have_torch):
     return res
 
 
+def _fmt_ns(v):   # the round trip: n/a with one thread (NaN)
+    return "n/a (one thread)" if v != v else f"{v:.0f} ns"
+
+
 def _fmt_ms(v):
     return "-" if v is None else f"{v * 1e3:.2f}"
 
@@ -432,7 +437,7 @@ def run(shapes, threads, train=True, rss=True, out_json=None, cells=None, step=T
     bw = cache_bandwidth(threads)
     print("sgemm peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) +
           f"; read bandwidth per core GB/s: L2 {bw['l2_per_core']:.0f}, L3 {bw['l3_per_core']:.0f}"
-          f"; round trip between two threads {bw['round_trip_ns']:.0f} ns", flush=True)
+          f"; round trip between two threads {_fmt_ns(bw['round_trip_ns'])}", flush=True)
     machine_peak = max(peak.values())
     rows = []
     for cell in cells or CELLS:
@@ -485,7 +490,7 @@ def markdown(rows, steps, mem, peak, bw, threads, info, input_grad=True):
              f"ratio = rnncore / fastest "
              f"peer (< 1: rnncore faster). sgemm peak {max(peak.values()):.0f} GFLOP/s, L2 read "
              f"{bw['l2_per_core']:.0f} GB/s per core, round trip between two threads "
-             f"{bw['round_trip_ns']:.0f} ns."
+             f"{_fmt_ns(bw['round_trip_ns'])}."
              + ("" if input_grad else " Training without the input's gradient in both libraries "
                 "(PyTorch: x without requires_grad; rnncore: backward(input_grad=False))."),
              "",
