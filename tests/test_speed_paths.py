@@ -603,6 +603,61 @@ def test_input_projection_as_dot_products(cell, dtype, each_isa, threads):
             compare_with_torch(both(523, 40, dtype=dtype), rng.standard_normal((7, 2, 523)), rng=rng)
 
 
+IDLE_CELLS = variant_makers(24, 40, 16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(IDLE_CELLS))
+def test_projection_on_the_idle_core(cell, dtype, threads):
+    """A layer whose recurrence runs on one thread (few multiply-adds a step) at up to four batch
+    rows, with two threads set: the second projects the blocks of input rows into a ring ahead of
+    the recurrence (several blocks: T up to 70 at B=1 is 5 blocks of 16 rows; B=3 and 4, lengths).
+    Forced on, its output is the same bit for bit as forced off and matches the reference; with
+    one thread, or off, it is not taken; by default (auto) it is tried and the output the same."""
+    rng = np.random.default_rng(5)
+    old = _core.idle_projection()
+    try:
+        layer = IDLE_CELLS[cell](dtype)
+        for T, B, lengths in [(17, 1, None), (70, 1, None), (40, 3, [40, 13, 1]), (50, 4, None),
+                              (33, 2, [5, 33])]:
+            x = rng.standard_normal((T, B, 24)).astype(dtype)
+            threads(2)
+            _core.set_idle_projection(0)
+            runs = _core.idle_projection_runs()
+            y0, _ = layer(x, lengths=lengths)
+            assert _core.idle_projection_runs() == runs
+            _core.set_idle_projection(1)
+            y1, _ = layer(x, lengths=lengths)
+            assert _core.idle_projection_runs() == runs + 1, (cell, T, B)
+            np.testing.assert_array_equal(y1, y0)
+            assert_close(y1, ref_forward(layer, x, None, lengths)[0], dtype, f"{cell} T={T} B={B}")
+            _core.set_idle_projection(-1)
+            for _ in range(3):
+                np.testing.assert_array_equal(layer(x, lengths=lengths)[0], y0)
+            if T == 17:   # the layer's first calls in auto: it tries the helper first
+                assert _core.idle_projection_runs() > runs + 1
+            threads(1)
+            _core.set_idle_projection(1)
+            runs = _core.idle_projection_runs()
+            np.testing.assert_array_equal(layer(x, lengths=lengths)[0], y0)
+            assert _core.idle_projection_runs() == runs       # one thread: no helper
+        threads(2)
+        _core.set_idle_projection(1)
+        short = rng.standard_normal((16, 1, 24)).astype(dtype)   # one block: nothing to hand over
+        runs = _core.idle_projection_runs()
+        layer(short)
+        assert _core.idle_projection_runs() == runs
+        if cell == "rnn" and dtype == np.float64:   # its training forward takes it too
+            runs = _core.idle_projection_runs()
+            compare_with_torch(rc.RNN(24, 40, dtype=dtype), rng.standard_normal((50, 1, 24)), rng=rng)
+            assert _core.idle_projection_runs() > runs
+    finally:
+        _core.set_idle_projection(old)
+    for bad in (-2, 2):
+        with pytest.raises(ValueError, match="mode: expected -1"):
+            _core.set_idle_projection(bad)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by

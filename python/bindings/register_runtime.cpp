@@ -34,6 +34,12 @@ void register_runtime(py::module_& m) {
           }, py::arg("reset") = true,
           "Seconds per phase of the recurrence kernels, per team thread, since the last reset "
           "({} unless RNNCORE_PHASES=1).");
+    m.def("idle_projection", &rnncore::idle_projection,
+          "The idle core's input projection: -1 auto (by measured time), 0 off, 1 on.");
+    m.def("set_idle_projection", &rnncore::set_idle_projection, py::arg("mode"),
+          "Set the idle core's input projection: -1 auto, 0 off, 1 on (where it applies).");
+    m.def("idle_projection_runs", &rnncore::idle_projection_runs,
+          "Forward calls that projected their input on the idle core since the process started.");
     m.def("layer_pipeline_runs", &rnncore::layer_pipeline_runs,
           "Forward calls (inference or training) of a multi-layer stack that ran its layers at "
           "once (the layer pipeline) since the process started.");

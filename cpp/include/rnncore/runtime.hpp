@@ -67,6 +67,15 @@ std::vector<std::vector<double>> phase_times(bool reset);
 // (the layer pipeline, layer.cpp), and backward calls that did, since the process started:
 // for tests and profiling.
 int64_t layer_pipeline_runs();
+// The idle core's input projection (a layer whose recurrence runs on one thread at up to four
+// batch rows projects its blocks of input rows on a second thread, cpu/impl.hpp): -1 (auto, the
+// default: chosen per layer by the measured time of its calls with and without it), 0 (off) or
+// 1 (on wherever it applies); RNNCORE_IDLE_PROJECTION=0/1 in the environment sets the start.
+// Results are the same bit for bit either way. idle_projection_runs(): forward calls that took
+// it since the process started.
+int idle_projection();
+void set_idle_projection(int mode);
+int64_t idle_projection_runs();
 int64_t layer_pipeline_backward_runs();
 
 // The exchange pages of a recurrence team of two (cpu/impl.hpp): {state (0 not measured, 1
