@@ -2,6 +2,7 @@
 reference, the stated error of the fast activations, weights never stale after a change,
 the streaming fast path, and the benchmark's own NumPy peer."""
 import os
+import textwrap
 
 import numpy as np
 import pytest
@@ -656,6 +657,31 @@ def test_projection_on_the_idle_core(cell, dtype, threads):
     for bad in (-2, 2):
         with pytest.raises(ValueError, match="mode: expected -1"):
             _core.set_idle_projection(bad)
+
+
+def test_projection_on_the_idle_core_without_a_second_thread():
+    """Two threads set, but the OpenMP runtime gives the region one (OMP_THREAD_LIMIT=1): the
+    recurrence projects every block itself (no wait for a helper that never comes), in a
+    subprocess with a time limit, against the run with the helper off."""
+    import subprocess
+    import sys
+    code = textwrap.dedent("""
+        import numpy as np, rnncore as rc
+        from rnncore import _core
+        rc.set_num_threads(2)
+        layer = rc.LSTM(24, 40, seed=3)
+        x = np.random.default_rng(0).standard_normal((70, 2, 24)).astype(np.float32)
+        _core.set_idle_projection(0)
+        y0 = layer(x)[0]
+        for mode in (1, -1, -1, -1):
+            _core.set_idle_projection(mode)
+            assert np.array_equal(layer(x)[0], y0)
+        assert _core.idle_projection_runs() == 0
+        print("ok")
+    """)
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

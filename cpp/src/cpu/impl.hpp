@@ -2379,12 +2379,15 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // recurrence is in (the ring's slots before it are free); where the recurrence put things
     struct alignas(64) IdleFlag { int64_t v = 0; };
     IdleFlag idle_packed, idle_made, idle_used;
-    bool idle_cold = false;
+    bool idle_ran = false;    // the helper came (a runtime may give the region fewer threads)
+    bool idle_cold = false;   // the kept slot grew this call: not timed
     T* idle_pki = nullptr;
     T* idle_ring = nullptr;
     int64_t idle_nh = 0;
     run_team(idle ? 2 : nth, [&](int tid, int team_) {
+        const bool helped = idle && team_ == 2;
         const int team = idle ? 1 : team_;   // the helper is no member of the recurrence's team
+        if (tid == 0) idle_ran = helped;
         PhaseClock clock(tid);
         // block b of the projection into its ring slot (the recurrence's own path: project below)
         auto idle_block = [&](int64_t b) {
@@ -2397,7 +2400,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             for (int64_t r = 0; r < ns * B && bias; ++r)
                 for (int g = 0; g < G; ++g) add_row<T>(hn, bias + g * H, gb + r * G * hn + g * hn);
         };
-        if (idle && tid == 1) {
+        if (helped && tid == 1) {
             await_count(&idle_packed.v, 1);
             if (__atomic_load_n(&idle_packed.v, __ATOMIC_ACQUIRE) < 0) return;
             for (int64_t b = 1; b * SB < TT; ++b) {
@@ -2521,7 +2524,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             for (int64_t n : sizes) need += round16(n);
             need *= (int64_t)sizeof(T);
             fresh = ps->valid && ps->hash == key && ps->bytes >= need;
-            if (!fresh && tid == 0) idle_cold = true;   // (a packing's call is not timed)
+            if (ps->bytes < need && tid == 0) idle_cold = true;   // (a repacking is timed: both pay it)
             if (!fresh) {
                 ps->valid = false;
                 if (ps->bytes < need) {
@@ -2555,7 +2558,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         T* mem = nullptr;                                 // per-call scratch (no kept slot)
         auto give_up = [&] {
             if (tid == 0 && xrole == 2) exchange_release();
-            if (idle) __atomic_store_n(&idle_packed.v, -1, __ATOMIC_RELEASE);   // the helper leaves
+            if (helped) __atomic_store_n(&idle_packed.v, -1, __ATOMIC_RELEASE);   // the helper leaves
         };
         if (!ps) {
             mem = team_carve<T>(sizes, buf, &failed, team);
@@ -2628,7 +2631,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             }
         }
         clock.mark(PH_FWD_PACK);   // the kept slot's check, and its packing if stale
-        if (idle) {   // W_ih packed: the helper may start
+        if (helped) {   // W_ih packed: the helper may start
             idle_pki = pki;
             idle_ring = gblk;
             idle_nh = nh;
@@ -2654,7 +2657,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // I=128 H=256) no difference.
         const bool late = !split;
         auto project = [&](int64_t q) {
-            if (idle && q % SB == 0) {   // the block's slot in the ring, the first projected here
+            if (helped && q % SB == 0) {   // the block's slot in the ring, the first projected here
                 const int64_t b = q / SB, ns = TT - q < SB ? TT - q : SB;
                 ta_blk = rev ? TT - q - ns : q;
                 __atomic_store_n(&idle_used.v, b, __ATOMIC_RELEASE);
@@ -2837,10 +2840,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     if (idle_timed && !failed && !idle_cold) {   // the moving average of this choice's time per row (x16)
         PackSet& st = *j.packed;
         const int64_t s = (PhaseClock::now() - idle_t0) * 16 / (TT * B > 0 ? TT * B : 1) + 1;
-        int64_t& avg = st.idle_ns[idle ? 1 : 0];
+        int64_t& avg = st.idle_ns[idle_ran ? 1 : 0];
         avg = avg == 0 ? s : avg + (s - avg) / 8;
     }
-    if (idle && !failed) note_idle_projection();
+    if (idle_ran && !failed) note_idle_projection();
     scratch_free(bias);
     if (failed) throw std::bad_alloc();
     if (j.y_ready) __atomic_store_n(j.y_ready, TT, __ATOMIC_RELEASE);
