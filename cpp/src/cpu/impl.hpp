@@ -2389,23 +2389,24 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int team = idle ? 1 : team_;   // the helper is no member of the recurrence's team
         if (tid == 0) idle_ran = helped;
         PhaseClock clock(tid);
-        // block b of the projection into its ring slot (the recurrence's own path: project below)
-        auto idle_block = [&](int64_t b) {
-            const int64_t hn = idle_nh, q = b * SB, ns = TT - q < SB ? TT - q : SB;
-            const int64_t ta = rev ? TT - q - ns : q;
-            T* gb = idle_ring + (b % IDLE_RING) * SB * B * G * hn;
-            for (int g = 0; g < G; ++g)
-                gemm_pb<T>(ns * B, hn, I, j.x + ta * B * I, I, idle_pki + g * packed_b_size<T>(I, hn), T(0),
-                           gb + g * hn, G * hn, false, 0, false);
+        // the folded biases of the units [u0_, u0_ + n) added to a projected block's ns * B rows
+        auto add_biases = [&](int64_t n, int64_t u0_, int64_t ns, T* gb, int64_t gs_, int64_t ldg_) {
             for (int64_t r = 0; r < ns * B && bias; ++r)
-                for (int g = 0; g < G; ++g) add_row<T>(hn, bias + g * H, gb + r * G * hn + g * hn);
+                for (int g = 0; g < G; ++g) add_row<T>(n, bias + g * H + u0_, gb + r * ldg_ + g * gs_);
         };
-        if (helped && tid == 1) {
+        if (helped && tid == 1) {   // blocks 1, 2, ... into the ring, as project() below would
             await_count(&idle_packed.v, 1);
             if (__atomic_load_n(&idle_packed.v, __ATOMIC_ACQUIRE) < 0) return;
+            const int64_t hn = idle_nh;
             for (int64_t b = 1; b * SB < TT; ++b) {
                 await_count(&idle_used.v, b - IDLE_RING + 1);   // its slot free
-                idle_block(b);
+                const int64_t q = b * SB, ns = TT - q < SB ? TT - q : SB;
+                const int64_t ta = rev ? TT - q - ns : q;
+                T* gb = idle_ring + (b % IDLE_RING) * SB * B * G * hn;
+                for (int g = 0; g < G; ++g)
+                    gemm_pb<T>(ns * B, hn, I, j.x + ta * B * I, I, idle_pki + g * packed_b_size<T>(I, hn), T(0),
+                               gb + g * hn, G * hn, false, 0, false);
+                add_biases(hn, 0, ns, gb, hn, G * hn);
                 __atomic_store_n(&idle_made.v, b + 1, __ATOMIC_RELEASE);
                 clock.mark(PH_FWD_PROJ);
             }
@@ -2657,19 +2658,19 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // I=128 H=256) no difference.
         const bool late = !split;
         auto project = [&](int64_t q) {
-            if (helped && q % SB == 0) {   // the block's slot in the ring, the first projected here
-                const int64_t b = q / SB, ns = TT - q < SB ? TT - q : SB;
-                ta_blk = rev ? TT - q - ns : q;
-                __atomic_store_n(&idle_used.v, b, __ATOMIC_RELEASE);
-                if (b == 0) idle_block(0);
-                else await_count(&idle_made.v, b + 1);
-                gblk = idle_ring + (b % IDLE_RING) * SB * B * G * nh;
-                return;
-            }
             if (fuse && nh > 0 && q % SB == 0) {   // this thread's gate columns, SB steps ahead
                 const int64_t ns = TT - q < SB ? TT - q : SB;
                 const int64_t ta = rev ? TT - q - ns : q;     // first time index of the block
                 ta_blk = ta;
+                if (helped) {   // the block's slot of the ring: the idle core projects all but the first
+                    const int64_t b = q / SB;
+                    __atomic_store_n(&idle_used.v, b, __ATOMIC_RELEASE);
+                    gblk = idle_ring + (b % IDLE_RING) * SB * B * G * nh;
+                    if (b > 0) {
+                        await_count(&idle_made.v, b + 1);
+                        return;
+                    }
+                }
                 await_input(j, ta + ns);   // the layer below has written the block's rows
                 if (blocked) gblk = j.gates + gate_offset(TT, B, GH, G, SB, rev, ta, 0, u0, nh);
                 T* gb = grow(ta, 0);
@@ -2688,9 +2689,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                         gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg,
                                    false, 0, stream);
                     }
-                    for (int64_t r = 0; r < ns * B && bias; ++r)
-                        for (int g = 0; g < G; ++g)
-                            add_row<T>(nh, bias + g * H + u0, gb + r * ldg + g * gs);
+                    add_biases(nh, u0, ns, gb, gs, ldg);
                 } else {
                     gemm_xwt<T>(ns * B, nh, I, j.x + ta * B * I, I, G, j.w.w_ih + u0 * I, H, I,
                                 bias ? bias + u0 : nullptr, H, gb, gs, ldg, xp);
