@@ -685,6 +685,110 @@ def test_projection_on_the_idle_core_without_a_second_thread():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+# The small layers' team of two: H=48 splits at 16 | 32 units in float64 (whole pairs of
+# registers: 24 | 24 would move where the gate passes take one register at a time) and 32 | 16
+# in float32, I=24, the projected LSTM's P=40 at 32 | 8 (float32) and 16 | 24 (float64); the
+# RNN's H=120 at 64 | 56 (at H=48 its step has too few multiply-adds to share).
+TEAM_CELLS = dict(variant_makers(24, 48, 40), rnn=lambda dt: rc.RNN(24, 120, dtype=dt))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(TEAM_CELLS))
+def test_small_layer_on_a_team_of_two(cell, dtype, threads):
+    """A layer whose recurrence runs on one thread (a step under 6e4 multiply-adds) may run on a
+    team of two in inference (the choice by measured time, or forced): every product summed in
+    the one thread's order, so forced on its output and final state are the same bit for bit as
+    forced off (with and without the idle core's projection), as the frozen copy's, and match the
+    reference, at batch 1-4 with lengths and a given entering state; in auto the layer tries it
+    and stays bit-equal; never with one thread, in training, or below 1e4 multiply-adds a step."""
+    rng = np.random.default_rng(6)
+    old = (_core.small_team(), _core.idle_projection())
+    omp = int(rc.info()["openmp"])   # (a build without OpenMP has one thread: never taken)
+    try:
+        layer = TEAM_CELLS[cell](dtype)
+        frozen = layer.frozen()
+        for T, B, lengths in [(9, 1, None), (70, 1, None), (40, 3, [40, 13, 1]), (33, 2, [5, 33]),
+                              (20, 4, None)]:
+            x = rng.standard_normal((T, B, 24)).astype(dtype)
+            st = layer.initial_state(B)
+            st = tuple(rng.standard_normal(s.shape).astype(dtype) for s in st) if isinstance(st, tuple) \
+                else rng.standard_normal(st.shape).astype(dtype)
+            threads(2)
+            _core.set_idle_projection(0)
+            _core.set_small_team(0)
+            runs = _core.small_team_runs()
+            y0, h0 = layer(x, st, lengths=lengths)
+            assert _core.small_team_runs() == runs
+            work = B * {"lstm": 4, "lstm_proj": 4, "gru": 3, "gru_orig": 3, "rnn": 1}[cell] * \
+                layer.hidden_size * (40 if cell == "lstm_proj" else layer.hidden_size)
+            one = work < 6e4                   # (above: a team of two anyway)
+            taken = omp if one and work >= 1e4 else 0   # (below 1e4: too few to share)
+            for idle in (0, 1):
+                _core.set_idle_projection(idle)
+                _core.set_small_team(1)
+                runs = _core.small_team_runs()
+                y1, h1 = layer(x, st, lengths=lengths)
+                yf, hf = frozen(x, st, lengths=lengths)
+                assert _core.small_team_runs() == runs + 2 * taken, (cell, T, B, idle)
+                for a, b in ((y1, y0), (yf, y0), (h1, h0), (hf, h0)):
+                    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                        np.testing.assert_array_equal(u, v)
+            assert_close(y1, ref_forward(layer, x, st, lengths)[0], dtype, f"{cell} T={T} B={B}")
+            _core.set_idle_projection(-1)
+            _core.set_small_team(-1)
+            runs = _core.small_team_runs()
+            for _ in range(4):
+                np.testing.assert_array_equal(layer(x, st, lengths=lengths)[0], y0)
+            if T == 9:   # the layer's first calls in auto: it tries the team (after one thread)
+                assert _core.small_team_runs() >= runs + taken
+            threads(1)
+            _core.set_small_team(1)
+            runs = _core.small_team_runs()
+            y, _ = layer(x, st, lengths=lengths)
+            assert _core.small_team_runs() == runs       # one thread: no team
+            if one:   # (the usual team's split-phase products sum in another order)
+                np.testing.assert_array_equal(y, y0)
+        threads(2)
+        _core.set_small_team(1)
+        runs = _core.small_team_runs()
+        if cell in ("lstm", "rnn"):   # training keeps one thread: its backward reads its forward's layout
+            compare_with_torch(TEAM_CELLS[cell](np.float64), rng.standard_normal((20, 1, 24)), rng=rng)
+        small = rc.RNN(24, 64, dtype=dtype)       # 4096 multiply-adds a step: too few to share
+        small(rng.standard_normal((30, 1, 24)).astype(dtype))
+        assert _core.small_team_runs() == runs
+    finally:
+        _core.set_small_team(old[0])
+        _core.set_idle_projection(old[1])
+    for bad in (-2, 2):
+        with pytest.raises(ValueError, match="mode: expected -1"):
+            _core.set_small_team(bad)
+
+
+def test_small_layer_team_without_a_second_thread():
+    """The team of two forced on, but the OpenMP runtime gives the region one thread
+    (OMP_THREAD_LIMIT=1): the layer runs on the one (no wait for a member that never comes), in a
+    subprocess with a time limit, against the run with the team off."""
+    import subprocess
+    import sys
+    code = textwrap.dedent("""
+        import numpy as np, rnncore as rc
+        from rnncore import _core
+        rc.set_num_threads(2)
+        layer = rc.LSTM(24, 48, seed=3)
+        x = np.random.default_rng(0).standard_normal((40, 1, 24)).astype(np.float32)
+        _core.set_small_team(0)
+        y0 = layer(x)[0]
+        for mode in (1, -1, -1, -1):
+            _core.set_small_team(mode)
+            assert np.array_equal(layer(x)[0], y0)
+        assert _core.small_team_runs() == 0
+        print("ok")
+    """)
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by

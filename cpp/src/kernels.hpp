@@ -34,10 +34,11 @@ struct PackSet {
     bool trusted;                   // the weights never change (a loaded Model): hash the
                                     // layout and the weights' address, not their content
     int64_t packs;                  // slots (re)packed so far (tests and statistics)
-    // The idle core's projection (dir_forward, auto mode): ns per row (x16) of the calls
-    // without (0) and with it (1), moving averages (0: not measured yet), and the calls that chose.
-    int64_t idle_ns[2];
-    int64_t idle_calls;
+    // A small layer's way (dir_forward, auto mode): ns per row (x16) of the calls on one thread
+    // (0), on one thread with the idle core's projection (1) and on a team of two (2, its packed
+    // slices in slot[1] and slot[2]), moving averages (0: not measured yet), and the calls that chose.
+    int64_t few_ns[3];
+    int64_t few_calls;
 };
 
 // One direction of one layer over a whole sequence.
@@ -163,6 +164,8 @@ int threads_for_kernels();   // current thread setting (runtime.cpp)
 bool amx_active();           // the float32 GEMMs may use AMX (dispatch.cpp; cpu/amx.hpp)
 int idle_projection();       // -1 auto, 0 off, 1 on (runtime.cpp; see dir_forward)
 void note_idle_projection(); // counts a call that took it (runtime.cpp)
+int small_team();            // -1 auto, 0 never, 1 always (runtime.cpp; see dir_forward)
+void note_small_team();      // counts a call that ran the team (runtime.cpp)
 // A recurrence whose step has fewer multiply-adds (B G H P) runs on one thread: a team's
 // per-step exchange would cost more than it shares (rec_threads in cpu/impl.hpp; layer.cpp's
 // layer pipeline runs such layers at once instead).

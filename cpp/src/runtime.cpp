@@ -119,6 +119,27 @@ int64_t idle_projection_count = 0;   // __atomic builtins
 int64_t idle_projection_runs() { return __atomic_load_n(&idle_projection_count, __ATOMIC_RELAXED); }
 void note_idle_projection() { __atomic_add_fetch(&idle_projection_count, 1, __ATOMIC_RELAXED); }
 
+namespace {
+std::atomic<int>& small_team_setting() {
+    static std::atomic<int> mode{[] {
+        const char* env = std::getenv("RNNCORE_SMALL_TEAM");
+        if (env && std::string(env) == "0") return 0;
+        if (env && std::string(env) == "1") return 1;
+        return -1;
+    }()};
+    return mode;
+}
+}  // namespace
+int small_team() { return small_team_setting().load(std::memory_order_relaxed); }
+void set_small_team(int mode) {
+    if (mode < -1 || mode > 1)
+        throw std::invalid_argument("mode: expected -1 (auto), 0 (off) or 1 (on), got " + std::to_string(mode));
+    small_team_setting().store(mode, std::memory_order_relaxed);
+}
+int64_t small_team_count = 0;   // __atomic builtins
+int64_t small_team_runs() { return __atomic_load_n(&small_team_count, __ATOMIC_RELAXED); }
+void note_small_team() { __atomic_add_fetch(&small_team_count, 1, __ATOMIC_RELAXED); }
+
 double thread_round_trip_ns(int rounds) {
     if (rounds < 1 || rounds > 10000000)
         throw std::invalid_argument("rounds: expected 1 to 10000000, got " + std::to_string(rounds));

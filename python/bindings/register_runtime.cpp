@@ -40,6 +40,12 @@ void register_runtime(py::module_& m) {
           "Set the idle core's input projection: -1 auto, 0 off, 1 on (where it applies).");
     m.def("idle_projection_runs", &rnncore::idle_projection_runs,
           "Forward calls that projected their input on the idle core since the process started.");
+    m.def("small_team", &rnncore::small_team,
+          "A team of two for the small layers: -1 auto (by measured time), 0 never, 1 always.");
+    m.def("set_small_team", &rnncore::set_small_team, py::arg("mode"),
+          "Set the team of two for the small layers: -1 auto, 0 never, 1 always (where it applies).");
+    m.def("small_team_runs", &rnncore::small_team_runs,
+          "Forward calls of a small layer that ran a team of two since the process started.");
     m.def("layer_pipeline_runs", &rnncore::layer_pipeline_runs,
           "Forward calls (inference or training) of a multi-layer stack that ran its layers at "
           "once (the layer pipeline) since the process started.");

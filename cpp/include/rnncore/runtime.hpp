@@ -76,6 +76,16 @@ int64_t layer_pipeline_runs();
 int idle_projection();
 void set_idle_projection(int mode);
 int64_t idle_projection_runs();
+// A team of two for the small layers (a step under 6e4 multiply-adds, whose recurrence otherwise
+// runs on one thread, inference at up to four batch rows, cpu/impl.hpp): -1 (auto, the default:
+// each layer direction chooses among one thread, one thread with the idle core's projection and
+// a team of two by the measured time of its calls), 0 (never) or 1 (wherever it applies);
+// RNNCORE_SMALL_TEAM=0/1 in the environment sets the start. The team's threads sum every product
+// in the one thread's order: results are the same bit for bit either way. small_team_runs():
+// forward calls that ran such a team since the process started.
+int small_team();
+void set_small_team(int mode);
+int64_t small_team_runs();
 int64_t layer_pipeline_backward_runs();
 
 // The exchange pages of a recurrence team of two (cpu/impl.hpp): {state (0 not measured, 1

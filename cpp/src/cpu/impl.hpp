@@ -461,8 +461,11 @@ inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t ak
 // reverse the panels are visited last to first: alternating the direction step after step
 // ("snake" order) keeps the most recently used part of a weight slice that is a little larger
 // than the cache resident for the next step, instead of evicting everything in LRU order.
-// Groups of fewer than 8 accumulators take KSM sets of them, and the panels left over (fewer
-// than NP) go one at a time with KS sets: at least 8 in all.
+// Groups of fewer than 8 accumulators take KSM sets of them (at least 8 in all), and the panels
+// left over (fewer than NP) go one at a time with as many sets: every column is summed the same
+// way wherever its panel falls, so a team of two's halves of a product are the one thread's bit
+// for bit (the small layer's team, dir_forward_w). (A leftover panel then has as few as 2 x mr
+// chains of FMAs: one panel of a product, at most.)
 constexpr int acc_sets(int accs) { return accs >= 8 ? 1 : (8 + accs - 1) / accs; }   // sets for >= 8
 template <class T, int mr, int NP, class W = T>
 void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, const W* Bp,
@@ -470,7 +473,7 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
     const int nr = NR<T>;
     const int64_t nt = ceil_div(N, nr), ps = (kpanel ? kpanel : K) * nr;
     const int64_t groups = ceil_div(nt, NP);
-    constexpr int KS = acc_sets(2 * mr), KSM = acc_sets(2 * mr * NP);
+    constexpr int KSM = acc_sets(2 * mr * NP);
     for (int64_t gi = 0; gi < groups; ++gi) {
         const int64_t g = reverse ? groups - 1 - gi : gi;
         const int64_t j0 = g * NP;
@@ -480,7 +483,7 @@ void small_rows_n(int64_t N, int64_t K, const T* A, int64_t ars, int64_t aks, co
         }
         for (int64_t j = j0; j < nt && j < j0 + NP; ++j) {
             const int64_t n0 = j * nr, nc = N - n0 < nr ? N - n0 : nr;
-            micro_wide<T, mr, 1, W, KS>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
+            micro_wide<T, mr, 1, W, KSM>(K, A, ars, aks, Bp + j * ps, ps, C + n0, ldc, nc, alpha, beta);
         }
     }
 }
@@ -2313,7 +2316,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     const bool blocked = fuse && !local_g && j.gate_team;
 
     const int want = rec_threads(B, G, H, P);
-    const int nth = j.max_threads > 0 && want > j.max_threads ? j.max_threads : want;
+    const int nth1 = j.max_threads > 0 && want > j.max_threads ? j.max_threads : want;   // (see `duo`)
     // Steps per projected block. A block of the input projection is a burst of dense
     // 512-bit FMAs, and a core that runs such bursts of several microseconds drops to a lower
     // clock (the AVX-512 frequency licence) for the rest of the call and the next; the
@@ -2329,58 +2332,97 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // stay near 3.0 GHz either way: their steps are denser.)
     const int64_t layer_w = ((int64_t)Gk * H * (gru_orig ? H : P) + (gru_orig ? H * H : 0)) * (int64_t)sizeof(W) +
                             (int64_t)G * H * I * (int64_t)sizeof(T);
-    const bool few = local_g && ih_packed && B <= FEW_FUSE_B && split_fits(layer_w / nth);
+    const bool few = local_g && ih_packed && B <= FEW_FUSE_B && split_fits(layer_w / nth1);
     // A layer of the layer pipeline waits for each block of its input: blocks of
     // PIPE_FUSE_ROWS rows let it start sooner (two layers I=32 H=64 T=100 B=1, us, 16 rows /
     // 8 / 4 / 2: LSTM 96.0 / 92.2 / 95.4 / 110.0, GRU H=128 258 / 248 / 250 / 295).
     // So does training's blocked layout where a team of one writes it in time order: it is then
     // the row-major [T, B, G*H] array whatever the block's steps (gate_offset), which the
     // backward reads as such (the layer pipeline runs every layer that way).
-    const bool pipe_blocks = local_g || (blocked && nth == 1 && !rev);
+    const bool pipe_blocks = local_g || (blocked && nth1 == 1 && !rev);
     const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
     const int64_t SB = !fuse ? 0 : (rows + B - 1) / B;
     int failed = 0;
     int xrole = 0;   // the exchange pages (exchange_claim): shared by the team after its barrier
     StepBarrier sbar;
-    // The idle core's projection. Where the recurrence runs on one thread (few multiply-adds a
-    // step) at up to FEW_FUSE_B batch rows, a second thread projects the blocks of input rows
-    // (the same gemm_pb per block: the results are the same bit for bit) into a ring of
-    // IDLE_RING blocks ahead of the recurrence, which projects the first block itself and then
-    // only waits for each block's count. Measured on the Zen 4 machine, I=32 H=64 B=1 T=100,
-    // alternating in one process, with / without: LSTM 0.862-0.884, GRU 0.864-0.887, RNN
-    // 0.905-0.918 in some runs, LSTM 1.01-1.04, GRU 1.013, RNN 1.11-1.17 in others minutes
-    // later: the region's fork and join and the gates crossing cores cost ~3 us a call when the
-    // round trip between the two vCPUs is long (550-900 ns; 64-200 in the good runs), and the
-    // host moves them within seconds. So by default (idle_projection() == -1) each layer
-    // direction chooses by measurement: the moving average of its calls' time per row with and
-    // without it (kept with its packed weights), the other choice tried every IDLE_EXPLORE-th call.
-    constexpr int64_t IDLE_RING = 4, IDLE_EXPLORE = 16;
-    const int idle_mode = idle_projection();
+    // A small layer's way: a layer whose recurrence runs on one thread (few multiply-adds a step,
+    // up to FEW_FUSE_B batch rows) may instead
+    //  - project its input on the idle core: a second thread projects the blocks of input rows
+    //    (the same gemm_pb per block: the results are the same bit for bit) into a ring of
+    //    IDLE_RING blocks ahead of the recurrence, which projects the first block itself and
+    //    then only waits for each block's count; or
+    //  - run on a team of two (inference), each thread holding half of W_hh (in its L1 where
+    //    one thread's whole slice streamed from the L2), meeting at a full barrier every step.
+    //    Without the split phase, whose own-rows-first order would sum the products differently,
+    //    every column of every product is summed in the one thread's order (the same
+    //    micro-kernel and accumulator sets: small_rows_n), so the results are the same bit for
+    //    bit; the team's packed slices are kept in slot[1] and slot[2] beside the one thread's
+    //    slot[0].
+    // Measured on the Zen 4 machine (two vCPUs), T=100 B=1, alternating in one process, against
+    // one thread: the idle core's projection at I=32 H=64 LSTM 0.862-0.884, GRU 0.864-0.887, RNN
+    // 0.905-0.918 in some runs and LSTM 1.01-1.04, GRU 1.013, RNN 1.11-1.17 in others minutes
+    // later; the team of two (with the split phase / without) at I=32 H=64 LSTM 0.76 / 0.84 and
+    // 1.25-1.33 / 1.39-1.52 minutes later, GRU I=64 H=128 0.75 / 0.78, LSTM I=64 H=96 0.82 /
+    // 0.86 (1.07 and 1.02 in other minutes), RNN H=64 1.35 / 1.68: the fork and join and each step's exchange cost a round trip
+    // between the two vCPUs, 64 ns in some periods and 550-900 in others (the host moves them
+    // within seconds). So by default (idle_projection() and small_team() == -1) each layer
+    // direction chooses by measurement: the moving average of its calls' time per row for each
+    // way (kept with its packed weights), another way tried every FEW_EXPLORE-th call (one that
+    // measured r times the best's time only every r-th time its turn comes: a trial then costs
+    // at most about one best call's time, whatever r).
+    // (A step of fewer multiply-adds than DUO_MIN_MACS has too little to share: RNN I=32 H=64
+    // B=1, 4096, ran 1.35-3.7 times as long on the team in every period.)
+    constexpr int64_t IDLE_RING = 4, FEW_EXPLORE = 16;
+    constexpr double DUO_MIN_MACS = 1.0e4;
+    const int idle_mode = idle_projection(), duo_mode = small_team();
 #ifdef _OPENMP
-    const bool idle_fits = idle_mode != 0 && few && nth == 1 && j.max_threads == 0 && !j.x_ready && TT > SB &&
-                           threads_for_kernels() >= 2 && !omp_in_parallel() && (idle_mode == 1 || j.packed);
+    const bool lone = few && nth1 == 1 && j.max_threads == 0 && !j.x_ready && threads_for_kernels() >= 2 &&
+                      !omp_in_parallel();
 #else
-    const bool idle_fits = false;
+    const bool lone = false;
 #endif
-    const bool idle_timed = idle_fits && idle_mode == -1;   // auto: chosen by measurement
-    bool idle = idle_fits && idle_mode == 1;
-    if (idle_timed) {
+    const bool idle_fits = lone && idle_mode != 0 && TT > SB && (idle_mode == 1 || j.packed);
+    const bool duo_fits = lone && duo_mode != 0 && j.infer && H > 2 * VL<T> && (!proj || P > 2 * VL<T>) &&
+                          (double)B * G * H * P >= DUO_MIN_MACS && !amx_active() &&
+                          (duo_mode == 1 || j.packed);
+    const bool few_timed = !(duo_fits && duo_mode == 1) && !(idle_fits && idle_mode == 1) &&
+                           ((idle_fits && idle_mode == -1) || (duo_fits && duo_mode == -1));
+    int way = duo_fits && duo_mode == 1 ? 2 : idle_fits && idle_mode == 1 ? 1 : 0;
+    if (few_timed) {
         PackSet& st = *j.packed;
-        const int64_t c = st.idle_calls++;
-        if (st.idle_ns[1] == 0 || st.idle_ns[0] == 0) {
-            idle = st.idle_ns[1] == 0;   // each choice measured once first
-        } else {
-            const bool best = st.idle_ns[1] < st.idle_ns[0];
-            idle = c % IDLE_EXPLORE == IDLE_EXPLORE - 1 ? !best : best;
+        const int64_t c = st.few_calls++;
+        int ways[3], nw = 0;   // the idle core's projection tried first, then one thread, then two
+        if (idle_fits) ways[nw++] = 1;
+        ways[nw++] = 0;
+        if (duo_fits) ways[nw++] = 2;
+        way = -1;
+        for (int k = 0; k < nw && way < 0; ++k)
+            if (st.few_ns[ways[k]] == 0) way = ways[k];   // each way measured once first
+        if (way < 0) {
+            int best = ways[0];
+            for (int k = 1; k < nw; ++k)
+                if (st.few_ns[ways[k]] < st.few_ns[best]) best = ways[k];
+            way = best;
+            if (c % FEW_EXPLORE == FEW_EXPLORE - 1) {   // the others in turn, one r times slower
+                int others[2], no = 0;                    // tried every r-th turn (r up to 8)
+                for (int k = 0; k < nw; ++k)
+                    if (ways[k] != best) others[no++] = ways[k];
+                const int o = others[(c / FEW_EXPLORE) % no];
+                const int64_t r = std::min<int64_t>(8, st.few_ns[o] / st.few_ns[best]);
+                if ((c / (FEW_EXPLORE * no)) % r == 0) way = o;
+            }
         }
     }
-    const int64_t idle_t0 = idle_timed ? PhaseClock::now() : 0;
+    const bool idle = way == 1, duo = way == 2;
+    const int nth = duo ? 2 : nth1;
+    const int64_t few_t0 = few_timed ? PhaseClock::now() : 0;
     // the helper's shared state: packed (1) or given up (-1); blocks projected; the block the
     // recurrence is in (the ring's slots before it are free); where the recurrence put things
     struct alignas(64) IdleFlag { int64_t v = 0; };
     IdleFlag idle_packed, idle_made, idle_used;
     bool idle_ran = false;    // the helper came (a runtime may give the region fewer threads)
-    bool idle_cold = false;   // the kept slot grew this call: not timed
+    int duo_ran = 0;          // the team of two came
+    bool few_cold = false;    // a kept slot grew this call: not timed
     T* idle_pki = nullptr;
     T* idle_ring = nullptr;
     int64_t idle_nh = 0;
@@ -2388,6 +2430,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const bool helped = idle && team_ == 2;
         const int team = idle ? 1 : team_;   // the helper is no member of the recurrence's team
         if (tid == 0) idle_ran = helped;
+        if (tid == 0) duo_ran = duo && team_ == 2;
+        const int slot0 = duo && team_ == 2 ? 1 : 0;   // the team of two's kept slots: slot[1], slot[2]
         PhaseClock clock(tid);
         // the folded biases of the units [u0_, u0_ + n) added to a projected block's ns * B rows
         auto add_biases = [&](int64_t n, int64_t u0_, int64_t ns, T* gb, int64_t gs_, int64_t ldg_) {
@@ -2415,8 +2459,12 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         sbar.join(team);
         if (tid == 0 && j.gate_team) *j.gate_team = blocked ? team : 0;
         StepBarrier::Local bsense(tid);
-        const Part U = part(H, team, tid, VL<T>);
-        const Part Q = proj ? part(P, team, tid, VL<T>) : U;
+        // (the small layer's team of two splits at whole pairs of registers: the gate passes
+        // take units two registers at a time and the last one or two by one, and where those
+        // fall must not change with the team, or the sums could round differently)
+        const int64_t ua = duo ? 2 * VL<T> : VL<T>;
+        const Part U = part(H, team, tid, ua);
+        const Part Q = proj ? part(P, team, tid, ua) : U;
         const int64_t nh = U.size(), nq = Q.size();
         const int64_t K1 = gru_orig ? H : P;
         const int64_t slice = packed_b_size<T>(K1, Gk * nh);   // elements of the packed W_hh slice
@@ -2463,7 +2511,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         // Split-phase step barrier (see the product below): cells whose step has no barrier
         // but the last, on the packed path, with a W_hh slice that stays in the L2.
         const bool fits = split_fits(slice * (int64_t)sizeof(W) * (amx_hh ? 3 : 2) / 2);
-        const bool split = !small && team > 1 && !gru_orig && !proj && fits;
+        const bool split = !small && team > 1 && !gru_orig && !proj && fits && !duo;
 #ifdef RNNCORE_AMX_GEMM
         const int64_t kb1 = split ? Q.lo : 0, kb2 = split ? Q.lo + nq : K1;
         const int64_t kbe[3] = {amx::packed_b_elems(kb2 - kb1, nh), amx::packed_b_elems(kb1, nh),
@@ -2498,7 +2546,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
                                      local_g ? (idle ? IDLE_RING : 1) * SB * B * G * nh : 0,
                                      std::max(nxa, !ih_packed && nh > 0 ? packed_b_size<T>(I, TT * B < XCH ? TT * B : XCH) : 0)};
-        PackSlot* ps = j.packed && !small && tid < MAX_TEAM ? &j.packed->slot[tid] : nullptr;
+        PackSlot* ps = j.packed && !small && tid + slot0 < MAX_TEAM ? &j.packed->slot[tid + slot0] : nullptr;
         bool fresh = false;
         uint64_t key = 0;
         if (ps) {
@@ -2525,7 +2573,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             for (int64_t n : sizes) need += round16(n);
             need *= (int64_t)sizeof(T);
             fresh = ps->valid && ps->hash == key && ps->bytes >= need;
-            if (ps->bytes < need && tid == 0) idle_cold = true;   // (a repacking is timed: both pay it)
+            if (ps->bytes < need) __atomic_store_n(&few_cold, true, __ATOMIC_RELAXED);   // (a repacking is timed)
             if (!fresh) {
                 ps->valid = false;
                 if (ps->bytes < need) {
@@ -2836,13 +2884,14 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
         clock.mark(PH_FWD_SYNC);
         scratch_free(mem);
     });
-    if (idle_timed && !failed && !idle_cold) {   // the moving average of this choice's time per row (x16)
+    if (few_timed && !failed && !few_cold) {   // the moving average of this way's time per row (x16)
         PackSet& st = *j.packed;
-        const int64_t s = (PhaseClock::now() - idle_t0) * 16 / (TT * B > 0 ? TT * B : 1) + 1;
-        int64_t& avg = st.idle_ns[idle_ran ? 1 : 0];
+        const int64_t s = (PhaseClock::now() - few_t0) * 16 / (TT * B > 0 ? TT * B : 1) + 1;
+        int64_t& avg = st.few_ns[idle_ran ? 1 : duo_ran ? 2 : 0];
         avg = avg == 0 ? s : avg + (s - avg) / 8;
     }
     if (idle_ran && !failed) note_idle_projection();
+    if (duo_ran && !failed) note_small_team();
     scratch_free(bias);
     if (failed) throw std::bad_alloc();
     if (j.y_ready) __atomic_store_n(j.y_ready, TT, __ATOMIC_RELEASE);
