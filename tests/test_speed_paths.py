@@ -789,6 +789,84 @@ def test_small_layer_team_without_a_second_thread():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+SPREAD_CELLS = variant_makers(40, 256, 96)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", sorted(SPREAD_CELLS))
+def test_spread_projection_at_batch_one(cell, dtype, each_isa, threads):
+    """At batch 1 the next block of 16 input rows is projected a panel of W_ih a step beside each
+    step's recurrent product, where the block's panels do not outnumber its steps (the
+    split-phase product's two halves each take half the rows; a team of one, the RNN's or each
+    direction's of a bidirectional layer, takes them in its one sweep; a step without a product,
+    the first from a zero state, projects its panel on its own). Spread or not, the output and final state are the
+    same bit for bit, and match the reference: both directions, T=32 (two whole blocks), 70 (a
+    last block of 6 rows, projected whole) and 100, lengths, an entering state, one and two
+    threads, every ISA; T=31 (under two blocks), Cho's GRU and the projected LSTM do not take
+    it, nor the upper layer of two run at once (the layer pipeline: the next block's rows may
+    not be there yet; a fresh stack, whose lower layer packs first, read them unwritten when it
+    did). The RNN's training forward takes it too (float64 against PyTorch)."""
+    rng = np.random.default_rng(8)
+    old = _core.spread_projection()
+    takes = cell in ("lstm", "gru", "rnn")
+    try:
+        for nth in (2, 1):
+            threads(nth)
+            for bidir in (False, True):
+                layer = {"lstm": lambda dt: rc.LSTM(40, 256, dtype=dt, bidirectional=bidir),
+                         "gru": lambda dt: rc.GRU(40, 256, dtype=dt, bidirectional=bidir),
+                         "rnn": lambda dt: rc.RNN(40, 256, dtype=dt, bidirectional=bidir)}.get(
+                    cell, SPREAD_CELLS[cell])(dtype)
+                for T, lengths, given in [(32, None, False), (70, [64], True), (100, None, False), (31, None, False)]:
+                    x = rng.standard_normal((T, 1, 40)).astype(dtype)
+                    st = None
+                    if given:
+                        st = layer.initial_state(1)
+                        st = tuple(rng.standard_normal(s.shape).astype(dtype) for s in st) \
+                            if isinstance(st, tuple) else rng.standard_normal(st.shape).astype(dtype)
+                    _core.set_spread_projection(False)
+                    runs = _core.spread_projection_runs()
+                    y0, h0 = layer(x, st, lengths=lengths)
+                    assert _core.spread_projection_runs() == runs
+                    _core.set_spread_projection(True)
+                    y1, h1 = layer(x, st, lengths=lengths)
+                    taken = _core.spread_projection_runs() - runs
+                    # (a block's panels of W_ih, G * units / panel width, must not outnumber its
+                    # 16 steps: 4 * 128 / 32 for the LSTM on a team of two with AVX-512 in float32)
+                    if takes and T >= 32 and nth == 2 and not bidir and dtype == np.float32 and \
+                            each_isa.startswith("avx512"):
+                        assert taken > 0, (cell, T)
+                    if not takes or T < 32 or (cell == "lstm" and nth == 1):
+                        assert taken == 0, (cell, T, nth)
+                    if cell == "rnn" and T >= 32 and each_isa.startswith("avx512"):   # 4-16 panels
+                        assert taken > 0, (cell, T, nth, bidir)
+                    np.testing.assert_array_equal(y1, y0)
+                    for u, v in zip(h1 if isinstance(h1, tuple) else (h1,), h0 if isinstance(h0, tuple) else (h0,)):
+                        np.testing.assert_array_equal(u, v)
+                    assert_close(y1, ref_forward(layer, x, st, lengths)[0], dtype,
+                                 f"{cell} T={T} bidirectional={bidir} threads={nth}")
+        threads(2)   # two layers at once (the layer pipeline): the upper one waits for its
+        make = {"lstm": rc.LSTM, "gru": rc.GRU, "rnn": rc.RNN}.get(cell, rc.RNN)
+        x = rng.standard_normal((60, 1, 16)).astype(dtype)   # input rows: it does not take it
+        for k in range(4):   # (a fresh stack's first call: its lower layer packs, the upper runs ahead)
+            stack = make(16, 32, num_layers=2, dtype=dtype, seed=k)
+            st = stack.initial_state(1)
+            st = tuple(rng.standard_normal(s.shape).astype(dtype) for s in st) if isinstance(st, tuple) \
+                else rng.standard_normal(st.shape).astype(dtype)
+            s0 = st if k % 2 else None
+            _core.set_spread_projection(True)
+            y1, _ = stack(x, s0)
+            _core.set_spread_projection(False)
+            np.testing.assert_array_equal(y1, stack(x, s0)[0])
+        _core.set_spread_projection(True)
+        if cell == "rnn" and dtype == np.float64:   # its training forward takes it too
+            runs = _core.spread_projection_runs()
+            compare_with_torch(rc.RNN(40, 256, dtype=dtype), rng.standard_normal((40, 1, 40)), rng=rng)
+            assert _core.spread_projection_runs() > runs or not each_isa.startswith("avx512")
+    finally:
+        _core.set_spread_projection(old)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_projection_in_place_over_blocks_and_training(cell, threads):
     """W_ih in place across several projected blocks (T=70 at batch 1: 64 + 6 rows, the 6 by

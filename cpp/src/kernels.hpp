@@ -164,6 +164,8 @@ int threads_for_kernels();   // current thread setting (runtime.cpp)
 bool amx_active();           // the float32 GEMMs may use AMX (dispatch.cpp; cpu/amx.hpp)
 int idle_projection();       // -1 auto, 0 off, 1 on (runtime.cpp; see dir_forward)
 void note_idle_projection(); // counts a call that took it (runtime.cpp)
+bool spread_projection();    // batch 1: the next block's projection beside the product (runtime.cpp)
+void note_spread_projection();
 int small_team();            // -1 auto, 0 never, 1 always (runtime.cpp; see dir_forward)
 void note_small_team();      // counts a call that ran the team (runtime.cpp)
 // A recurrence whose step has fewer multiply-adds (B G H P) runs on one thread: a team's

@@ -120,6 +120,21 @@ int64_t idle_projection_runs() { return __atomic_load_n(&idle_projection_count, 
 void note_idle_projection() { __atomic_add_fetch(&idle_projection_count, 1, __ATOMIC_RELAXED); }
 
 namespace {
+std::atomic<bool>& spread_setting() {
+    static std::atomic<bool> on{[] {
+        const char* env = std::getenv("RNNCORE_SPREAD_PROJECTION");
+        return !(env && std::string(env) == "0");
+    }()};
+    return on;
+}
+}  // namespace
+bool spread_projection() { return spread_setting().load(std::memory_order_relaxed); }
+void set_spread_projection(bool on) { spread_setting().store(on, std::memory_order_relaxed); }
+int64_t spread_projection_count = 0;   // __atomic builtins
+int64_t spread_projection_runs() { return __atomic_load_n(&spread_projection_count, __ATOMIC_RELAXED); }
+void note_spread_projection() { __atomic_add_fetch(&spread_projection_count, 1, __ATOMIC_RELAXED); }
+
+namespace {
 std::atomic<int>& small_team_setting() {
     static std::atomic<int> mode{[] {
         const char* env = std::getenv("RNNCORE_SMALL_TEAM");

@@ -40,6 +40,13 @@ void register_runtime(py::module_& m) {
           "Set the idle core's input projection: -1 auto, 0 off, 1 on (where it applies).");
     m.def("idle_projection_runs", &rnncore::idle_projection_runs,
           "Forward calls that projected their input on the idle core since the process started.");
+    m.def("spread_projection", &rnncore::spread_projection,
+          "Batch 1: whether the next block's input projection runs beside each step's product.");
+    m.def("set_spread_projection", &rnncore::set_spread_projection, py::arg("on"),
+          "Batch 1: the next block's input projection beside each step's product (True, the "
+          "default) or a block at a time (False); the results are the same bit for bit.");
+    m.def("spread_projection_runs", &rnncore::spread_projection_runs,
+          "Forward calls (a count per layer direction's thread) that spread the projection.");
     m.def("small_team", &rnncore::small_team,
           "A team of two for the small layers: -1 auto (by measured time), 0 never, 1 always.");
     m.def("set_small_team", &rnncore::set_small_team, py::arg("mode"),

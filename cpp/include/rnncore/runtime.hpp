@@ -76,6 +76,14 @@ int64_t layer_pipeline_runs();
 int idle_projection();
 void set_idle_projection(int mode);
 int64_t idle_projection_runs();
+// Batch 1: the next block of input rows projected a panel of W_ih at a time beside each step's
+// recurrent product (its FMAs run while the product waits for W_hh from the L2), on by default;
+// RNNCORE_SPREAD_PROJECTION=0 in the environment switches it off from the start. The results
+// are the same bit for bit either way. spread_projection_runs(): forward calls that took it
+// (one a layer direction's thread) since the process started.
+bool spread_projection();
+void set_spread_projection(bool on);
+int64_t spread_projection_runs();
 // A team of two for the small layers (a step under 6e4 multiply-adds, whose recurrence otherwise
 // runs on one thread, inference at up to four batch rows, cpu/impl.hpp): -1 (auto, the default:
 // each layer direction chooses among one thread, one thread with the idle core's projection and
