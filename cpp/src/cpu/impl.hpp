@@ -532,38 +532,50 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
 
 // The batch-1 per-step product (small_rows with one row: the same kernel, the same sums) with a
 // piece of the next block's input projection beside it: pc.rows rows of x (I columns, ldx apart)
-// against one packed panel of W_ih (I x NR), into pc.out (ldo apart), PIECE_ROWS rows at a
-// time, one k-step of the projection every SR k-steps of the product (the product streams W_hh
+// against consecutive packed panels of W_ih (I x NR each), into pc.out (ldo apart, a panel's NR
+// columns after the last's), in tiles of PIECE_ROWS rows of one panel, tiles [t0, t1) of the
+// piece (panel by panel), one k-step of the projection every SR k-steps of the product (the product streams W_hh
 // from the L2 at about half the FMA rate: the projection's FMAs fill the other half), W_ih's
 // panel rows prefetched PIECE_PF k-steps ahead (behind the product's stream of fills they miss
 // the L1 otherwise). What the product's sweep leaves undone is finished after it. Each column of
 // the piece is one chain of FMAs over k in order, as in gemm_pb: the same sums.
 constexpr int PIECE_ROWS = 8, PIECE_PF = 2;
+constexpr int64_t SPREAD_PER_STEP = 4;   // the most panels a step (dir_forward_w's `spread`)
 template <class T> struct Piece {
     const T* x;
     int64_t ldx, I, rows;   // rows: a multiple of PIECE_ROWS
-    const T* w;             // the packed panel of W_ih
+    const T* w;             // the first packed panel of W_ih
+    int64_t panels;
     T* out;
     int64_t ldo;
+    int64_t tiles() const { return panels * (rows / PIECE_ROWS); }
 };
 template <class T, class W>
 void product_with_piece(int64_t N, int64_t K, const T* A, const W* Bp, T beta, T* C, int64_t ldc, bool reverse,
-                        int64_t kpanel, const Piece<T>& pc) {
+                        int64_t kpanel, const Piece<T>& pc, int64_t t0, int64_t t1) {
     typedef typename Vec<T>::type V;
     constexpr int L = VL<T>, NP = VB >= 64 ? 2 : 4;   // small_rows' pairs (quads) of panels at one row
     V pa[PIECE_ROWS][2];
-    int64_t r0 = 0, kp = 0;
-    auto clear = [&] {
+    const int64_t rt = pc.rows / PIECE_ROWS;   // tiles a panel
+    int64_t ti = t0, kp = 0;
+    const T* wp = nullptr;   // the tile's panel, rows and output
+    const T* xp = nullptr;
+    T* op = nullptr;
+    auto start = [&] {
         for (int r = 0; r < PIECE_ROWS; ++r) pa[r][0] = pa[r][1] = V{};
+        const int64_t pp = ti / rt, r0 = ti % rt * PIECE_ROWS;
+        wp = pc.w + pp * pc.I * 2 * L;
+        xp = pc.x + r0 * pc.ldx;
+        op = pc.out + pp * 2 * L + r0 * pc.ldo;
     };
     auto kstep = [&]() __attribute__((always_inline)) {
-        const T* wr = pc.w + kp * 2 * L;
+        const T* wr = wp + kp * 2 * L;
         __builtin_prefetch(wr + PIECE_PF * 2 * L);
         __builtin_prefetch(wr + PIECE_PF * 2 * L + L);
         V w0, w1;
         std::memcpy(&w0, wr, sizeof w0);
         std::memcpy(&w1, wr + L, sizeof w1);
-        const T* xr = pc.x + r0 * pc.ldx + kp;
+        const T* xr = xp + kp;
         for (int r = 0; r < PIECE_ROWS; ++r) {
             const T xv = xr[r * pc.ldx];
             pa[r][0] += xv * w0;
@@ -571,24 +583,23 @@ void product_with_piece(int64_t N, int64_t K, const T* A, const W* Bp, T beta, T
         }
         if (++kp == pc.I) {   // the tile's rows done
             for (int r = 0; r < PIECE_ROWS; ++r) {
-                std::memcpy(pc.out + (r0 + r) * pc.ldo, &pa[r][0], sizeof(V));
-                std::memcpy(pc.out + (r0 + r) * pc.ldo + L, &pa[r][1], sizeof(V));
+                std::memcpy(op + r * pc.ldo, &pa[r][0], sizeof(V));
+                std::memcpy(op + r * pc.ldo + L, &pa[r][1], sizeof(V));
             }
-            r0 += PIECE_ROWS;
             kp = 0;
-            clear();
+            if (++ti < t1) start();
         }
     };
-    auto side = [&]() __attribute__((always_inline)) { if (r0 < pc.rows) kstep(); };
-    clear();
-    const int64_t steps = N / (NP * NR<T>) * K, need = pc.rows * pc.I / PIECE_ROWS;
+    auto side = [&]() __attribute__((always_inline)) { if (ti < t1) kstep(); };
+    if (ti < t1) start();
+    const int64_t steps = N / (NP * NR<T>) * K, need = (t1 - t0) * pc.I;
     if (steps >= 8 * need)
         small_rows_n<T, 1, NP, W, 8>(N, K, A, 1, 1, Bp, T(1), beta, C, ldc, reverse, kpanel, side);
     else if (steps >= 4 * need)
         small_rows_n<T, 1, NP, W, 4>(N, K, A, 1, 1, Bp, T(1), beta, C, ldc, reverse, kpanel, side);
     else
         small_rows_n<T, 1, NP, W, 2>(N, K, A, 1, 1, Bp, T(1), beta, C, ldc, reverse, kpanel, side);
-    while (r0 < pc.rows) kstep();
+    while (ti < t1) kstep();
 }
 
 // micro<T, mr, inplace> for a run-time row count mr (1..MR).
@@ -742,10 +753,12 @@ inline uint64_t content_hash(const void* data, int64_t bytes, uint64_t seed) {
 template <class T, class W = T>
 inline void gemm_pb(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const W* Bp,
                     T beta, T* C, int64_t ldc, bool reverse = false, int64_t kpanel = 0,
-                    bool stream = false) {
+                    bool stream = false, bool tiles = false) {
     // kpanel: rows of each packed panel when only K of them are used (a part of the inner
-    // dimension: Bp and A then point at its first row and column)
-    if (M <= SMALL_ROWS) {
+    // dimension: Bp and A then point at its first row and column). tiles: few rows through the
+    // row tiles too (the input projection's blocks: one chain of FMAs a column whatever the
+    // block's rows, where small_rows sums a single row's k in two sets)
+    if (M <= SMALL_ROWS && !tiles) {
         small_rows<T>(M, N, K, A, lda, 1, Bp, T(1), beta, C, ldc, reverse, kpanel);
         return;
     }
@@ -2413,7 +2426,12 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // the row-major [T, B, G*H] array whatever the block's steps (gate_offset), which the
     // backward reads as such (the layer pipeline runs every layer that way).
     const bool pipe_blocks = local_g || (blocked && nth1 == 1 && !rev);
-    const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few ? FEW_FUSE_ROWS : FUSE_ROWS;
+    // (batch 1 with the projection spread over the steps, dir_forward_w's `spread`, where W_ih's
+    // slice is re-read from the L3 at most: blocks of FEW_FUSE_ROWS too)
+    const bool spread_on = spread_projection();   // (see `spread` below)
+    const bool few_rows = few || (spread_on && B == 1 && local_g && ih_packed && !j.x_ready &&
+                                  (int64_t)G * H * I * (int64_t)sizeof(T) <= nth1 * l2_cache_bytes() / 2);
+    const int64_t rows = j.x_ready && pipe_blocks ? PIPE_FUSE_ROWS : few_rows ? FEW_FUSE_ROWS : FUSE_ROWS;
     const int64_t SB = !fuse ? 0 : (rows + B - 1) / B;
     int failed = 0;
     int xrole = 0;   // the exchange pages (exchange_claim): shared by the team after its barrier
@@ -2448,7 +2466,6 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     constexpr int64_t IDLE_RING = 4, FEW_EXPLORE = 16;
     constexpr double DUO_MIN_MACS = 1.0e4;
     const int idle_mode = idle_projection(), duo_mode = small_team();
-    const bool spread_on = spread_projection();   // (see `spread` below)
 #ifdef _OPENMP
     const bool lone = few && nth1 == 1 && j.max_threads == 0 && !j.x_ready && threads_for_kernels() >= 2 &&
                       !omp_in_parallel();
@@ -2523,7 +2540,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                 T* gb = idle_ring + (b % IDLE_RING) * SB * B * G * hn;
                 for (int g = 0; g < G; ++g)
                     gemm_pb<T>(ns * B, hn, I, j.x + ta * B * I, I, idle_pki + g * packed_b_size<T>(I, hn), T(0),
-                               gb + g * hn, G * hn, false, 0, false);
+                               gb + g * hn, G * hn, false, 0, false, true);
                 add_biases(hn, 0, ns, gb, hn, G * hn);
                 __atomic_store_n(&idle_made.v, b + 1, __ATOMIC_RELEASE);
                 clock.mark(PH_FWD_PROJ);
@@ -2616,16 +2633,18 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
 #endif
         // The thread's packed weights exceed its L2: they come from the L3 every step (gemm_pb)
         const bool stream = !small && !split_fits((wt(npk) + wt(npn) + wt(npr) + G * npi1) * (int64_t)sizeof(T));
-        // The next block's projection spread over the block's steps, a panel of W_ih a step, beside
-        // the batch-1 product (product_with_piece): blocks in two slots, the one in use and the next.
-        // The projection's FMAs then run while the product waits for W_hh from the L2 instead of
-        // after it. One process, alternating rounds, spread / whole blocks (T=100 B=1 I=128 H=256,
-        // Zen 4, two threads): LSTM 0.92, GRU 0.93, RNN 0.95; I=64 H=128 LSTM 0.965, GRU 0.97.
-        // The same sums as the whole block's gemm_pb: the results are the same bit for bit.
+        // The next block's projection spread over the block's steps, up to SPREAD_PER_STEP panels
+        // of W_ih a step, beside the batch-1 product (product_with_piece): blocks in two slots, the
+        // one in use and the next. The projection's FMAs then run while the product waits for W_hh
+        // from the L2 instead of after it. One process, alternating rounds, spread / whole blocks
+        // (T=100 B=1 I=128 H=256, Zen 4): two threads LSTM 0.92-0.95, GRU 0.93, RNN 0.95; one
+        // thread LSTM 0.93, GRU 0.93; I=64 H=128 LSTM 0.965, GRU 0.97. The same sums as the whole
+        // block's gemm_pb (row tiles): the results are the same bit for bit.
         const int64_t ppg = nh / NR<T>;   // panels a gate
+        const int64_t per = ceil_div(G * ppg, SB > 0 ? SB : 1);   // panels a step
         const bool spread = spread_on && local_g && ih_packed && B == 1 && !idle && !amx_ih &&
                             same_type<W, T>::value && !small && !inplace && !amx_hh && !gru_orig && !proj &&
-                            nh > 0 && nh % NR<T> == 0 && G * ppg <= SB && TT >= 2 * SB &&
+                            nh > 0 && nh % NR<T> == 0 && per <= SPREAD_PER_STEP && TT >= 2 * SB &&
                             !j.x_ready;   // (the layer pipeline: the next block's rows may not be there yet)
         constexpr int BUFN = 8;
         const int64_t sizes[BUFN] = {wt(npk), B * Gk * nh, wt(npn), gru_orig ? B * nh : 0, wt(npr), G * npi1,
@@ -2825,7 +2844,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                         }
 #endif
                         gemm_pb<T>(ns * B, nh, I, j.x + ta * B * I, I, pki + g * npi1, T(0), gb + g * gs, ldg,
-                                   false, 0, stream);
+                                   false, 0, stream, true);
                     }
                     add_biases(nh, u0, ns, gb, gs, ldg);
                 } else {
@@ -2852,11 +2871,12 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             Piece<T> piece_at{};
             const Piece<T>* piece = nullptr;
             bool piece_done = false;
-            if (spread && q % SB < G * ppg && (q / SB + 2) * SB <= TT) {
-                const int64_t p = q % SB, qn = (q / SB + 1) * SB, tn = rev ? TT - qn - SB : qn;
-                const int g = (int)(p / ppg);
-                piece_at = {j.x + tn * B * I, I, I, SB * B, pki + g * npi1 + (p % ppg) * I * NR<T>,
-                            gbase + ((q / SB + 1) & 1) * SB * B * G * nh + g * nh + (p % ppg) * NR<T>, G * nh};
+            if (spread && q % SB * per < G * ppg && (q / SB + 2) * SB <= TT) {
+                // (W_ih's packed panels and the block's columns run gate after gate: panel p at
+                // pki + p I NR, its columns at p NR)
+                const int64_t p0 = q % SB * per, qn = (q / SB + 1) * SB, tn = rev ? TT - qn - SB : qn;
+                piece_at = {j.x + tn * B * I, I, I, SB * B, pki + p0 * I * NR<T>, std::min(per, G * ppg - p0),
+                            gbase + ((q / SB + 1) & 1) * SB * B * G * nh + p0 * NR<T>, G * nh};
                 piece = &piece_at;
             }
             if (nh > 0 && zero_h) {
@@ -2885,27 +2905,25 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                     block(kbe[0] + kbe[1], kb2, K1 - kb2, true);
                 }
 #endif
-            } else if (nh > 0 && piece && split && q > 0) {   // as split_product, a half of the piece a phase
-                Piece<T> half = *piece;
-                half.rows = piece->rows / 2;
-                product_with_piece<T, W>(Gk * nh, nq, hprev + Q.lo, pk + Q.lo * NR<T>, T(0), hh, Gk * nh, q & 1, K1, half);
+            } else if (nh > 0 && piece && split && q > 0) {   // as split_product, half the tiles a phase
+                const int64_t nt = piece->tiles(), mid = nt / 2;
+                product_with_piece<T, W>(Gk * nh, nq, hprev + Q.lo, pk + Q.lo * NR<T>, T(0), hh, Gk * nh, q & 1, K1,
+                                         *piece, 0, mid);
                 sbar.await(bsense);
-                half.x += half.rows * half.ldx;
-                half.out += half.rows * half.ldo;
                 bool give = true;   // the second half to the first of the gaps
                 if (Q.lo > 0) {
-                    product_with_piece<T, W>(Gk * nh, Q.lo, hprev, pk, T(1), hh, Gk * nh, q & 1, K1, half);
+                    product_with_piece<T, W>(Gk * nh, Q.lo, hprev, pk, T(1), hh, Gk * nh, q & 1, K1, *piece, mid, nt);
                     give = false;
                 }
                 if (Q.lo + nq < K1 && give)
                     product_with_piece<T, W>(Gk * nh, K1 - Q.lo - nq, hprev + Q.lo + nq, pk + (Q.lo + nq) * NR<T>, T(1),
-                                          hh, Gk * nh, q & 1, K1, half);
+                                             hh, Gk * nh, q & 1, K1, *piece, mid, nt);
                 else if (Q.lo + nq < K1)
                     gemm_pb<T>(B, Gk * nh, K1 - Q.lo - nq, hprev + Q.lo + nq, P, pk + (Q.lo + nq) * NR<T>, T(1), hh,
                                Gk * nh, q & 1, K1);
                 piece_done = true;
             } else if (nh > 0 && piece) {
-                product_with_piece<T, W>(Gk * nh, K1, hprev, pk, T(0), hh, Gk * nh, q & 1, 0, *piece);
+                product_with_piece<T, W>(Gk * nh, K1, hprev, pk, T(0), hh, Gk * nh, q & 1, 0, *piece, 0, piece->tiles());
                 piece_done = true;
             } else if (nh > 0 && split && q > 0) {
                 // The previous step's barrier was only arrived at: first the part of the
@@ -2920,9 +2938,12 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             }
             if (piece) {   // (a step without the product: on its own) and the piece's biases
                 if (!piece_done)
-                    gemm_pb<T>(piece->rows, NR<T>, I, piece->x, I, piece->w, T(0), piece->out, piece->ldo);
-                const int64_t c0 = (q % SB) / ppg * H + u0 + (q % SB) % ppg * NR<T>;
-                for (int64_t r = 0; r < piece->rows && bias; ++r) add_row<T>(NR<T>, bias + c0, piece->out + r * piece->ldo);
+                    gemm_pb<T>(piece->rows, piece->panels * NR<T>, I, piece->x, I, piece->w, T(0), piece->out, piece->ldo);
+                for (int64_t pp = 0; pp < piece->panels && bias; ++pp) {
+                    const int64_t p = q % SB * per + pp, c0 = p / ppg * H + u0 + p % ppg * NR<T>;
+                    for (int64_t r = 0; r < piece->rows; ++r)
+                        add_row<T>(NR<T>, bias + c0, piece->out + r * piece->ldo + pp * NR<T>);
+                }
             }
             clock.mark(PH_FWD_PRODUCT);   // with the split phase, its wait for the others
             if (late) { project(q); clock.mark(PH_FWD_PROJ); }
