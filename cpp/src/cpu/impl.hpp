@@ -410,7 +410,7 @@ RNNCORE_UNROLL_ROWS
 // A is read in place: element (r, k) at a[r * ars + k * aks] (packed: ars = 1, aks = MR;
 // a plain row-major matrix: ars = lda, aks = 1), so small batches need no packing.
 // With SR > 0, side() runs after every SR steps of k (the batch-1 product's companion: a k-step
-// of the next block's input projection, spread_piece below); the sums are the same.
+// of the next block's input projection, product_with_piece below); the sums are the same.
 struct NoSide { void operator()() const {} };
 template <class T, int mr, int NP, class W = T, int KS = 1, int SR = 0, class Side = NoSide>
 inline void micro_wide(int64_t K, const T* __restrict a, int64_t ars, int64_t aks,
@@ -531,14 +531,15 @@ void small_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_
 }
 
 // The batch-1 per-step product (small_rows with one row: the same kernel, the same sums) with a
-// piece of the next block's input projection beside it: pc.rows rows of x (I columns, ldx apart)
-// against consecutive packed panels of W_ih (I x NR each), into pc.out (ldo apart, a panel's NR
-// columns after the last's), in tiles of PIECE_ROWS rows of one panel, tiles [t0, t1) of the
-// piece (panel by panel), one k-step of the projection every SR k-steps of the product (the product streams W_hh
-// from the L2 at about half the FMA rate: the projection's FMAs fill the other half), W_ih's
-// panel rows prefetched PIECE_PF k-steps ahead (behind the product's stream of fills they miss
-// the L1 otherwise). What the product's sweep leaves undone is finished after it. Each column of
-// the piece is one chain of FMAs over k in order, as in gemm_pb: the same sums.
+// piece of the next block's input projection beside it: pc.rows rows of x (I columns, ldx
+// apart) against consecutive packed panels of W_ih (I x NR each), into pc.out (ldo apart, a
+// panel's NR columns after the last's), in tiles of PIECE_ROWS rows of one panel, the tiles
+// [t0, t1) of the piece (panel by panel), one k-step of the projection every SR k-steps of the
+// product (the product streams W_hh from the L2 at about half the FMA rate: the projection's
+// FMAs fill the other half), W_ih's panel rows prefetched PIECE_PF k-steps ahead (behind the
+// product's stream of fills they miss the L1 otherwise). What the product's sweep leaves undone
+// is finished after it. Each column of the piece is one chain of FMAs over k in order, as in
+// gemm_pb's row tiles: the same sums.
 constexpr int PIECE_ROWS = 8, PIECE_PF = 2;
 constexpr int64_t SPREAD_PER_STEP = 4;   // the most panels a step (dir_forward_w's `spread`)
 template <class T> struct Piece {
@@ -2454,9 +2455,9 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // 0.905-0.918 in some runs and LSTM 1.01-1.04, GRU 1.013, RNN 1.11-1.17 in others minutes
     // later; the team of two (with the split phase / without) at I=32 H=64 LSTM 0.76 / 0.84 and
     // 1.25-1.33 / 1.39-1.52 minutes later, GRU I=64 H=128 0.75 / 0.78, LSTM I=64 H=96 0.82 /
-    // 0.86 (1.07 and 1.02 in other minutes), RNN H=64 1.35 / 1.68: the fork and join and each step's exchange cost a round trip
-    // between the two vCPUs, 64 ns in some periods and 550-900 in others (the host moves them
-    // within seconds). So by default (idle_projection() and small_team() == -1) each layer
+    // 0.86 (1.07 and 1.02 in other minutes), RNN H=64 1.35 / 1.68: the fork and join and each
+    // step's exchange cost a round trip between the two vCPUs, 64 ns in some periods and
+    // 550-900 in others (the host moves them within seconds). So by default (idle_projection() and small_team() == -1) each layer
     // direction chooses by measurement: the moving average of its calls' time per row for each
     // way (kept with its packed weights), another way tried every FEW_EXPLORE-th call (one that
     // measured r times the best's time only every r-th time its turn comes: a trial then costs
