@@ -660,24 +660,26 @@ def test_projection_on_the_idle_core(cell, dtype, threads):
             _core.set_idle_projection(bad)
 
 
-def test_projection_on_the_idle_core_without_a_second_thread():
+@pytest.mark.parametrize("way, H", [("idle_projection", 40), ("small_team", 64)])
+def test_second_thread_asked_for_but_not_given(way, H):
     """Two threads set, but the OpenMP runtime gives the region one (OMP_THREAD_LIMIT=1): the
-    recurrence projects every block itself (no wait for a helper that never comes), in a
-    subprocess with a time limit, against the run with the helper off."""
+    idle core's projection or the small layer's team of two, forced on or in auto, runs on the
+    one thread (the recurrence projects every block itself, no wait for a helper or a member
+    that never comes), in a subprocess with a time limit, against the run with it off."""
     import subprocess
     import sys
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import numpy as np, rnncore as rc
         from rnncore import _core
         rc.set_num_threads(2)
-        layer = rc.LSTM(24, 40, seed=3)
-        x = np.random.default_rng(0).standard_normal((70, 2, 24)).astype(np.float32)
-        _core.set_idle_projection(0)
+        layer = rc.LSTM(24, {H}, seed=3)
+        x = np.random.default_rng(0).standard_normal((70, 1, 24)).astype(np.float32)
+        _core.set_{way}(0)
         y0 = layer(x)[0]
         for mode in (1, -1, -1, -1):
-            _core.set_idle_projection(mode)
+            _core.set_{way}(mode)
             assert np.array_equal(layer(x)[0], y0)
-        assert _core.idle_projection_runs() == 0
+        assert _core.{way}_runs() == 0
         print("ok")
     """)
     env = dict(os.environ, OMP_THREAD_LIMIT="1")
@@ -762,31 +764,6 @@ def test_small_layer_on_a_team_of_two(cell, dtype, threads):
     for bad in (-2, 2):
         with pytest.raises(ValueError, match="mode: expected -1"):
             _core.set_small_team(bad)
-
-
-def test_small_layer_team_without_a_second_thread():
-    """The team of two forced on, but the OpenMP runtime gives the region one thread
-    (OMP_THREAD_LIMIT=1): the layer runs on the one (no wait for a member that never comes), in a
-    subprocess with a time limit, against the run with the team off."""
-    import subprocess
-    import sys
-    code = textwrap.dedent("""
-        import numpy as np, rnncore as rc
-        from rnncore import _core
-        rc.set_num_threads(2)
-        layer = rc.LSTM(24, 48, seed=3)
-        x = np.random.default_rng(0).standard_normal((40, 1, 24)).astype(np.float32)
-        _core.set_small_team(0)
-        y0 = layer(x)[0]
-        for mode in (1, -1, -1, -1):
-            _core.set_small_team(mode)
-            assert np.array_equal(layer(x)[0], y0)
-        assert _core.small_team_runs() == 0
-        print("ok")
-    """)
-    env = dict(os.environ, OMP_THREAD_LIMIT="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 SPREAD_CELLS = variant_makers(40, 256, 96)

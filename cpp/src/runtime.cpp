@@ -99,61 +99,40 @@ double read_bandwidth(int64_t bytes, int reps) {
 }
 
 namespace {
-std::atomic<int>& idle_setting() {
-    static std::atomic<int> mode{[] {
-        const char* env = std::getenv("RNNCORE_IDLE_PROJECTION");
-        if (env && std::string(env) == "0") return 0;
-        if (env && std::string(env) == "1") return 1;
-        return -1;
-    }()};
-    return mode;
-}
+// A kernel switch: its mode from the environment at its first use ("0" or "1", else `dflt`),
+// then from its setter, and the calls that took it (for tests and profiling).
+struct Switch {
+    std::atomic<int> mode;
+    int64_t runs = 0;   // __atomic builtins
+    Switch(const char* env, int dflt) {
+        const char* e = std::getenv(env);
+        mode = e && std::string(e) == "0" ? 0 : e && std::string(e) == "1" ? 1 : dflt;
+    }
+    int get() const { return mode.load(std::memory_order_relaxed); }
+    void set(int m) {
+        if (m < -1 || m > 1)
+            throw std::invalid_argument("mode: expected -1 (auto), 0 (off) or 1 (on), got " + std::to_string(m));
+        mode.store(m, std::memory_order_relaxed);
+    }
+    int64_t count() { return __atomic_load_n(&runs, __ATOMIC_RELAXED); }
+    void note() { __atomic_add_fetch(&runs, 1, __ATOMIC_RELAXED); }
+};
+Switch& idle_switch() { static Switch s("RNNCORE_IDLE_PROJECTION", -1); return s; }
+Switch& spread_switch() { static Switch s("RNNCORE_SPREAD_PROJECTION", 1); return s; }
+Switch& team_switch() { static Switch s("RNNCORE_SMALL_TEAM", -1); return s; }
 }  // namespace
-int idle_projection() { return idle_setting().load(std::memory_order_relaxed); }
-void set_idle_projection(int mode) {
-    if (mode < -1 || mode > 1)
-        throw std::invalid_argument("mode: expected -1 (auto), 0 (off) or 1 (on), got " + std::to_string(mode));
-    idle_setting().store(mode, std::memory_order_relaxed);
-}
-int64_t idle_projection_count = 0;   // __atomic builtins
-int64_t idle_projection_runs() { return __atomic_load_n(&idle_projection_count, __ATOMIC_RELAXED); }
-void note_idle_projection() { __atomic_add_fetch(&idle_projection_count, 1, __ATOMIC_RELAXED); }
-
-namespace {
-std::atomic<bool>& spread_setting() {
-    static std::atomic<bool> on{[] {
-        const char* env = std::getenv("RNNCORE_SPREAD_PROJECTION");
-        return !(env && std::string(env) == "0");
-    }()};
-    return on;
-}
-}  // namespace
-bool spread_projection() { return spread_setting().load(std::memory_order_relaxed); }
-void set_spread_projection(bool on) { spread_setting().store(on, std::memory_order_relaxed); }
-int64_t spread_projection_count = 0;   // __atomic builtins
-int64_t spread_projection_runs() { return __atomic_load_n(&spread_projection_count, __ATOMIC_RELAXED); }
-void note_spread_projection() { __atomic_add_fetch(&spread_projection_count, 1, __ATOMIC_RELAXED); }
-
-namespace {
-std::atomic<int>& small_team_setting() {
-    static std::atomic<int> mode{[] {
-        const char* env = std::getenv("RNNCORE_SMALL_TEAM");
-        if (env && std::string(env) == "0") return 0;
-        if (env && std::string(env) == "1") return 1;
-        return -1;
-    }()};
-    return mode;
-}
-}  // namespace
-int small_team() { return small_team_setting().load(std::memory_order_relaxed); }
-void set_small_team(int mode) {
-    if (mode < -1 || mode > 1)
-        throw std::invalid_argument("mode: expected -1 (auto), 0 (off) or 1 (on), got " + std::to_string(mode));
-    small_team_setting().store(mode, std::memory_order_relaxed);
-}
-int64_t small_team_count = 0;   // __atomic builtins
-int64_t small_team_runs() { return __atomic_load_n(&small_team_count, __ATOMIC_RELAXED); }
-void note_small_team() { __atomic_add_fetch(&small_team_count, 1, __ATOMIC_RELAXED); }
+int idle_projection() { return idle_switch().get(); }
+void set_idle_projection(int mode) { idle_switch().set(mode); }
+int64_t idle_projection_runs() { return idle_switch().count(); }
+void note_idle_projection() { idle_switch().note(); }
+bool spread_projection() { return spread_switch().get() != 0; }
+void set_spread_projection(bool on) { spread_switch().set(on ? 1 : 0); }
+int64_t spread_projection_runs() { return spread_switch().count(); }
+void note_spread_projection() { spread_switch().note(); }
+int small_team() { return team_switch().get(); }
+void set_small_team(int mode) { team_switch().set(mode); }
+int64_t small_team_runs() { return team_switch().count(); }
+void note_small_team() { team_switch().note(); }
 
 double thread_round_trip_ns(int rounds) {
     if (rounds < 1 || rounds > 10000000)
