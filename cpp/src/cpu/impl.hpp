@@ -806,19 +806,20 @@ inline bool split_fits(int64_t bytes) { return bytes * 4 <= l2_cache_bytes() * 3
 // [g gl + lo, g gl + lo + n) of every group (the part of A this thread wrote itself), then,
 // after wait() (the others' parts are complete), over the groups' remaining rows. Columns of
 // A from k2 on are read from A2 (same layout: the reset-after GRU's dgh, whose other columns
-// equal dgx's and are not stored).
-template <class T, class W, class Wait>
+// equal dgx's and are not stored). Each part of the product goes through prod(kk, a, bp, beta):
+// C (+)= kk columns of A from a times kk rows of the packed panels from bp (gemm_pb by default).
+template <class T, class W, class Wait, class Prod>
 void split_product(int64_t M, int64_t N, int groups, int64_t gl, int64_t lo, int64_t n, const T* A,
                    const T* A2, int64_t k2, int64_t lda, const W* Bp, T* C, int64_t ldc, bool reverse,
-                   Wait&& wait) {
+                   Wait&& wait, Prod&& prod) {
     const int64_t nr = NR<T>, K = groups * gl;
     auto seg = [&](int64_t k0, int64_t k1, T beta) {   // the rows [k0, k1), split at k2
         if (k0 < k2 && k1 > k2) {
-            gemm_pb<T>(M, N, k2 - k0, A + k0, lda, Bp + k0 * nr, beta, C, ldc, reverse, K);
+            prod(k2 - k0, A + k0, Bp + k0 * nr, beta);
             k0 = k2;
             beta = T(1);
         }
-        gemm_pb<T>(M, N, k1 - k0, (k0 < k2 ? A : A2) + k0, lda, Bp + k0 * nr, beta, C, ldc, reverse, K);
+        prod(k1 - k0, (k0 < k2 ? A : A2) + k0, Bp + k0 * nr, beta);
     };
     for (int g = 0; g < groups; ++g) seg(g * gl + lo, g * gl + lo + n, T(g > 0));
     wait();
@@ -827,6 +828,15 @@ void split_product(int64_t M, int64_t N, int groups, int64_t gl, int64_t lo, int
         const int64_t k1 = g == groups ? K : g * gl + lo;
         if (k1 > k0) seg(k0, k1, T(1));
     }
+}
+template <class T, class W, class Wait>
+void split_product(int64_t M, int64_t N, int groups, int64_t gl, int64_t lo, int64_t n, const T* A,
+                   const T* A2, int64_t k2, int64_t lda, const W* Bp, T* C, int64_t ldc, bool reverse,
+                   Wait&& wait) {
+    split_product<T>(M, N, groups, gl, lo, n, A, A2, k2, lda, Bp, C, ldc, reverse, wait,
+                     [&](int64_t kk, const T* a, const W* bp, T beta) {
+                         gemm_pb<T>(M, N, kk, a, lda, bp, beta, C, ldc, reverse, groups * gl);
+                     });
 }
 
 // ------------------------------------------------------------------ activations
@@ -2513,7 +2523,7 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     struct alignas(64) IdleFlag { int64_t v = 0; };
     IdleFlag idle_packed, idle_made, idle_used;
     bool idle_ran = false;    // the helper came (a runtime may give the region fewer threads)
-    int duo_ran = 0;          // the team of two came
+    bool duo_ran = false;     // the team of two came
     bool few_cold = false;    // a kept slot grew this call: not timed
     T* idle_pki = nullptr;
     T* idle_ring = nullptr;
@@ -2521,8 +2531,10 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     run_team(idle ? 2 : nth, [&](int tid, int team_) {
         const bool helped = idle && team_ == 2;
         const int team = idle ? 1 : team_;   // the helper is no member of the recurrence's team
-        if (tid == 0) idle_ran = helped;
-        if (tid == 0) duo_ran = duo && team_ == 2;
+        if (tid == 0) {
+            idle_ran = helped;
+            duo_ran = duo && team_ == 2;
+        }
         const int slot0 = duo && team_ == 2 ? 1 : 0;   // the team of two's kept slots: slot[1], slot[2]
         PhaseClock clock(tid);
         // the folded biases of the units [u0_, u0_ + n) added to a projected block's ns * B rows
@@ -2906,22 +2918,18 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
                     block(kbe[0] + kbe[1], kb2, K1 - kb2, true);
                 }
 #endif
-            } else if (nh > 0 && piece && split && q > 0) {   // as split_product, half the tiles a phase
-                const int64_t nt = piece->tiles(), mid = nt / 2;
-                product_with_piece<T, W>(Gk * nh, nq, hprev + Q.lo, pk + Q.lo * NR<T>, T(0), hh, Gk * nh, q & 1, K1,
-                                         *piece, 0, mid);
-                sbar.await(bsense);
-                bool give = true;   // the second half to the first of the gaps
-                if (Q.lo > 0) {
-                    product_with_piece<T, W>(Gk * nh, Q.lo, hprev, pk, T(1), hh, Gk * nh, q & 1, K1, *piece, mid, nt);
-                    give = false;
-                }
-                if (Q.lo + nq < K1 && give)
-                    product_with_piece<T, W>(Gk * nh, K1 - Q.lo - nq, hprev + Q.lo + nq, pk + (Q.lo + nq) * NR<T>, T(1),
-                                             hh, Gk * nh, q & 1, K1, *piece, mid, nt);
-                else if (Q.lo + nq < K1)
-                    gemm_pb<T>(B, Gk * nh, K1 - Q.lo - nq, hprev + Q.lo + nq, P, pk + (Q.lo + nq) * NR<T>, T(1), hh,
-                               Gk * nh, q & 1, K1);
+            } else if (nh > 0 && piece && split && q > 0) {
+                // the split-phase product (below) with the piece beside it: half its tiles before
+                // the wait, the rest beside the first part after it (none beside a later part)
+                const int64_t nt = piece->tiles();
+                int64_t t0 = 0, t1 = nt / 2;
+                split_product<T>(B, Gk * nh, 1, P, Q.lo, nq, hprev, hprev, P, P, pk, hh, Gk * nh, q & 1,
+                                 [&] { sbar.await(bsense); t1 = nt; },
+                                 [&](int64_t kk, const T* a, const W* bp, T beta) {
+                                     product_with_piece<T, W>(Gk * nh, kk, a, bp, beta, hh, Gk * nh, q & 1, K1,
+                                                              *piece, t0, t1);
+                                     t0 = t1;
+                                 });
                 piece_done = true;
             } else if (nh > 0 && piece) {
                 product_with_piece<T, W>(Gk * nh, K1, hprev, pk, T(0), hh, Gk * nh, q & 1, 0, *piece, 0, piece->tiles());
