@@ -36,6 +36,7 @@ RAISES = {"server.params[\"weight_hh_l0\"][0, 0] = 1.0": ValueError}
 
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    pytest.importorskip("torch")                   # the tour loads a PyTorch state_dict
     monkeypatch.chdir(tmp_path)                     # model.save("model.rnnc") writes here
     blocks = python_blocks()
     assert len(blocks) >= 5, "the README's Python examples were not found"
