@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +10,17 @@ import pytest
 import rnncore
 
 TOL = {np.float32: 2e-5, np.float64: 1e-9}
+
+
+@pytest.fixture(autouse=True)
+def seeded_by_test_id(request):
+    """Every test's seed=None draws (the layers' weights above all) repeat from run to run:
+    rnncore.manual_seed of the test's id. A failure in CI then reproduces here with the same
+    weights (session 37's CI failed on an unseeded layer whose one saturated unit hid a weight's
+    edit: 2-3 in 200,000 draws, found by drawing seeds in the test's order of calls)."""
+    rnncore.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+    rnncore.manual_seed(None)
 
 
 def assert_close(got, want, dtype, what=""):

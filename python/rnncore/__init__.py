@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _core, losses, optim
 from ._core import get_num_threads
+from ._random import manual_seed
 from .blocks import Dense, Dropout, Embedding, LastStep, OneHot
 from .cells import GRUCell, LSTMCell, RNNCell
 from .classic import Hopfield, OnlineLearner, SecondOrderRNN
@@ -19,7 +20,7 @@ __version__ = _core.version()
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Sequential", "Seq2Seq",
            "Embedding", "OneHot", "Dense", "Dropout", "LastStep", "History", "losses", "optim",
-           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "release_memory", "kept_memory", "get_cmake_dir", "get_include", "get_library", "get_num_threads", "info", "__version__"]
+           "load", "export_onnx", "Hopfield", "SecondOrderRNN", "OnlineLearner", "set_num_threads", "release_memory", "kept_memory", "get_cmake_dir", "get_include", "get_library", "get_num_threads", "info", "manual_seed", "__version__"]
 
 
 def get_cmake_dir() -> str:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import _core
+from . import _core, _random
 from ._arrays import (Module, ParamDict, as_float_array, canonical_dtype, check_int, check_prob,
                       shape_str)
 
@@ -56,7 +56,7 @@ def _token_ids(x, n):
 
 
 def _init_params(shapes, bound, seed, dtype):
-    rng = np.random.default_rng(seed)
+    rng = _random.rng(seed)
     return {k: np.ascontiguousarray(rng.uniform(-bound, bound, s), dtype=dtype) for k, s in shapes.items()}
 
 
@@ -68,7 +68,7 @@ class Embedding(Block):
         self.num_embeddings = check_int(num_embeddings, "num_embeddings")
         self.embedding_dim = check_int(embedding_dim, "embedding_dim")
         self.dtype = canonical_dtype(dtype)
-        w = np.random.default_rng(seed).standard_normal((self.num_embeddings, self.embedding_dim))
+        w = _random.rng(seed).standard_normal((self.num_embeddings, self.embedding_dim))
         self.params = ParamDict({"weight": np.ascontiguousarray(w, dtype=self.dtype)}, self.dtype)
         self.grads = ParamDict({"weight": np.zeros_like(self.params["weight"])}, self.dtype)
 
@@ -189,7 +189,7 @@ class Dropout(Block):
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         self.p = check_prob(p, "p")
-        self._rng = np.random.default_rng(seed)
+        self._rng = _random.rng(seed)
         self.seed = seed
 
     def _run(self, x, lengths, keep):

@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from . import _core
+from . import _core, _random
 from . import losses as _losses
 from . import optim as _optim
 from ._arrays import (Module, ParamDict, as_float_array, as_lengths, canonical_dtype, check_bool,
@@ -66,7 +66,7 @@ class Hopfield:
             raise ValueError(f"mode: expected 'async' or 'sync', got {mode!r}")
         max_iter = check_int(max_iter, "max_iter")
         s = self._bipolar(probe, "probe", 1).copy()
-        seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        seed = int(_random.seed_sequence(seed).generate_state(1, np.uint64)[0])
         self.last_iterations, self.last_converged = _core.hopfield_recall(
             self.weights, s, modes[mode], max_iter, seed)
         return s
@@ -101,7 +101,7 @@ class SecondOrderRNN(Module):
         if r == 0 and H * H * I > 2**28:
             raise ValueError(f"sizes: the full second-order weight has H*H*I = {H * H * I} entries; "
                              "use rank=r for large layers")
-        rng = np.random.default_rng(seed)
+        rng = _random.rng(seed)
         if r == 0:
             k = 1.0 / math.sqrt(H * I)
             shapes = {"weight": (H, H, I), "bias": (H,)}

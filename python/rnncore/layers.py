@@ -11,7 +11,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _random
 from ._arrays import (Module, ParamDict, aligned_copy, as_float_array, as_lengths, canonical_dtype, check_bool,
                       check_int, check_prob, shape_str)
 
@@ -68,7 +68,7 @@ class _Recurrent(Module):
         if n_params > 2**31:
             raise ValueError(f"sizes: input_size={input_size}, hidden_size={hidden_size}, "
                              f"num_layers={num_layers} need {n_params} parameters; at most 2^31 are supported")
-        ss = np.random.SeedSequence(seed)
+        ss = _random.seed_sequence(seed)
         init_rng, drop_seed = np.random.default_rng(ss.spawn(1)[0]), ss.spawn(1)[0]
         self._drop_rng = np.random.default_rng(drop_seed)
         self._drop_lock = threading.Lock()

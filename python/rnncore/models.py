@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from . import _random
 from . import losses as _losses
 from . import optim as _optim
 from ._arrays import ParamDict, check_int, shape_str, state_without
@@ -108,7 +109,7 @@ class _Trainable:
         self.loss = loss
         opt = _optim.get(optimizer)
         self.optimizer = opt
-        rng = np.random.default_rng(seed)
+        rng = _random.rng(seed)
         hist = History()
         params = self.params
         for epoch in range(epochs):
@@ -482,7 +483,7 @@ class Sequential(_Trainable):
         prime = np.asarray(prime, dtype=np.int64).reshape(-1)
         if prime.size == 0:
             raise ValueError("prime: expected at least one token id")
-        rng = np.random.default_rng(seed)
+        rng = _random.rng(seed)
         was = self.training
         self.eval()
         try:
@@ -534,7 +535,7 @@ class Seq2Seq(_Trainable):
         self.src_vocab, self.tgt_vocab = check_int(src_vocab, "src_vocab"), check_int(tgt_vocab, "tgt_vocab")
         self.embed, self.hidden = check_int(embed, "embed"), check_int(hidden, "hidden")
         self.cell, self.num_layers = cell, check_int(num_layers, "num_layers")
-        ss = np.random.SeedSequence(seed)
+        ss = _random.seed_sequence(seed)
         s = [int(c.generate_state(1)[0]) for c in ss.spawn(5)]
         C = _CELLS[cell]
         self.src_embedding = Embedding(src_vocab, embed, seed=s[0], dtype=dtype)
