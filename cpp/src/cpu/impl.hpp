@@ -2467,11 +2467,11 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
     // 1.25-1.33 / 1.39-1.52 minutes later, GRU I=64 H=128 0.75 / 0.78, LSTM I=64 H=96 0.82 /
     // 0.86 (1.07 and 1.02 in other minutes), RNN H=64 1.35 / 1.68: the fork and join and each
     // step's exchange cost a round trip between the two vCPUs, 64 ns in some periods and
-    // 550-900 in others (the host moves them within seconds). So by default (idle_projection() and small_team() == -1) each layer
-    // direction chooses by measurement: the moving average of its calls' time per row for each
-    // way (kept with its packed weights), another way tried every FEW_EXPLORE-th call (one that
-    // measured r times the best's time only every r-th time its turn comes: a trial then costs
-    // at most about one best call's time, whatever r).
+    // 550-900 in others (the host moves them within seconds). So by default (idle_projection()
+    // and small_team() == -1) each layer direction chooses by measurement: the moving average
+    // of its calls' time per row for each way (kept with its packed weights), another way tried
+    // every FEW_EXPLORE-th call (one that measured r times the best's time only every r-th time
+    // its turn comes: a trial then costs at most about one best call's time, whatever r).
     // (A step of fewer multiply-adds than DUO_MIN_MACS has too little to share: RNN I=32 H=64
     // B=1, 4096, ran 1.35-3.7 times as long on the team in every period.)
     constexpr int64_t IDLE_RING = 4, FEW_EXPLORE = 16;
@@ -2947,7 +2947,8 @@ template <class T, class W> void dir_forward_w(const DirJob<T>& j) {
             }
             if (piece) {   // (a step without the product: on its own) and the piece's biases
                 if (!piece_done)
-                    gemm_pb<T>(piece->rows, piece->panels * NR<T>, I, piece->x, I, piece->w, T(0), piece->out, piece->ldo);
+                    gemm_pb<T>(piece->rows, piece->panels * NR<T>, I, piece->x, I, piece->w, T(0), piece->out, piece->ldo,
+                               false, 0, false, true);   // (row tiles, as every block's projection)
                 for (int64_t pp = 0; pp < piece->panels && bias; ++pp) {
                     const int64_t p = q % SB * per + pp, c0 = p / ppg * H + u0 + p % ppg * NR<T>;
                     for (int64_t r = 0; r < piece->rows; ++r)
